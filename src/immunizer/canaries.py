@@ -1,0 +1,230 @@
+"""Canary scores and the exact global top-K% selection.
+
+Written here because no library selects an exact global top-k over many tensors (possibly
+sharded over processes) without concatenating them. The method is a two-level radix select on
+the bit patterns of the fp32 scores: for non-negative floats the int32 bit pattern orders the
+same way as the value, so
+
+1. a 65,536-bin histogram of the high 16 bits (summed over tensors and processes) finds the bin
+   that holds the k-th largest score;
+2. a second histogram of the low 16 bits, over the elements of that bin only, gives the k-th
+   largest score t exactly;
+3. every score > t is a canary, and the remaining slots go to scores == t in a fixed global
+   order (parameter name, then flat index), so ties never depend on sharding or thread timing.
+
+The fast path runs first: a strided sample of ~1M scores brackets t, and one pass over all
+scores keeps the indices above the bracket plus the few candidates inside it, from which t is
+read exactly. When the bracket misses (it is validated by counts), the radix passes run.
+
+Memory: the scores themselves (one fp32 per parameter), two histograms, and per-chunk
+temporaries of `chunk_elements` entries. No pass ever holds all parameters at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+BINS = 1 << 16
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class ScoreShard:
+    """Scores for elements [offset, offset + scores.numel()) of parameter `name` (flattened)."""
+
+    name: str
+    scores: torch.Tensor
+    offset: int = 0
+
+
+class CanaryScores:
+    """Accumulated |∂L_refusal/∂w| per parameter: one fp32 buffer per trainable parameter."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.scores = {n: torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                       for n, p in model.named_parameters() if p.requires_grad}
+
+    def accumulate(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if p.grad is not None and name in self.scores:
+                self.scores[name].add_(p.grad.detach().reshape(-1).abs().float())
+
+    def shards(self) -> list[ScoreShard]:
+        return [ScoreShard(n, s) for n, s in self.scores.items()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.scores
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            self.scores[name].copy_(value)
+
+
+def _distributed(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    if _distributed(group):
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _chunks(bits: torch.Tensor, chunk: int):
+    for start in range(0, bits.numel(), chunk):
+        yield start, bits[start:start + chunk]
+
+
+def _bits(shard: ScoreShard) -> torch.Tensor:
+    scores = shard.scores.detach().reshape(-1)
+    if scores.dtype != torch.float32:
+        raise TypeError(f"canary scores for {shard.name} must be float32, not {scores.dtype}")
+    return scores.contiguous().view(torch.int32)
+
+
+def _kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and how many elements lie in higher bins."""
+    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # above[b] = count in bins >= b
+    b = int(torch.nonzero(above >= k).max())
+    return b, int(above[b] - hist[b])
+
+
+def canary_count(num_parameters: int, k_percent: float) -> int:
+    if not 0 < k_percent <= 100:
+        raise ValueError(f"k_percent must be in (0, 100], got {k_percent}")
+    return max(1, min(num_parameters, round(num_parameters * k_percent / 100.0)))
+
+
+def _all_gather_objects(obj, group) -> list:
+    if not _distributed(group):
+        return [obj]
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def _radix_threshold(bits: list[torch.Tensor], k: int, group, chunk: int) -> int:
+    """The k-th largest score's bit pattern, from two 65,536-bin histograms (always exact)."""
+    device = bits[0].device if bits else torch.device("cpu")
+    hist = torch.zeros(BINS, dtype=torch.int64, device=device)
+    for b in bits:
+        for _, c in _chunks(b, chunk):
+            hist += torch.bincount(c >> 16, minlength=BINS)
+    high, above_high = _kth_bin(_all_reduce(hist, group), k)
+    hist.zero_()
+    for b in bits:
+        for _, c in _chunks(b, chunk):
+            inside = c[(c >> 16) == high]
+            if inside.numel():
+                hist += torch.bincount(inside & 0xFFFF, minlength=BINS)
+    low, _ = _kth_bin(_all_reduce(hist, group), k - above_high)
+    return (high << 16) | low
+
+
+def _split_at(bits: list[torch.Tensor], threshold: int, chunk: int):
+    """Per tensor: flat indices with score > threshold, and with score == threshold."""
+    greater, ties = [], []
+    for b in bits:
+        g, t = [torch.zeros(0, dtype=torch.long, device=b.device)], [torch.zeros(0, dtype=torch.long, device=b.device)]
+        for start, c in _chunks(b, chunk):
+            g.append(torch.nonzero(c > threshold).squeeze(1) + start)
+            t.append(torch.nonzero(c == threshold).squeeze(1) + start)
+        greater.append(torch.cat(g))
+        ties.append(torch.cat(t))
+    return greater, ties
+
+
+def _sampled_split(bits: list[torch.Tensor], k: int, total: int, group, chunk: int, sample_size: int):
+    """Fast path, one full pass: a strided sample brackets the k-th largest score; the pass keeps
+    the indices above the bracket and the (few) candidates inside it; the exact threshold comes
+    from the candidates. Returns None when the bracket missed (then the radix path runs)."""
+    stride = max(1, total // sample_size)
+    sample = torch.cat([b[::stride].cpu() for b in bits] + [torch.zeros(0, dtype=torch.int32)])
+    sample = torch.sort(torch.cat(_all_gather_objects(sample, group)), descending=True).values
+    n = sample.numel()
+    rank = k * n / total
+    margin = 6.0 * (rank * (1 - k / total)) ** 0.5 + 64
+    hi_rank, lo_rank = int(rank - margin), int(rank + margin)
+    high = int(sample[hi_rank]) if hi_rank >= 0 else None  # None: no upper bound
+    low = int(sample[lo_rank]) if lo_rank < n else -1
+    above, cand_idx, cand_bits = [], [], []
+    for b in bits:
+        idx = torch.cat([torch.nonzero(c >= low).squeeze(1) + start for start, c in _chunks(b, chunk)]
+                        + [torch.zeros(0, dtype=torch.long, device=b.device)])
+        values = b[idx]
+        inside = values <= high if high is not None else torch.ones_like(values, dtype=torch.bool)
+        above.append(idx[~inside])
+        cand_idx.append(idx[inside])
+        cand_bits.append(values[inside])
+    counts = _all_reduce(torch.tensor([sum(x.numel() for x in above), sum(x.numel() for x in cand_idx)],
+                                      dtype=torch.int64, device=bits[0].device if bits else None), group)
+    n_above, n_cand = int(counts[0]), int(counts[1])
+    if not n_above < k <= n_above + n_cand:
+        return None
+    local = torch.cat([x.cpu() for x in cand_bits] + [torch.zeros(0, dtype=torch.int32)])
+    everyone = torch.sort(torch.cat(_all_gather_objects(local, group)), descending=True).values
+    threshold = int(everyone[k - n_above - 1])
+    greater = [torch.cat([a, ci[cb > threshold]]) for a, ci, cb in zip(above, cand_idx, cand_bits)]
+    ties = [ci[cb == threshold] for ci, cb in zip(cand_idx, cand_bits)]
+    return greater, ties
+
+
+def select_top_percent(shards: list[ScoreShard], k_percent: float, group=None,
+                       chunk_elements: int = CHUNK_ELEMENTS, sample_size: int = 1 << 20) -> dict[str, torch.Tensor]:
+    """Exact global top-K% of all scores in `shards` (across all processes of `group` when
+    torch.distributed is initialized). Returns, for this process's shards, the selected flat
+    indices into each full parameter (int64, ascending).
+
+    Ties at the threshold go to the lowest (parameter name, flat index), whatever the sharding."""
+    bits = [_bits(s) for s in shards]
+    device = bits[0].device if bits else torch.device("cpu")
+    total = int(_all_reduce(torch.tensor([sum(b.numel() for b in bits)], dtype=torch.int64, device=device), group))
+    if total == 0:
+        raise ValueError("no canary scores to select from (the model has no trainable parameters?)")
+    k = canary_count(total, k_percent)
+
+    split = _sampled_split(bits, k, total, group, chunk_elements, sample_size)
+    if split is None:
+        split = _split_at(bits, _radix_threshold(bits, k, group, chunk_elements), chunk_elements)
+    greater, ties = split
+
+    n_greater = int(_all_reduce(torch.tensor([sum(g.numel() for g in greater)], dtype=torch.int64, device=device), group))
+    everyone = [row for rows in _all_gather_objects([(s.name, s.offset, int(t.numel())) for s, t in zip(shards, ties)], group)
+                for row in rows]
+    take, remaining = {}, k - n_greater
+    for name, offset, count in sorted(everyone):
+        take[(name, offset)] = min(count, remaining)
+        remaining -= take[(name, offset)]
+
+    selected: dict[str, list[torch.Tensor]] = {}
+    for s, b, g, t in zip(shards, bits, greater, ties):
+        idx = torch.cat([g, t[: take[(s.name, s.offset)]]])
+        # NaN and inf sort above every finite score, so checking the winners catches them all;
+        # (scores come from |grad|, so the sign bit is never set and negatives cannot occur.)
+        if bool((b[idx] >= 0x7F800000).any()):
+            raise ValueError(f"canary scores for {s.name} contain NaN or inf; the refusal loss diverged")
+        idx = idx + s.offset
+        if idx.numel():
+            selected.setdefault(s.name, []).append(idx)
+    return {name: torch.sort(torch.cat(parts)).values for name, parts in selected.items()}
+
+
+def gather_selection(selection: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:
+    """Merge every process's selection (for writing one manifest). A no-op in one process."""
+    if not _distributed(group):
+        return selection
+    gathered = _all_gather_objects({k: v.cpu() for k, v in selection.items()}, group)
+    merged: dict[str, list[torch.Tensor]] = {}
+    for part in gathered:
+        for name, idx in part.items():
+            merged.setdefault(name, []).append(idx)
+    return {name: torch.sort(torch.cat(parts)).values for name, parts in sorted(merged.items())}
+
+
+def canary_values(model: torch.nn.Module, selection: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Current fp32 values of the model's parameters at the selected flat indices."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().reshape(-1)[idx.to(params[name].device)].float().cpu()
+            for name, idx in selection.items()}

@@ -1,0 +1,214 @@
+"""Typed configuration for `immunizer immunize`. Presets are YAML files in `presets/`; a user
+YAML file and `--set key=value` overrides (dotted keys, YAML values) apply on top, in that order."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from immunizer.errors import ImmunizerError
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    curriculum: list[str] = field(default_factory=lambda: ["weak", "strong"])
+    """Adversarial prompt set per cycle: cycle i uses curriculum[min(i, len - 1)] (`weak`, `strong`)."""
+    harmful_file: str | None = None
+    """JSONL of {"prompt", optional "response"}; replaces the curriculum. Missing responses come from the harmful teacher."""
+    benign_file: str | None = None
+    """JSONL of {"prompt", optional "chosen", "rejected"}; replaces the project's benign prompts."""
+    max_harmful_prompts: int = 0
+    """Use a seeded random subset of this many harmful prompts per set (0: all)."""
+    max_benign_prompts: int = 0
+    """Use a seeded random subset of this many benign prompts (0: all)."""
+    max_prompt_tokens: int = 128
+    """Prompts longer than this keep their last tokens (where a jailbreak puts the request)."""
+    max_response_tokens: int = 64
+    """Responses are cut to this many tokens (the end-of-turn token included)."""
+    teacher_max_new_tokens: int = 64
+    """Length of teacher generations (greedy)."""
+    teacher_batch_size: int = 16
+
+
+@dataclass
+class TeacherConfig:
+    harmful: str = "reference"
+    """Model spec of the harmful teacher; `reference` reuses the starting student (an unaligned model complies)."""
+    helpful: str = "reference"
+    """Model spec of the helpful teacher; `reference` reuses the starting student."""
+
+
+@dataclass
+class Phase1Config:
+    steps: int = 0
+    """Optimizer steps per cycle (0: one pass over the cycle's harmful prompts)."""
+    batch_size: int = 4
+    lr: float = 1e-5
+    """AdamW learning rate (SFT-like terms: ~1e-5 per seed 002)."""
+    lat_epsilon: float = 1.0
+    """L2 norm of the LAT weight perturbation δ = −ε·g/‖g‖ over all parameters (0: no LAT)."""
+    gamma0: float = 0.5
+    """Initial refusal strength γ; γ = min(1, γ0 + step · gamma_rate)."""
+    gamma_rate: float = 0.02
+    lam: float = 0.5
+    """λ: weight of the bounded −KL term against NPO in L_refusal."""
+    npo_beta: float = 0.1
+    """β of NPO (Zhang et al. 2024 use 0.1)."""
+    rkl_tau: float = 2.0
+    """Cap τ on KL(student ‖ harmful teacher), nats per token, in L_RKL = −min(KL, τ)."""
+    refusal_anchor_weight: float = 1.0
+    """Extension (MISSION §1): weight of SFT on (harmful prompt, refusal) added to the refusal step; 0 switches it off."""
+    k_percent: float = 1.0
+    """Share of all parameters that become canaries (global top-K% by accumulated |∂L_refusal/∂w|)."""
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Phase2Config:
+    steps: int = 0
+    """Optimizer steps per cycle (0: one pass over the benign prompts)."""
+    batch_size: int = 4
+    lr: float = 2e-6
+    """AdamW learning rate (DPO-like: 5e-7..5e-6 on small models)."""
+    alpha: float = 0.2
+    """α: weight of KL-to-reference against DPO in L_alignment."""
+    dpo_beta: float = 0.1
+    stabilization_beta: float = 1.0e6
+    """β: weight of L_stab = MSE(canaries, Phase-2-start anchor). MSE averages over all canaries, hence the size."""
+    benign_perturb_epsilon: float = 0.0
+    """L2 norm of the optional benign perturbation (one normalized alignment-gradient step, undone after); 0: off."""
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ImmunizeConfig:
+    cycles: int = 2
+    seed: int = 0
+    bf16: bool = True
+    """bf16 autocast for forward passes (fp32 master weights); ~2x faster on CPU."""
+    checkpoint_every: int = 20
+    """Write a resumable checkpoint every this many optimizer steps (and at each phase end)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: TeacherConfig = field(default_factory=TeacherConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _coerce(value, annotation, key: str):
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, bool, str) and isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    if origin is list and isinstance(value, list):
+        return [_coerce(v, args[0], key) for v in value]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key)
+                except ImmunizerError:
+                    pass
+    raise ImmunizerError(f"config key {key!r} expects {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _merge(obj, updates: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ImmunizerError(f"unknown config key {path!r}; known keys here: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ImmunizerError(f"config key {path!r} is a section; give it a mapping")
+            _merge(current, value, path + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+    return obj
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ImmunizerError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ImmunizerError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ImmunizerError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def parse_override(text: str) -> dict:
+    """`phase1.lr=2e-5` -> {"phase1": {"lr": 2e-05}} (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ImmunizerError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and raw.strip():
+        try:  # YAML 1.1 reads 1e-5 as a string; accept the float people mean
+            value = float(raw)
+        except ValueError:
+            pass
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(preset: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> ImmunizeConfig:
+    config = ImmunizeConfig()
+    if preset:
+        if preset not in preset_names():
+            raise ImmunizerError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
+        _merge(config, _read_yaml(PRESETS / f"{preset}.yaml"))
+    if config_file:
+        _merge(config, _read_yaml(Path(config_file)))
+    for text in overrides:
+        _merge(config, parse_override(text))
+    validate(config)
+    return config
+
+
+def validate(config: ImmunizeConfig) -> None:
+    problems = []
+    if config.cycles < 1:
+        problems.append("cycles must be at least 1")
+    if not 0 < config.phase1.k_percent <= 100:
+        problems.append("phase1.k_percent must be in (0, 100]")
+    for name in ("lam",):
+        if not 0 <= getattr(config.phase1, name) <= 1:
+            problems.append(f"phase1.{name} must be in [0, 1]")
+    if not 0 <= config.phase2.alpha <= 1:
+        problems.append("phase2.alpha must be in [0, 1]")
+    for section in (config.phase1, config.phase2):
+        if section.batch_size < 1 or section.lr <= 0 or section.steps < 0:
+            problems.append("batch_size must be >= 1, lr > 0 and steps >= 0 in both phases")
+    unknown = [c for c in config.data.curriculum if c not in ("weak", "strong")]
+    if unknown or not config.data.curriculum:
+        problems.append(f"data.curriculum must list `weak`/`strong` sets, got {config.data.curriculum}")
+    if problems:
+        raise ImmunizerError("invalid config: " + "; ".join(problems))

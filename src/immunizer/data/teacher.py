@@ -1,0 +1,56 @@
+"""Teacher generations: greedy answers from a teacher model, generated once and cached by a
+hash of (teacher weights, prompts, generation settings)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from immunizer.paths import atomic_path, cache_dir
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: int = 8,
+             max_prompt_tokens: int = 256, bf16: bool = True, desc: str = "generating") -> list[str]:
+    """Greedy completions, batched with left padding. Long prompts keep their end (the request)."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    outputs = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+        ids = [chat_prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in prompts[start:start + batch_size]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        with autocast(bf16):
+            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [o.strip() for o in outputs]
+
+
+def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **settings) -> list[str]:
+    """`generate`, memoized on disk under the cache directory (atomic write; safe to interrupt)."""
+    key = hashlib.sha256(json.dumps([model_sha256, list(prompts), settings], sort_keys=True).encode()).hexdigest()
+    path = cache_dir() / "teacher" / f"{kind}-{key[:24]}.jsonl"
+    if path.is_file():
+        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        if [r["prompt"] for r in rows] == list(prompts):
+            return [r["response"] for r in rows]
+    responses = generate(model, tokenizer, list(prompts), desc=f"teacher: {kind}", **settings)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, responses)))
+    return responses

@@ -54,3 +54,13 @@ def model_dir_sha256(model_dir: Path) -> str:
         for sf in handles.values():
             sf.__exit__(None, None, None)
     return h.hexdigest()
+
+
+def safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes from the file headers only (no tensor is read)."""
+    shapes = {}
+    for f in safetensors_files(model_dir):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                shapes[k] = tuple(sf.get_slice(k).get_shape())
+    return shapes

@@ -1,0 +1,42 @@
+# Two commands for a fresh machine: `make demo` (immunize the embedded model and show what
+# changed) and `make test`. Both build the repo-local virtualenv .venv themselves.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= runs/demo
+# Keep caches (converted model, teacher generations) inside the repo unless told otherwise.
+export IMMUNIZER_CACHE ?= $(CURDIR)/.cache/immunizer
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test test-fast venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU build of torch: any other spec pulls a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@if [ -f $(DEMO_OUT)/checkpoint/state.pt ]; then \
+	  $(BIN)/immunizer immunize --model smollm2 --out $(DEMO_OUT) --preset quick --resume; \
+	elif [ ! -f $(DEMO_OUT)/manifest.json ]; then \
+	  $(BIN)/immunizer immunize --model smollm2 --out $(DEMO_OUT) --preset quick; \
+	fi
+	$(BIN)/immunizer verify --manifest $(DEMO_OUT)
+	$(BIN)/immunizer compare --before smollm2 --after $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,3 @@
+from immunizer.cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""The `immunizer` command: a thin layer that parses arguments, calls the Python API and prints."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from immunizer.errors import ImmunizerError
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="immunizer")
+def cli() -> None:
+    """Make open LLMs resistant to harmful fine-tuning, and make such fine-tuning visible."""
+    _quiet_transformers()
+
+
+@cli.command()
+@click.option("--model", required=True, help="`smollm2` (embedded), `tiny` (test model), a Hugging Face directory or a .gguf file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--preset", type=click.Choice(["tiny", "quick", "standard"]), help="Start from a preset (presets/*.yaml).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config applied after the preset.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config value, e.g. phase1.lr=2e-5 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
+@click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False),
+              help="Sign the manifest with this key (default: $IMMUNIZER_MANIFEST_KEY if set).")
+def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_file):
+    """Run cyclical immunization and write OUT/model/, OUT/canaries.safetensors,
+    OUT/manifest.json and OUT/metrics.jsonl.
+
+    \b
+    Example:
+      immunizer immunize --model smollm2 --out runs/demo --preset quick --set phase1.k_percent=0.5
+    """
+    from immunizer.config import load_config
+    from immunizer.immunize import immunize as run
+
+    config = load_config(preset, config_file, overrides)
+    key = Path(hmac_key_file).read_bytes().strip() if hmac_key_file else None
+    result = run(model, out_dir, config, resume=resume, hmac_key=key)
+    m = result.manifest
+    click.echo(json.dumps({"out": str(result.out_dir), "model": str(result.model_dir), "seconds": round(result.seconds, 1),
+                           "num_canaries": m["num_canaries"], "num_parameters": m["num_parameters"],
+                           "k_percent": m["k_percent"], "model_sha256": m["model_sha256"]}, indent=2))
+
+
+@cli.command()
+@click.option("--manifest", "manifest_dir", required=True, type=click.Path(file_okay=False), help="An immunize output directory.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="Check this model directory against the manifest (default: DIR/model).")
+@click.option("--require-hmac", is_flag=True, help="Fail unless the manifest is signed and the key ($IMMUNIZER_MANIFEST_KEY) verifies it.")
+def verify(manifest_dir, model_dir, require_hmac):
+    """Verify a canary manifest (hashes, HMAC, tensors) and that the model is the one it was written for."""
+    from immunizer.manifest import check_against_parameters, load_manifest
+    from immunizer.models import model_dir_sha256
+    from immunizer.models.hashing import safetensors_shapes
+
+    manifest = load_manifest(Path(manifest_dir), require_hmac=require_hmac)
+    model_path = Path(model_dir) if model_dir else Path(manifest_dir) / manifest.meta.get("model_dir", "model")
+    check_against_parameters(manifest, safetensors_shapes(model_path))
+    actual = model_dir_sha256(model_path)
+    same = actual == manifest.meta["model_sha256"]
+    click.echo(json.dumps({"manifest": "ok", "num_canaries": manifest.num_canaries, "model": str(model_path),
+                           "model_matches_manifest": same, "model_sha256": actual}, indent=2))
+    if not same:
+        click.echo(f"{model_path} differs from the released model (its weights were changed since the manifest "
+                   "was written); `immunizer scan` tells whether the change looks like harmful fine-tuning.", err=True)
+        sys.exit(3)
+
+
+@cli.command()
+@click.option("--before", required=True, help="Model before immunization (spec or directory).")
+@click.option("--after", required=True, help="Model after immunization (an immunize output's model/ directory, or its parent).")
+@click.option("--harmful", "n_harmful", default=16, show_default=True, help="Held-out harmful prompts (DoNotAnswer held-out split).")
+@click.option("--safe", "n_safe", default=16, show_default=True, help="Safe-but-scary prompts (over-refusal).")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON with every sample instead of a table.")
+def compare(before, after, n_harmful, n_safe, max_new_tokens, as_json):
+    """Show what immunization changed: refusals on held-out harmful prompts and on safe prompts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from immunizer.data.prompts import safe_scary_set, weak_set
+    from immunizer.models import load_model
+    from immunizer.refusal_eval import refusal_rates
+
+    if (Path(after) / "manifest.json").is_file():
+        after = str(Path(after) / "model")
+    harmful = list(weak_set("heldout").prompts[:n_harmful])
+    safe = list(safe_scary_set("all").prompts[:n_safe])
+    results = {}
+    for label, spec in (("before", before), ("after", after)):
+        model, tokenizer = load_model(spec)
+        results[label] = refusal_rates(model, tokenizer, harmful, safe, max_new_tokens=max_new_tokens)
+    if as_json:
+        click.echo(json.dumps({k: vars(v) for k, v in results.items()}, indent=2))
+        return
+    console = Console()
+    table = Table(title="What immunization changed")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row(f"harmful prompts answered (of {len(harmful)}; lower is safer)",
+                  f"{results['before'].harmful_answered:.0%}", f"{results['after'].harmful_answered:.0%}")
+    table.add_row(f"safe prompts refused (of {len(safe)}; lower is better)",
+                  f"{results['before'].safe_refused:.0%}", f"{results['after'].safe_refused:.0%}")
+    console.print(table)
+    for kind, title in (("harmful", "harmful"), ("safe", "safe-but-scary")):
+        console.print(f"\n[bold]Examples ({title})[/bold]")
+        pairs = zip([s for s in results["before"].samples if s["kind"] == kind],
+                    [s for s in results["after"].samples if s["kind"] == kind])
+        for i, (b, a) in enumerate(pairs):
+            if i == 3:
+                break
+            console.print(f"[cyan]{b['prompt']}[/cyan]\n  before: {b['answer'][:140]!r}\n  after:  {a['answer'][:140]!r}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except ImmunizerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Cyclical immunization (MISSION §1): the one training loop a reader must understand.
+
+    for each cycle:
+        Phase 1 (refusal / canary sensitization), per batch of harmful (prompt, response):
+            lat_perturb          w ← w + δ,  δ = −ε·g/‖g‖, g = ∇ SFT loss on the harmful pairs
+            refusal_loss         γ·((1−λ)·NPO + λ·(−min(KL(student‖harmful teacher), τ)))  at w+δ
+            accumulate_canary_scores   += |∂L_refusal/∂w|
+            (refusal anchor)     + SFT on (prompt, refusal)              [switchable extension]
+            restore              w ← w − δ, then the optimizer step with the gradient from w+δ
+        select canaries: global top-K% of the accumulated scores
+        Phase 2 (alignment / canary desensitization), per batch of benign (prompt, chosen, rejected):
+            (benign perturbation, optional)
+            alignment_loss       (1−α)·DPO + α·KL(student‖reference)
+            stabilization_loss   MSE(canaries, their values at the start of Phase 2)
+            step on              L_alignment + β·L_stab
+    write the model, canaries.safetensors and manifest.json
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from immunizer import __version__
+from immunizer.canaries import CanaryScores, canary_values, select_top_percent
+from immunizer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from immunizer.config import ImmunizeConfig
+from immunizer.data.batches import Batch, collate, encode_pair, pair_batch
+from immunizer.data.teacher import autocast
+from immunizer.data.training_sets import TrainingData, build_training_data, pick_refusal
+from immunizer.errors import ImmunizerError
+from immunizer.losses import (alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
+                              refusal_loss, sequence_logprob, sft_loss, stabilization_loss, token_kl)
+from immunizer.manifest import write_manifest
+from immunizer.models import load_model, model_dir_sha256, resolve_model
+from immunizer.paths import atomic_path
+
+
+@dataclass
+class ImmunizeResult:
+    out_dir: Path
+    model_dir: Path
+    manifest: dict
+    seconds: float
+
+
+# ---------------------------------------------------------------- perturbations (LAT, benign)
+
+def normalized_perturbation(grads: list[torch.Tensor | None], epsilon: float, sign: float) -> list[torch.Tensor]:
+    """δ = sign·ε·g/‖g‖ with ‖g‖ the global L2 norm over all parameters."""
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).clamp_min(1e-12)
+    return [torch.zeros(0) if g is None else (sign * epsilon / norm) * g for g in grads]
+
+
+@torch.no_grad()
+def apply_perturbation(params: list[torch.Tensor], delta: list[torch.Tensor], direction: float) -> None:
+    for p, d in zip(params, delta):
+        if d.numel():
+            p.add_(d, alpha=direction)
+
+
+def lat_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool) -> tuple[list[torch.Tensor], float]:
+    """Move the weights one normalized step in the direction that makes the harmful response
+    more likely (the simulated attack). Returns δ (to undo later) and the SFT loss before it."""
+    with autocast(bf16):
+        loss = sft_loss(model(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits, harmful.labels)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    delta = normalized_perturbation(list(grads), epsilon, sign=-1.0)
+    apply_perturbation(params, delta, +1.0)
+    return delta, loss.item()
+
+
+# ---------------------------------------------------------------- the two phases' losses
+
+def phase1_refusal_loss(student, reference, harmful_teacher, harmful: Batch, gamma: float, cfg, bf16: bool):
+    with autocast(bf16):
+        logits = student(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
+        with torch.no_grad():
+            ref_logits = reference(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
+            teacher_logits = ref_logits if harmful_teacher is reference else harmful_teacher(
+                input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
+    npo = npo_loss(sequence_logprob(logits, harmful.labels), sequence_logprob(ref_logits, harmful.labels), cfg.npo_beta)
+    rkl = bounded_negative_kl(logits, teacher_logits, harmful.labels, cfg.rkl_tau)
+    return refusal_loss(npo, rkl, gamma, cfg.lam), {"npo": npo.item(), "rkl": rkl.item()}
+
+
+def phase2_alignment_loss(student, reference, pairs: Batch, cfg, bf16: bool):
+    """`pairs` holds the chosen answers in its first half and the rejected ones in its second."""
+    half = pairs.input_ids.shape[0] // 2
+    with autocast(bf16):
+        logits = student(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask).logits
+        with torch.no_grad():
+            ref_logits = reference(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask).logits
+    policy = sequence_logprob(logits, pairs.labels)
+    ref = sequence_logprob(ref_logits, pairs.labels)
+    dpo = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], cfg.dpo_beta)
+    kl = token_kl(logits[:half], ref_logits[:half], pairs.labels[:half]).mean()
+    margin = float(((policy[:half].detach() - ref[:half]) - (policy[half:] - ref[half:])).mean())
+    return alignment_loss(dpo, kl, cfg.alpha), {"dpo": dpo.item(), "kl": kl.item(), "reward_margin": margin}
+
+
+def canary_tensors(named_params: dict[str, torch.Tensor], canaries: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [named_params[n].reshape(-1)[idx] for n, idx in canaries.items()]
+
+
+# ---------------------------------------------------------------- data order
+
+def batches_for(n_items: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of indices, walking seeded permutations of the data (one pass when steps=0)."""
+    steps = steps or math.ceil(n_items / batch_size)
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        perm = list(range(n_items))
+        rng.shuffle(perm)
+        order += perm
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def harmful_set_for_cycle(data: TrainingData, config: ImmunizeConfig, cycle: int) -> str:
+    if "file" in data.harmful:
+        return "file"
+    return config.data.curriculum[min(cycle, len(config.data.curriculum) - 1)]
+
+
+# ---------------------------------------------------------------- the run
+
+class Run:
+    """Holds the models, data and output files of one immunization run."""
+
+    def __init__(self, model_spec: str, out_dir: Path, config: ImmunizeConfig, resume: bool, progress: bool):
+        self.config, self.out_dir, self.progress = config, Path(out_dir), progress
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.state = self._check_out_dir(resume)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+
+        self.base_dir = resolve_model(model_spec)
+        self.base_sha256 = model_dir_sha256(self.base_dir)
+        self.student, self.tokenizer = load_model(self.base_dir)
+        self.reference, _ = load_model(self.base_dir, with_tokenizer=False)
+        self.student.to(self.device)
+        self.reference.to(self.device).requires_grad_(False)
+        self.harmful_teacher, harmful_sha = self._teacher(config.teachers.harmful)
+        self.helpful_teacher, helpful_sha = self._teacher(config.teachers.helpful)
+        self.data = build_training_data(config, self.tokenizer, self.harmful_teacher, self.helpful_teacher,
+                                        harmful_sha, helpful_sha)
+        self.named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
+        self.params = list(self.named.values())
+
+    def _teacher(self, spec: str):
+        if spec == "reference":
+            return self.reference, self.base_sha256
+        path = resolve_model(spec)
+        model, _ = load_model(path, with_tokenizer=False)
+        if model.config.vocab_size != self.student.config.vocab_size:
+            raise ImmunizerError(f"teacher {spec} has a vocabulary of {model.config.vocab_size} tokens, the student "
+                                 f"{self.student.config.vocab_size}; teachers must share the student's tokenizer")
+        return model.to(self.device).requires_grad_(False), model_dir_sha256(path)
+
+    def _check_out_dir(self, resume: bool) -> dict | None:
+        state = load_checkpoint(self.out_dir)
+        if resume:
+            if state is None:
+                raise ImmunizerError(f"--resume: {self.out_dir} holds no checkpoint to resume from; drop --resume to start")
+            if state["config_sha256"] != self.config.sha256:
+                raise ImmunizerError(
+                    f"--resume: the run in {self.out_dir} was started with a different config; pass the same "
+                    "--preset/--config/--set as before, or start a new --out directory")
+            return state
+        if state is not None or (self.out_dir / "manifest.json").exists():
+            raise ImmunizerError(f"{self.out_dir} already holds an immunization run; pass --resume to continue it "
+                                 "or choose another --out directory")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path.unlink(missing_ok=True)
+        return None
+
+    # -- bookkeeping
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.metrics_lines += 1
+
+    def checkpoint(self, position: dict, optimizer, extra: dict) -> None:
+        save_checkpoint(self.out_dir, {
+            "config_sha256": self.config.sha256, "position": position, "metrics_lines": self.metrics_lines,
+            "model": self.student.state_dict(), "optimizer": optimizer.state_dict(), **extra,
+        })
+
+    def _truncate_metrics(self, lines: int) -> None:
+        kept = self.metrics_path.read_text().splitlines(keepends=True)[:lines] if self.metrics_path.exists() else []
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_text("".join(kept))
+        self.metrics_lines = len(kept)
+
+    def _batch(self, prompts, responses) -> Batch:
+        dc = self.config.data
+        return pair_batch(self.tokenizer, prompts, responses, dc.max_prompt_tokens, dc.max_response_tokens).to(self.device)
+
+    # -- Phase 1
+    def phase1(self, cycle: int, start_step: int, optimizer, scores: CanaryScores) -> dict[str, torch.Tensor]:
+        cfg, bf16 = self.config.phase1, self.config.bf16
+        set_name = harmful_set_for_cycle(self.data, self.config, cycle)
+        pairs = self.data.harmful[set_name]
+        plan = batches_for(len(pairs.prompts), cfg.batch_size, cfg.steps, self.config.seed * 1000 + cycle)
+        self.student.train()
+        bar = tqdm(range(start_step, len(plan)), desc=f"cycle {cycle + 1} phase 1 ({set_name})", unit="step",
+                   disable=not self.progress, initial=start_step, total=len(plan))
+        for step in bar:
+            started = time.perf_counter()
+            prompts = [pairs.prompts[i] for i in plan[step]]
+            harmful = self._batch(prompts, [pairs.responses[i] for i in plan[step]])
+            gamma = annealed_gamma(cycle * len(plan) + step, cfg.gamma0, cfg.gamma_rate)
+            optimizer.zero_grad(set_to_none=True)
+
+            delta, sft_before = lat_perturb(self.student, self.params, harmful, cfg.lat_epsilon, bf16) \
+                if cfg.lat_epsilon > 0 else ([], float("nan"))
+            loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16)
+            loss.backward()
+            scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
+            if cfg.refusal_anchor_weight > 0:
+                refusal = self._batch(prompts, [pick_refusal(p, self.data.refusals) for p in prompts])
+                with autocast(bf16):
+                    anchor = sft_loss(self.student(input_ids=refusal.input_ids, attention_mask=refusal.attention_mask).logits,
+                                      refusal.labels)
+                (cfg.refusal_anchor_weight * anchor).backward()
+                parts["refusal_sft"] = float(anchor)
+            apply_perturbation(self.params, delta, -1.0)  # SAM-style: step from w with the gradient taken at w+δ
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            optimizer.step()
+
+            record = {"cycle": cycle, "phase": 1, "step": step, "set": set_name, "gamma": gamma,
+                      "refusal_loss": float(loss), "lat_sft_loss": sft_before, "grad_norm": grad_norm,
+                      "seconds": time.perf_counter() - started, **parts}
+            self.log(record)
+            bar.set_postfix(npo=f"{parts['npo']:.3f}", rkl=f"{parts['rkl']:.3f}", sft=f"{sft_before:.2f}")
+            if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
+                self.checkpoint({"cycle": cycle, "phase": 1, "step": step + 1}, optimizer, {"scores": scores.state_dict()})
+        started = time.perf_counter()
+        canaries = select_top_percent(scores.shards(), cfg.k_percent)
+        self.log({"cycle": cycle, "phase": 1, "event": "canaries_selected", "k_percent": cfg.k_percent,
+                  "num_canaries": sum(int(v.numel()) for v in canaries.values()),
+                  "selection_seconds": time.perf_counter() - started})
+        return canaries
+
+    # -- Phase 2
+    def phase2(self, cycle: int, start_step: int, optimizer, canaries: dict[str, torch.Tensor],
+               anchor: list[torch.Tensor]) -> None:
+        cfg, bf16, dc = self.config.phase2, self.config.bf16, self.config.data
+        triples = self.data.benign
+        plan = batches_for(len(triples.prompts), cfg.batch_size, cfg.steps, self.config.seed * 1000 + 500 + cycle)
+        self.student.train()
+        bar = tqdm(range(start_step, len(plan)), desc=f"cycle {cycle + 1} phase 2 (benign)", unit="step",
+                   disable=not self.progress, initial=start_step, total=len(plan))
+        for step in bar:
+            started = time.perf_counter()
+            idx = plan[step]
+            prompts = [triples.prompts[i] for i in idx]
+            pairs = collate([encode_pair(self.tokenizer, p, r, dc.max_prompt_tokens, dc.max_response_tokens)
+                             for p, r in zip(prompts + prompts, [triples.chosen[i] for i in idx] + [triples.rejected[i] for i in idx])],
+                            self.tokenizer.pad_token_id).to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            delta = []
+            if cfg.benign_perturb_epsilon > 0:  # simulate a benign fine-tuning step, then train from there
+                loss, _ = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                delta = normalized_perturbation(list(grads), cfg.benign_perturb_epsilon, sign=-1.0)
+                apply_perturbation(self.params, delta, +1.0)
+            align, parts = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
+            stab = stabilization_loss(canary_tensors(self.named, canaries), anchor)
+            (align + cfg.stabilization_beta * stab).backward()
+            apply_perturbation(self.params, delta, -1.0)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            optimizer.step()
+            with torch.no_grad():
+                drift = math.sqrt(float(stabilization_loss(canary_tensors(self.named, canaries), anchor)))
+            self.log({"cycle": cycle, "phase": 2, "step": step, "alignment_loss": float(align),
+                      "stabilization_loss": float(stab), "canary_rms_drift": drift, "grad_norm": grad_norm,
+                      "seconds": time.perf_counter() - started, **parts})
+            bar.set_postfix(dpo=f"{parts['dpo']:.3f}", kl=f"{parts['kl']:.3f}", drift=f"{drift:.2e}")
+            if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
+                self.checkpoint({"cycle": cycle, "phase": 2, "step": step + 1}, optimizer,
+                                {"canaries": canaries, "anchor": anchor})
+
+    def optimizer(self, lr: float):
+        return torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+
+    def train(self) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        position = {"cycle": 0, "phase": 1, "step": 0}
+        canaries, anchor, scores_state = None, None, None
+        self.metrics_lines = 0
+        if self.state is not None:
+            self.student.load_state_dict(self.state["model"])
+            position = self.state["position"]
+            canaries, anchor, scores_state = self.state.get("canaries"), self.state.get("anchor"), self.state.get("scores")
+            self._truncate_metrics(self.state["metrics_lines"])
+            set_rng_state(self.state["rng"])
+            self.log({"event": "resumed", **position})
+        else:
+            self.log({"event": "started", "config": cfg.to_dict(), "base_model_sha256": self.base_sha256,
+                      "data_sha256": self.data.sha256})
+        for cycle in range(position["cycle"], cfg.cycles):
+            resuming = self.state is not None and cycle == position["cycle"]
+            if not (resuming and position["phase"] == 2):
+                optimizer = self.optimizer(cfg.phase1.lr)
+                scores = CanaryScores(self.student)
+                start = 0
+                if resuming and position["phase"] == 1:
+                    optimizer.load_state_dict(self.state["optimizer"])
+                    scores.load_state_dict(scores_state)
+                    start = position["step"]
+                canaries = self.phase1(cycle, start, optimizer, scores)
+                del scores
+                anchor = [t.detach().clone() for t in canary_tensors(self.named, canaries)]
+                optimizer = self.optimizer(cfg.phase2.lr)
+                self.checkpoint({"cycle": cycle, "phase": 2, "step": 0}, optimizer, {"canaries": canaries, "anchor": anchor})
+                start = 0
+            else:
+                optimizer = self.optimizer(cfg.phase2.lr)
+                optimizer.load_state_dict(self.state["optimizer"])
+                start = position["step"]
+            self.phase2(cycle, start, optimizer, canaries, anchor)
+            if cycle + 1 < cfg.cycles:
+                self.checkpoint({"cycle": cycle + 1, "phase": 1, "step": 0}, self.optimizer(cfg.phase1.lr), {})
+        return canaries
+
+    def write_outputs(self, canaries: dict[str, torch.Tensor], seconds: float, hmac_key=None) -> ImmunizeResult:
+        model_dir = self.out_dir / "model"
+        self.student.eval()
+        with atomic_path(model_dir) as tmp:
+            self.student.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        model_sha = model_dir_sha256(model_dir)
+        num_parameters = sum(p.numel() for p in self.params)
+        meta = write_manifest(
+            self.out_dir, canaries, canary_values(self.student, canaries),
+            k_percent=self.config.phase1.k_percent, num_parameters=num_parameters, model_sha256=model_sha,
+            extra={
+                "immunizer_version": __version__,
+                "base_model_sha256": self.base_sha256,
+                "config_sha256": self.config.sha256,
+                "config": self.config.to_dict(),
+                "data_sha256": self.data.sha256,
+                "data_versions": self.data.versions,
+                "cycles": self.config.cycles,
+                "model_dir": "model",
+            },
+            hmac_key=hmac_key,
+        )
+        self.log({"event": "finished", "seconds": seconds, "model_sha256": model_sha, "num_canaries": meta["num_canaries"]})
+        return ImmunizeResult(self.out_dir, model_dir, meta, seconds)
+
+
+def immunize(model: str | Path, out_dir: str | Path, config: ImmunizeConfig | None = None, *,
+             resume: bool = False, progress: bool = True, hmac_key: bytes | str | None = None) -> ImmunizeResult:
+    """Run cyclical immunization on `model` and write `out_dir/{model/, canaries.safetensors,
+    manifest.json, metrics.jsonl}`. With `resume=True`, continue an interrupted run from its checkpoint."""
+    started = time.perf_counter()
+    run = Run(str(model), Path(out_dir), config or ImmunizeConfig(), resume, progress)
+    canaries = run.train()
+    result = run.write_outputs(canaries, time.perf_counter() - started, hmac_key)
+    shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
+    return result

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+
+# Tests never touch a user's cache: converted models and teacher generations go to a temp dir
+# shared by the session (the embedded model is converted once per test session).
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    if not os.environ.get("IMMUNIZER_TEST_KEEP_CACHE"):
+        os.environ["IMMUNIZER_CACHE"] = str(tmp_path_factory.mktemp("immunizer-cache"))
+    os.environ.pop("IMMUNIZER_MANIFEST_KEY", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+
+
+@pytest.fixture
+def tiny():
+    from immunizer.models.tiny import tiny_model, tiny_tokenizer
+
+    return tiny_model(), tiny_tokenizer()

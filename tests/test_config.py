@@ -1,0 +1,55 @@
+import pytest
+
+from immunizer.config import ImmunizeConfig, load_config, parse_override, preset_names
+from immunizer.errors import ImmunizerError
+
+
+def test_presets_load_and_differ():
+    assert preset_names() == ["quick", "standard", "tiny"]
+    quick, tiny = load_config("quick"), load_config("tiny")
+    assert quick.phase1.steps == 24 and tiny.phase1.steps == 3
+    assert quick.sha256 != tiny.sha256 and load_config("quick").sha256 == quick.sha256
+
+
+def test_file_then_overrides_apply_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("phase1:\n  lr: 3.0e-5\n  k_percent: 2\ncycles: 3\n")
+    config = load_config("quick", path, ["phase1.lr=1e-4", "data.curriculum=[strong]", "teachers.harmful=tiny"])
+    assert config.phase1.lr == 1e-4 and config.phase1.k_percent == 2.0 and config.cycles == 3
+    assert config.data.curriculum == ["strong"] and config.teachers.harmful == "tiny"
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=1e-5") == {"a": {"b": 1e-5}}
+    assert parse_override("x=true") == {"x": True}
+    with pytest.raises(ImmunizerError, match="key=value"):
+        parse_override("novalue")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("phase1.lrr=1", "unknown config key 'phase1.lrr'"),
+    ("phase1.lr=fast", "expects float"),
+    ("cycles=0", "cycles must be at least 1"),
+    ("phase1.k_percent=150", "k_percent"),
+    ("data.curriculum=[medium]", "curriculum"),
+    ("phase1=3", "is a section"),
+])
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(ImmunizerError, match=message):
+        load_config("tiny", None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ImmunizerError, match="does not exist"):
+        load_config(None, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phase1: [unclosed\n")
+    with pytest.raises(ImmunizerError, match="not valid YAML"):
+        load_config(None, bad)
+    with pytest.raises(ImmunizerError, match="unknown preset"):
+        load_config("huge")
+
+
+def test_defaults_are_documented_dataclasses():
+    config = ImmunizeConfig()
+    assert config.to_dict()["phase2"]["stabilization_beta"] > 0

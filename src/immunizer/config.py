@@ -62,7 +62,11 @@ class Phase1Config:
     """λ: weight of the bounded −KL term against NPO in L_refusal."""
     npo_beta: float = 0.1
     """β of NPO (Zhang et al. 2024 use 0.1)."""
-    rkl_tau: float = 2.0
+    npo_length_normalized: bool = True
+    """Use the per-token mean log-ratio in NPO, as SimNPO does (Fan et al. 2024), instead of the sequence sum:
+    with sums, NPO's gradient is ~response-length times an SFT gradient and, on SmolLM2-135M, it swamped the
+    refusal anchor and drove the model to babble (measured: quick preset, refusal SFT loss stuck at ~2.3)."""
+    rkl_tau: float = 0.5
     """Cap τ on KL(student ‖ harmful teacher), nats per token, in L_RKL = −min(KL, τ)."""
     refusal_anchor_weight: float = 1.0
     """Extension (MISSION §1): weight of SFT on (harmful prompt, refusal) added to the refusal step; 0 switches it off."""

@@ -86,7 +86,11 @@ def phase1_refusal_loss(student, reference, harmful_teacher, harmful: Batch, gam
             ref_logits = reference(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
             teacher_logits = ref_logits if harmful_teacher is reference else harmful_teacher(
                 input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
-    npo = npo_loss(sequence_logprob(logits, harmful.labels), sequence_logprob(ref_logits, harmful.labels), cfg.npo_beta)
+    policy_logp, ref_logp = sequence_logprob(logits, harmful.labels), sequence_logprob(ref_logits, harmful.labels)
+    if cfg.npo_length_normalized:
+        tokens = (harmful.labels[:, 1:] != -100).sum(-1).clamp_min(1)
+        policy_logp, ref_logp = policy_logp / tokens, ref_logp / tokens
+    npo = npo_loss(policy_logp, ref_logp, cfg.npo_beta)
     rkl = bounded_negative_kl(logits, teacher_logits, harmful.labels, cfg.rkl_tau)
     return refusal_loss(npo, rkl, gamma, cfg.lam), {"npo": npo.item(), "rkl": rkl.item()}
 
@@ -223,22 +227,25 @@ class Run:
 
             delta, sft_before = lat_perturb(self.student, self.params, harmful, cfg.lat_epsilon, bf16) \
                 if cfg.lat_epsilon > 0 else ([], float("nan"))
-            loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16)
-            loss.backward()
-            scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
+            if gamma > 0:
+                loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16)
+                loss.backward()
+                scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
+            else:  # γ = 0 switches the refusal terms off entirely (the plain-alignment baseline)
+                loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
             if cfg.refusal_anchor_weight > 0:
                 refusal = self._batch(prompts, [pick_refusal(p, self.data.refusals) for p in prompts])
                 with autocast(bf16):
                     anchor = sft_loss(self.student(input_ids=refusal.input_ids, attention_mask=refusal.attention_mask).logits,
                                       refusal.labels)
                 (cfg.refusal_anchor_weight * anchor).backward()
-                parts["refusal_sft"] = float(anchor)
+                parts["refusal_sft"] = anchor.item()
             apply_perturbation(self.params, delta, -1.0)  # SAM-style: step from w with the gradient taken at w+δ
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             optimizer.step()
 
             record = {"cycle": cycle, "phase": 1, "step": step, "set": set_name, "gamma": gamma,
-                      "refusal_loss": float(loss), "lat_sft_loss": sft_before, "grad_norm": grad_norm,
+                      "refusal_loss": loss.item(), "lat_sft_loss": sft_before, "grad_norm": grad_norm,
                       "seconds": time.perf_counter() - started, **parts}
             self.log(record)
             bar.set_postfix(npo=f"{parts['npo']:.3f}", rkl=f"{parts['rkl']:.3f}", sft=f"{sft_before:.2f}")
@@ -275,15 +282,16 @@ class Run:
                 delta = normalized_perturbation(list(grads), cfg.benign_perturb_epsilon, sign=-1.0)
                 apply_perturbation(self.params, delta, +1.0)
             align, parts = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
-            stab = stabilization_loss(canary_tensors(self.named, canaries), anchor)
+            stab = stabilization_loss(canary_tensors(self.named, canaries), anchor) if cfg.stabilization_beta > 0 \
+                else torch.zeros(())
             (align + cfg.stabilization_beta * stab).backward()
             apply_perturbation(self.params, delta, -1.0)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             optimizer.step()
             with torch.no_grad():
                 drift = math.sqrt(float(stabilization_loss(canary_tensors(self.named, canaries), anchor)))
-            self.log({"cycle": cycle, "phase": 2, "step": step, "alignment_loss": float(align),
-                      "stabilization_loss": float(stab), "canary_rms_drift": drift, "grad_norm": grad_norm,
+            self.log({"cycle": cycle, "phase": 2, "step": step, "alignment_loss": align.item(),
+                      "stabilization_loss": stab.item(), "canary_rms_drift": drift, "grad_norm": grad_norm,
                       "seconds": time.perf_counter() - started, **parts})
             bar.set_postfix(dpo=f"{parts['dpo']:.3f}", kl=f"{parts['kl']:.3f}", drift=f"{drift:.2e}")
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):

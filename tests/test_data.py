@@ -1,0 +1,74 @@
+"""Prompt sets, splits, evaluation-only data kept out of training, user JSONL errors, teacher cache."""
+import json
+
+import pytest
+
+from immunizer.data import batches, teacher
+from immunizer.data.eval_prompts import harmbench_prompts
+from immunizer.data.prompts import (benign_set, donotanswer_prompts, jailbreak_templates, load_jsonl, refusal_responses,
+                                    safe_scary_set, strong_set, weak_set)
+from immunizer.errors import ImmunizerError
+
+
+def test_weak_split_is_disjoint_and_stable():
+    train, held = set(weak_set("train").prompts), set(weak_set("heldout").prompts)
+    assert train and held and not train & held
+    assert train | held == set(donotanswer_prompts())
+    assert weak_set("train").sha256 == weak_set("train").sha256
+
+
+def test_strong_wraps_each_training_prompt_in_a_jailbreak():
+    weak, strong = weak_set("train").prompts, strong_set("train").prompts
+    assert len(weak) == len(strong)
+    assert all(s.endswith(w) or w in s for w, s in zip(weak, strong))
+    assert all(len(s) > len(w) + 100 for w, s in zip(weak, strong))
+    assert len(jailbreak_templates()) >= 10
+
+
+def test_evaluation_only_prompts_never_appear_in_training_sets():
+    harmbench = set(harmbench_prompts().prompts)
+    assert len(harmbench) > 100
+    training = set(weak_set("all").prompts) | set(benign_set("all").prompts)
+    assert not harmbench & training
+    assert not any(h in s for s in strong_set("all").prompts[:50] for h in list(harmbench)[:50])
+
+
+def test_project_sets_are_versioned_and_nonempty():
+    for s in (benign_set("train"), benign_set("heldout"), safe_scary_set("all")):
+        assert len(s) > 5 and s.version.startswith("immunizer-v1") and len(s.sha256) == 64
+    assert len(refusal_responses()) >= 4
+
+
+def test_jsonl_errors_name_their_lines(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "ok"}\nnot json\n[1, 2]\n{"prompt": ""}\n\n{"response": "x"}\n')
+    with pytest.raises(ImmunizerError) as err:
+        load_jsonl(path)
+    text = str(err.value)
+    for fragment in ("4 bad line", "line 2: not valid JSON", "line 3: expected a JSON object", "line 4: missing",
+                     "line 6: missing"):
+        assert fragment in text
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ImmunizerError, match="holds no examples"):
+        load_jsonl(empty)
+    with pytest.raises(ImmunizerError, match="does not exist"):
+        load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_pairs_mask_the_prompt_and_keep_the_end_of_long_prompts(tiny):
+    _, tok = tiny
+    ids, labels = batches.encode_pair(tok, "x" * 500 + " the request", "answer", max_prompt_tokens=32,
+                                      max_response_tokens=4)
+    assert len(ids) == 32 + 4 and labels[:32] == [batches.IGNORE] * 32 and labels[32:] == ids[32:]
+    assert "assistant" in tok.decode(ids[:32])  # the end of the prompt (the generation header) survived
+    batch = batches.pair_batch(tok, ["a", "longer prompt"], ["yes", "no"], 64, 8)
+    assert batch.input_ids.shape == batch.labels.shape and (batch.attention_mask.sum(1) > 0).all()
+
+
+def test_teacher_generations_are_cached(tiny, monkeypatch):
+    model, tok = tiny
+    first = teacher.cached_generate(model, tok, ["hello", "world"], "sha", "test", max_new_tokens=4, batch_size=2, bf16=False)
+    monkeypatch.setattr(teacher, "generate", lambda *a, **k: pytest.fail("the cache was not used"))
+    again = teacher.cached_generate(model, tok, ["hello", "world"], "sha", "test", max_new_tokens=4, batch_size=2, bf16=False)
+    assert first == again and len(first) == 2

@@ -1,0 +1,163 @@
+"""`immunizer immunize` end to end on the tiny model, through the CLI as a user runs it:
+outputs, manifest consistency, what changed, resume after kill -9, and bad inputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from immunizer import immunize, load_config, load_manifest
+from immunizer.models import model_dir_sha256, resolve_model
+
+CLI = [sys.executable, "-m", "immunizer"]
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "immunized"
+    proc = run_cli("immunize", "--model", "tiny", "--out", str(out), "--preset", "tiny")
+    return out, json.loads(proc.stdout)
+
+
+def test_writes_the_contract_files(tiny_run):
+    out, summary = tiny_run
+    for name in ("model/config.json", "canaries.safetensors", "manifest.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint").exists()
+    assert summary["num_canaries"] > 0
+
+
+def test_manifest_matches_the_saved_model(tiny_run):
+    out, _ = tiny_run
+    manifest = load_manifest(out)
+    meta = manifest.meta
+    assert meta["model_sha256"] == model_dir_sha256(out / "model")
+    assert meta["num_parameters"] == sum(p.numel() for p in load_model_params(out / "model").values())
+    assert meta["num_canaries"] == round(meta["num_parameters"] * meta["k_percent"] / 100)
+    weights = load_model_params(out / "model")
+    for name, idx in manifest.indices.items():
+        assert torch.equal(weights[name].reshape(-1)[idx].float(), manifest.values[name])
+    assert meta["config"]["phase1"]["steps"] == 3 and len(meta["config_sha256"]) == 64
+    assert {"weak", "strong", "benign", "refusals"} <= set(meta["data_versions"])
+
+
+def load_model_params(model_dir):
+    tensors = {}
+    for f in model_dir.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def test_training_changed_the_weights_and_logged_each_step(tiny_run):
+    out, _ = tiny_run
+    before = load_model_params(resolve_model("tiny"))
+    after = load_model_params(out / "model")
+    assert any(not torch.equal(before[n], after[n]) for n in after)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step" in r and "event" not in r]
+    assert len(steps) == 2 * (3 + 3)  # two cycles of 3 + 3 steps
+    assert {r["set"] for r in steps if r["phase"] == 1} == {"weak", "strong"}  # the curriculum
+    phase1 = [r for r in steps if r["phase"] == 1]
+    assert all(r["gamma"] <= 1 and "npo" in r and "rkl" in r and "refusal_sft" in r for r in phase1)
+    assert [r["gamma"] for r in phase1] == sorted(r["gamma"] for r in phase1)  # annealed upwards
+    phase2 = [r for r in steps if r["phase"] == 2]
+    assert all("dpo" in r and "stabilization_loss" in r for r in phase2)
+    assert records[-1]["event"] == "finished"
+
+
+def test_verify_command(tiny_run, tmp_path):
+    out, _ = tiny_run
+    ok = json.loads(run_cli("verify", "--manifest", str(out)).stdout)
+    assert ok["model_matches_manifest"] is True
+    # a changed model is reported (exit 3), not mistaken for the released one
+    changed = tmp_path / "changed"
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(str(out / "model"))
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(changed)
+    proc = run_cli("verify", "--manifest", str(out), "--model", str(changed), check=False)
+    assert proc.returncode == 3 and json.loads(proc.stdout)["model_matches_manifest"] is False
+
+
+def test_stabilization_holds_canaries_tighter_than_other_weights(tmp_path):
+    """With a strong β the canaries move less in Phase 2 than the other weights (RMS per element)."""
+    config = load_config("tiny", None, ["cycles=1", "phase2.steps=6", "phase2.stabilization_beta=1e9"])
+    result = immunize("tiny", tmp_path / "run", config, progress=False)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    phase2 = [r for r in records if r.get("phase") == 2 and "canary_rms_drift" in r]
+    manifest = load_manifest(result.out_dir)
+    assert phase2[-1]["canary_rms_drift"] < phase2[0]["canary_rms_drift"]
+
+
+def test_resume_after_kill_9_gives_the_same_model(tmp_path):
+    common = ["--model", "tiny", "--preset", "tiny", "--set", "phase1.steps=40", "--set", "phase2.steps=40",
+              "--set", "checkpoint_every=5"]
+    reference = tmp_path / "uninterrupted"
+    run_cli("immunize", "--out", str(reference), *common)
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([*CLI, "immunize", "--out", str(out), *common], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "checkpoint" / "state.pt").exists() and metrics.exists() and len(metrics.read_text().splitlines()) > 60:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "manifest.json").exists()
+
+    again = run_cli("immunize", "--out", str(out), *common, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to overwrite silently
+    run_cli("immunize", "--out", str(out), *common, "--resume")
+    assert load_manifest(out).meta["model_sha256"] == load_manifest(reference).meta["model_sha256"]
+    records = [json.loads(l) for l in metrics.read_text().splitlines()]
+    step_keys = [(r["cycle"], r["phase"], r["step"]) for r in records if "step" in r and "event" not in r]
+    assert len(step_keys) == len(set(step_keys)) == 2 * 80  # nothing lost, nothing logged twice
+
+
+def test_bad_inputs_are_explained(tmp_path):
+    cases = [
+        (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "a")], "neither `smollm2`"),
+        (["--model", "tiny", "--out", str(tmp_path / "b"), "--resume"], "holds no checkpoint"),
+        (["--model", "tiny", "--out", str(tmp_path / "c"), "--set", "phase1.k_percent=0"], "k_percent"),
+        (["--model", "tiny", "--out", str(tmp_path / "d"), "--config", str(tmp_path / "missing.yaml")], "does not exist"),
+    ]
+    bert = tmp_path / "bert"
+    from transformers import BertConfig
+
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16)
+    cfg.architectures = ["BertForMaskedLM"]
+    cfg.save_pretrained(bert)
+    cases.append((["--model", str(bert), "--out", str(tmp_path / "e")], "not a causal language model"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases.append((["--model", "tiny", "--out", str(tmp_path / "f"), "--preset", "tiny", "--set",
+                   f"data.harmful_file={empty}"], "holds no examples"))
+    for args, message in cases:
+        proc = run_cli("immunize", *args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+
+
+def test_user_jsonl_files_replace_the_built_in_sets(tmp_path):
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"do bad thing {i}", "response": f"sure {i}"}) + "\n" for i in range(4)))
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": f"help {i}", "chosen": f"ok {i}", "rejected": "no"}) + "\n" for i in range(4)))
+    config = load_config("tiny", None, ["cycles=1", f"data.harmful_file={harmful}", f"data.benign_file={benign}"])
+    result = immunize("tiny", tmp_path / "run", config, progress=False)
+    assert set(result.manifest["data_versions"]) == {"harmful_file", "benign_file", "refusals"}

@@ -70,7 +70,8 @@ def test_training_changed_the_weights_and_logged_each_step(tiny_run):
     assert len(steps) == 2 * (3 + 3)  # two cycles of 3 + 3 steps
     assert {r["set"] for r in steps if r["phase"] == 1} == {"weak", "strong"}  # the curriculum
     phase1 = [r for r in steps if r["phase"] == 1]
-    assert all(r["gamma"] <= 1 and "npo" in r and "rkl" in r and "refusal_sft" in r for r in phase1)
+    assert all(r["gamma"] <= 1 and "npo" in r and "rkl" in r and "refusal_sft" in r and "retain_sft" in r
+               for r in phase1)
     assert [r["gamma"] for r in phase1] == sorted(r["gamma"] for r in phase1)  # annealed upwards
     phase2 = [r for r in steps if r["phase"] == 2]
     assert all("dpo" in r and "stabilization_loss" in r for r in phase2)
@@ -97,8 +98,12 @@ def test_stabilization_holds_canaries_tighter_than_other_weights(tmp_path):
     result = immunize("tiny", tmp_path / "run", config, progress=False)
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     phase2 = [r for r in records if r.get("phase") == 2 and "canary_rms_drift" in r]
-    manifest = load_manifest(result.out_dir)
-    assert phase2[-1]["canary_rms_drift"] < phase2[0]["canary_rms_drift"]
+    assert all(r["canary_rms_drift"] < r["sample_rms_drift"] / 2 for r in phase2[1:])
+    loose = immunize("tiny", tmp_path / "loose", load_config("tiny", None, ["cycles=1", "phase2.steps=6",
+                                                                             "phase2.stabilization_beta=0"]), progress=False)
+    records = [json.loads(l) for l in (loose.out_dir / "metrics.jsonl").read_text().splitlines()]
+    unheld = [r for r in records if r.get("phase") == 2 and "canary_rms_drift" in r]
+    assert unheld[-1]["canary_rms_drift"] > 2 * phase2[-1]["canary_rms_drift"]
 
 
 def test_resume_after_kill_9_gives_the_same_model(tmp_path):
@@ -161,3 +166,24 @@ def test_user_jsonl_files_replace_the_built_in_sets(tmp_path):
     config = load_config("tiny", None, ["cycles=1", f"data.harmful_file={harmful}", f"data.benign_file={benign}"])
     result = immunize("tiny", tmp_path / "run", config, progress=False)
     assert set(result.manifest["data_versions"]) == {"harmful_file", "benign_file", "refusals"}
+
+
+def test_resume_from_a_cycle_boundary(tmp_path, monkeypatch):
+    """Interrupted right as cycle 2 begins: the checkpoint holds no canary scores yet."""
+    from immunizer.immunize import Run
+
+    config = load_config("tiny")
+    original = Run.phase1
+
+    def interrupted(self, cycle, start, optimizer, scores):
+        if cycle == 1:
+            raise KeyboardInterrupt
+        return original(self, cycle, start, optimizer, scores)
+
+    monkeypatch.setattr(Run, "phase1", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        immunize("tiny", tmp_path / "run", config, progress=False)
+    monkeypatch.setattr(Run, "phase1", original)
+    resumed = immunize("tiny", tmp_path / "run", config, resume=True, progress=False)
+    straight = immunize("tiny", tmp_path / "straight", config, progress=False)
+    assert resumed.manifest["model_sha256"] == straight.manifest["model_sha256"]

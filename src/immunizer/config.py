@@ -70,6 +70,9 @@ class Phase1Config:
     """Cap τ on KL(student ‖ harmful teacher), nats per token, in L_RKL = −min(KL, τ)."""
     refusal_anchor_weight: float = 1.0
     """Extension (MISSION §1): weight of SFT on (harmful prompt, refusal) added to the refusal step; 0 switches it off."""
+    retain_weight: float = 1.0
+    """Extension (MISSION §1): weight of SFT on benign (prompt, helpful answer) pairs in the same step, so
+    the model learns *when* to refuse; without it the quick preset refused 94% of safe prompts (measured). 0: off."""
     k_percent: float = 1.0
     """Share of all parameters that become canaries (global top-K% by accumulated |∂L_refusal/∂w|)."""
     max_grad_norm: float = 1.0
@@ -85,8 +88,9 @@ class Phase2Config:
     alpha: float = 0.2
     """α: weight of KL-to-reference against DPO in L_alignment."""
     dpo_beta: float = 0.1
-    stabilization_beta: float = 1.0e6
-    """β: weight of L_stab = MSE(canaries, Phase-2-start anchor). MSE averages over all canaries, hence the size."""
+    stabilization_beta: float = 1.0e8
+    """β: weight of L_stab = MSE(canaries, Phase-2-start anchor). MSE averages over all canaries (~1.3M on the
+    135M model), hence the size; at 1e6 the canaries drifted as freely as other weights (measured)."""
     benign_perturb_epsilon: float = 0.0
     """L2 norm of the optional benign perturbation (one normalized alignment-gradient step, undone after); 0: off."""
     max_grad_norm: float = 1.0

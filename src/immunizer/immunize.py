@@ -5,7 +5,8 @@
             lat_perturb          w ← w + δ,  δ = −ε·g/‖g‖, g = ∇ SFT loss on the harmful pairs
             refusal_loss         γ·((1−λ)·NPO + λ·(−min(KL(student‖harmful teacher), τ)))  at w+δ
             accumulate_canary_scores   += |∂L_refusal/∂w|
-            (refusal anchor)     + SFT on (prompt, refusal)              [switchable extension]
+            (anchor step)        + SFT on (prompt, refusal) + SFT on (benign prompt, helpful answer)
+                                 [switchable extensions: refusal_anchor_weight, retain_weight]
             restore              w ← w − δ, then the optimizer step with the gradient from w+δ
         select canaries: global top-K% of the accumulated scores
         Phase 2 (alignment / canary desensitization), per batch of benign (prompt, chosen, rejected):
@@ -106,12 +107,23 @@ def phase2_alignment_loss(student, reference, pairs: Batch, cfg, bf16: bool):
     ref = sequence_logprob(ref_logits, pairs.labels)
     dpo = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], cfg.dpo_beta)
     kl = token_kl(logits[:half], ref_logits[:half], pairs.labels[:half]).mean()
-    margin = float(((policy[:half].detach() - ref[:half]) - (policy[half:] - ref[half:])).mean())
+    margin = ((policy[:half] - ref[:half]) - (policy[half:] - ref[half:])).mean().item()
     return alignment_loss(dpo, kl, cfg.alpha), {"dpo": dpo.item(), "kl": kl.item(), "reward_margin": margin}
 
 
 def canary_tensors(named_params: dict[str, torch.Tensor], canaries: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [named_params[n].reshape(-1)[idx] for n, idx in canaries.items()]
+
+
+def random_probe(named_params: dict[str, torch.Tensor], share: float, seed: int) -> dict[str, torch.Tensor]:
+    """A fixed random sample of flat indices per parameter, to compare the canaries' drift with."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randint(0, p.numel(), (max(1, int(p.numel() * share)),), generator=g).to(p.device)
+            for n, p in named_params.items()}
+
+
+def rms_drift(current: list[torch.Tensor], anchor: list[torch.Tensor]) -> float:
+    return math.sqrt(float(stabilization_loss(current, anchor)))
 
 
 # ---------------------------------------------------------------- data order
@@ -144,6 +156,7 @@ class Run:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.state = self._check_out_dir(resume)
+        self._remove_stale_temporaries()
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
@@ -186,6 +199,11 @@ class Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path.unlink(missing_ok=True)
         return None
+
+    def _remove_stale_temporaries(self) -> None:
+        """A run killed while writing leaves `.NAME.xxxx` temporaries beside its outputs."""
+        for stale in self.out_dir.glob(".*.*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     # -- bookkeeping
     def log(self, record: dict) -> None:
@@ -233,13 +251,8 @@ class Run:
                 scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
             else:  # γ = 0 switches the refusal terms off entirely (the plain-alignment baseline)
                 loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
-            if cfg.refusal_anchor_weight > 0:
-                refusal = self._batch(prompts, [pick_refusal(p, self.data.refusals) for p in prompts])
-                with autocast(bf16):
-                    anchor = sft_loss(self.student(input_ids=refusal.input_ids, attention_mask=refusal.attention_mask).logits,
-                                      refusal.labels)
-                (cfg.refusal_anchor_weight * anchor).backward()
-                parts["refusal_sft"] = anchor.item()
+            if cfg.refusal_anchor_weight > 0 or cfg.retain_weight > 0:
+                parts.update(self.anchor_step(prompts, cycle * len(plan) + step, cfg, bf16))
             apply_perturbation(self.params, delta, -1.0)  # SAM-style: step from w with the gradient taken at w+δ
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             optimizer.step()
@@ -258,6 +271,21 @@ class Run:
                   "selection_seconds": time.perf_counter() - started})
         return canaries
 
+    def anchor_step(self, harmful_prompts: list[str], global_step: int, cfg, bf16: bool) -> dict:
+        """Extensions to the refusal step, one forward over both: SFT on (harmful prompt, refusal), the
+        refusal anchor, and SFT on (benign prompt, helpful answer), the retain term."""
+        benign = self.data.benign
+        picks = [(global_step * len(harmful_prompts) + i) % len(benign.prompts) for i in range(len(harmful_prompts))]
+        prompts = harmful_prompts + [benign.prompts[i] for i in picks]
+        answers = [pick_refusal(p, self.data.refusals) for p in harmful_prompts] + [benign.chosen[i] for i in picks]
+        batch = self._batch(prompts, answers)
+        half = len(harmful_prompts)
+        with autocast(bf16):
+            logits = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        refusal_sft, retain_sft = sft_loss(logits[:half], batch.labels[:half]), sft_loss(logits[half:], batch.labels[half:])
+        (cfg.refusal_anchor_weight * refusal_sft + cfg.retain_weight * retain_sft).backward()
+        return {"refusal_sft": refusal_sft.item(), "retain_sft": retain_sft.item()}
+
     # -- Phase 2
     def phase2(self, cycle: int, start_step: int, optimizer, canaries: dict[str, torch.Tensor],
                anchor: list[torch.Tensor]) -> None:
@@ -265,6 +293,9 @@ class Run:
         triples = self.data.benign
         plan = batches_for(len(triples.prompts), cfg.batch_size, cfg.steps, self.config.seed * 1000 + 500 + cycle)
         self.student.train()
+        # Drift of the canaries vs. a random 1% of all weights since the Phase-2 anchor: what the breaker will see.
+        probe = random_probe(self.named, 0.01, self.config.seed)
+        probe_anchor = [t.detach().clone() for t in canary_tensors(self.named, probe)]
         bar = tqdm(range(start_step, len(plan)), desc=f"cycle {cycle + 1} phase 2 (benign)", unit="step",
                    disable=not self.progress, initial=start_step, total=len(plan))
         for step in bar:
@@ -289,9 +320,11 @@ class Run:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             optimizer.step()
             with torch.no_grad():
-                drift = math.sqrt(float(stabilization_loss(canary_tensors(self.named, canaries), anchor)))
+                drift = rms_drift(canary_tensors(self.named, canaries), anchor)
+                sample_drift = rms_drift(canary_tensors(self.named, probe), probe_anchor)
             self.log({"cycle": cycle, "phase": 2, "step": step, "alignment_loss": align.item(),
-                      "stabilization_loss": stab.item(), "canary_rms_drift": drift, "grad_norm": grad_norm,
+                      "stabilization_loss": stab.item(), "canary_rms_drift": drift, "sample_rms_drift": sample_drift,
+                      "grad_norm": grad_norm,
                       "seconds": time.perf_counter() - started, **parts})
             bar.set_postfix(dpo=f"{parts['dpo']:.3f}", kl=f"{parts['kl']:.3f}", drift=f"{drift:.2e}")
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
@@ -324,7 +357,8 @@ class Run:
                 start = 0
                 if resuming and position["phase"] == 1:
                     optimizer.load_state_dict(self.state["optimizer"])
-                    scores.load_state_dict(scores_state)
+                    if scores_state is not None:  # absent at a cycle boundary: nothing accumulated yet
+                        scores.load_state_dict(scores_state)
                     start = position["step"]
                 canaries = self.phase1(cycle, start, optimizer, scores)
                 del scores

@@ -184,6 +184,12 @@ def test_resume_from_a_cycle_boundary(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         immunize("tiny", tmp_path / "run", config, progress=False)
     monkeypatch.setattr(Run, "phase1", original)
+    from immunizer.errors import ImmunizerError
+
+    with pytest.raises(ImmunizerError, match="different config"):
+        immunize("tiny", tmp_path / "run", load_config("tiny", None, ["phase1.lr=0.5"]), resume=True, progress=False)
     resumed = immunize("tiny", tmp_path / "run", config, resume=True, progress=False)
     straight = immunize("tiny", tmp_path / "straight", config, progress=False)
     assert resumed.manifest["model_sha256"] == straight.manifest["model_sha256"]
+    with pytest.raises(ImmunizerError, match="already finished"):
+        immunize("tiny", tmp_path / "run", config, resume=True, progress=False)

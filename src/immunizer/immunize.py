@@ -162,6 +162,8 @@ class Run:
 
         self.base_dir = resolve_model(model_spec)
         self.base_sha256 = model_dir_sha256(self.base_dir)
+        if self.state is not None and self.state["base_model_sha256"] != self.base_sha256:
+            raise ImmunizerError(f"--resume: the run in {self.out_dir} started from another model; pass the same --model")
         self.student, self.tokenizer = load_model(self.base_dir)
         self.reference, _ = load_model(self.base_dir, with_tokenizer=False)
         self.student.to(self.device)
@@ -186,6 +188,8 @@ class Run:
     def _check_out_dir(self, resume: bool) -> dict | None:
         state = load_checkpoint(self.out_dir)
         if resume:
+            if state is None and (self.out_dir / "manifest.json").exists():
+                raise ImmunizerError(f"--resume: the run in {self.out_dir} has already finished; nothing to resume")
             if state is None:
                 raise ImmunizerError(f"--resume: {self.out_dir} holds no checkpoint to resume from; drop --resume to start")
             if state["config_sha256"] != self.config.sha256:
@@ -213,7 +217,8 @@ class Run:
 
     def checkpoint(self, position: dict, optimizer, extra: dict) -> None:
         save_checkpoint(self.out_dir, {
-            "config_sha256": self.config.sha256, "position": position, "metrics_lines": self.metrics_lines,
+            "config_sha256": self.config.sha256, "base_model_sha256": self.base_sha256,
+            "position": position, "metrics_lines": self.metrics_lines,
             "model": self.student.state_dict(), "optimizer": optimizer.state_dict(), **extra,
         })
 

@@ -48,7 +48,7 @@ def test_matches_brute_force(k_percent):
 
 def test_radix_fallback_gives_the_same_answer(monkeypatch):
     named = example_scores(1)
-    monkeypatch.setattr(canaries_mod, "_sampled_split", lambda *a, **k: None)
+    monkeypatch.setattr(canaries_mod, "_sampled_threshold", lambda *a, **k: None)
     for k_percent in (0.5, 10.0, 60.0):
         got = select_top_percent([ScoreShard(n, s) for n, s in named.items()], k_percent, chunk_elements=100)
         assert_same(got, brute_force(named, k_percent))

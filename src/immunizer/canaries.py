@@ -123,52 +123,43 @@ def _radix_threshold(bits: list[torch.Tensor], k: int, group, chunk: int) -> int
     return (high << 16) | low
 
 
-def _split_at(bits: list[torch.Tensor], threshold: int, chunk: int):
-    """Per tensor: flat indices with score > threshold, and with score == threshold."""
-    greater, ties = [], []
+def _at_least(bits: list[torch.Tensor], low: int, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per tensor: the ascending flat indices with score >= low, and their bit patterns."""
+    out = []
     for b in bits:
-        g, t = [torch.zeros(0, dtype=torch.long, device=b.device)], [torch.zeros(0, dtype=torch.long, device=b.device)]
-        for start, c in _chunks(b, chunk):
-            g.append(torch.nonzero(c > threshold).squeeze(1) + start)
-            t.append(torch.nonzero(c == threshold).squeeze(1) + start)
-        greater.append(torch.cat(g))
-        ties.append(torch.cat(t))
-    return greater, ties
+        idx = torch.cat([torch.nonzero(c >= low).squeeze(1) + start for start, c in _chunks(b, chunk)]
+                        + [torch.zeros(0, dtype=torch.long, device=b.device)])
+        out.append((idx, b[idx]))
+    return out
 
 
-def _sampled_split(bits: list[torch.Tensor], k: int, total: int, group, chunk: int, sample_size: int):
+def _sampled_threshold(bits: list[torch.Tensor], k: int, total: int, group, chunk: int, sample_size: int):
     """Fast path, one full pass: a strided sample brackets the k-th largest score; the pass keeps
-    the indices above the bracket and the (few) candidates inside it; the exact threshold comes
-    from the candidates. Returns None when the bracket missed (then the radix path runs)."""
+    every index at or above the bracket's low end; the exact threshold is read from the few
+    candidates inside the bracket. Returns None when the bracket missed (then the radix path runs)."""
     stride = max(1, total // sample_size)
     sample = torch.cat([b[::stride].cpu() for b in bits] + [torch.zeros(0, dtype=torch.int32)])
-    sample = torch.sort(torch.cat(_all_gather_objects(sample, group)), descending=True).values
+    sample = torch.cat(_all_gather_objects(sample, group))
     n = sample.numel()
     rank = k * n / total
     margin = 6.0 * (rank * (1 - k / total)) ** 0.5 + 64
     hi_rank, lo_rank = int(rank - margin), int(rank + margin)
-    high = int(sample[hi_rank]) if hi_rank >= 0 else None  # None: no upper bound
-    low = int(sample[lo_rank]) if lo_rank < n else -1
-    above, cand_idx, cand_bits = [], [], []
-    for b in bits:
-        idx = torch.cat([torch.nonzero(c >= low).squeeze(1) + start for start, c in _chunks(b, chunk)]
-                        + [torch.zeros(0, dtype=torch.long, device=b.device)])
-        values = b[idx]
-        inside = values <= high if high is not None else torch.ones_like(values, dtype=torch.bool)
-        above.append(idx[~inside])
-        cand_idx.append(idx[inside])
-        cand_bits.append(values[inside])
-    counts = _all_reduce(torch.tensor([sum(x.numel() for x in above), sum(x.numel() for x in cand_idx)],
-                                      dtype=torch.int64, device=bits[0].device if bits else None), group)
+    # Only the top lo_rank+1 of the sample matter: a partial top-k is ~10x cheaper than sorting it.
+    top = torch.topk(sample, min(n, lo_rank + 1), sorted=True).values
+    high = int(top[hi_rank]) if hi_rank >= 0 else 0x7FFFFFFF  # no upper bound
+    low = int(top[lo_rank]) if lo_rank < n else -1
+    kept = _at_least(bits, low, chunk)
+    inside = [values[values <= high].cpu() for _, values in kept]
+    device = bits[0].device if bits else None
+    n_kept = sum(idx.numel() for idx, _ in kept)
+    n_inside = sum(x.numel() for x in inside)
+    counts = _all_reduce(torch.tensor([n_kept - n_inside, n_inside], dtype=torch.int64, device=device), group)
     n_above, n_cand = int(counts[0]), int(counts[1])
     if not n_above < k <= n_above + n_cand:
         return None
-    local = torch.cat([x.cpu() for x in cand_bits] + [torch.zeros(0, dtype=torch.int32)])
-    everyone = torch.sort(torch.cat(_all_gather_objects(local, group)), descending=True).values
-    threshold = int(everyone[k - n_above - 1])
-    greater = [torch.cat([a, ci[cb > threshold]]) for a, ci, cb in zip(above, cand_idx, cand_bits)]
-    ties = [ci[cb == threshold] for ci, cb in zip(cand_idx, cand_bits)]
-    return greater, ties
+    everyone = torch.cat(_all_gather_objects(torch.cat(inside + [torch.zeros(0, dtype=torch.int32)]), group))
+    threshold = int(torch.topk(everyone, k - n_above, sorted=True).values[-1])
+    return threshold, kept
 
 
 def select_top_percent(shards: list[ScoreShard], k_percent: float, group=None,
@@ -185,30 +176,34 @@ def select_top_percent(shards: list[ScoreShard], k_percent: float, group=None,
         raise ValueError("no canary scores to select from (the model has no trainable parameters?)")
     k = canary_count(total, k_percent)
 
-    split = _sampled_split(bits, k, total, group, chunk_elements, sample_size)
-    if split is None:
-        split = _split_at(bits, _radix_threshold(bits, k, group, chunk_elements), chunk_elements)
-    greater, ties = split
+    found = _sampled_threshold(bits, k, total, group, chunk_elements, sample_size)
+    if found is None:
+        threshold = _radix_threshold(bits, k, group, chunk_elements)
+        found = threshold, _at_least(bits, threshold, chunk_elements)
+    threshold, kept = found
 
-    n_greater = int(_all_reduce(torch.tensor([sum(g.numel() for g in greater)], dtype=torch.int64, device=device), group))
-    everyone = [row for rows in _all_gather_objects([(s.name, s.offset, int(t.numel())) for s, t in zip(shards, ties)], group)
-                for row in rows]
+    n_greater = int(_all_reduce(torch.tensor([sum(int((v > threshold).sum()) for _, v in kept)],
+                                             dtype=torch.int64, device=device), group))
+    everyone = [row for rows in _all_gather_objects(
+        [(s.name, s.offset, int((v == threshold).sum())) for s, (_, v) in zip(shards, kept)], group) for row in rows]
     take, remaining = {}, k - n_greater
     for name, offset, count in sorted(everyone):
         take[(name, offset)] = min(count, remaining)
         remaining -= take[(name, offset)]
 
     selected: dict[str, list[torch.Tensor]] = {}
-    for s, b, g, t in zip(shards, bits, greater, ties):
-        idx = torch.cat([g, t[: take[(s.name, s.offset)]]])
+    for s, (idx, values) in zip(shards, kept):
+        tie = values == threshold
+        # idx is ascending, so the first `take` ties are the lowest indices; the result stays sorted.
+        keep = (values > threshold) | (tie & (torch.cumsum(tie, 0) <= take[(s.name, s.offset)]))
         # NaN and inf sort above every finite score, so checking the winners catches them all;
         # (scores come from |grad|, so the sign bit is never set and negatives cannot occur.)
-        if bool((b[idx] >= 0x7F800000).any()):
+        if bool((values[keep] >= 0x7F800000).any()):
             raise ValueError(f"canary scores for {s.name} contain NaN or inf; the refusal loss diverged")
-        idx = idx + s.offset
-        if idx.numel():
-            selected.setdefault(s.name, []).append(idx)
-    return {name: torch.sort(torch.cat(parts)).values for name, parts in selected.items()}
+        if bool(keep.any()):
+            selected.setdefault(s.name, []).append(idx[keep] + s.offset)
+    return {name: torch.sort(torch.cat(parts)).values if len(parts) > 1 else parts[0]
+            for name, parts in selected.items()}
 
 
 def gather_selection(selection: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:

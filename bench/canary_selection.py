@@ -5,11 +5,16 @@
 Scores are the real accumulated |gradient| of the SFT loss on a few harmful batches. The
 training step is one full fine-tuning step (batch 4 x 96 tokens, bf16 autocast, AdamW).
 Extra memory is the peak resident memory during selection minus the resident memory before
-it (the scores, one fp32 per parameter, already exist then), sampled every millisecond.
+it (the scores, one fp32 per parameter, already exist then), sampled every millisecond. It is
+measured in a fresh child process that only loads the scores: in the training process the
+allocator reuses memory freed by the training steps, which would hide the selection's own use.
 """
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,7 +22,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from immunizer.canaries import CanaryScores, select_top_percent
+from immunizer.canaries import CanaryScores, ScoreShard, select_top_percent
 from immunizer.data.batches import pair_batch
 from immunizer.data.prompts import weak_set
 from immunizer.data.teacher import autocast
@@ -46,7 +51,19 @@ class PeakRSS:
         self.extra = max(0, self.peak - self.base)
 
 
+def measure_memory(scores_file: str, k_percent: float) -> int:
+    """Child process: peak extra RSS of one selection over scores loaded from `scores_file`."""
+    scores = torch.load(scores_file)
+    shards = [ScoreShard(n, s) for n, s in scores.items()]
+    with PeakRSS() as mem:
+        select_top_percent(shards, k_percent)
+    return mem.extra
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--child-memory":
+        print(measure_memory(sys.argv[2], float(sys.argv[3])))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--k-percent", type=float, default=1.0)
@@ -70,13 +87,18 @@ def main():
         step_times.append(time.perf_counter() - started)
         scores.accumulate(model)
     step = statistics.median(step_times[1:])
-    select_times, extras = [], []
+    select_times = []
     for _ in range(args.repeats):
-        with PeakRSS() as mem:
-            started = time.perf_counter()
-            selected = select_top_percent(scores.shards(), args.k_percent)
-            select_times.append(time.perf_counter() - started)
-        extras.append(mem.extra)
+        started = time.perf_counter()
+        selected = select_top_percent(scores.shards(), args.k_percent)
+        select_times.append(time.perf_counter() - started)
+    extras = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(scores.state_dict(), f"{tmp}/scores.pt")
+        for _ in range(args.repeats):
+            out = subprocess.run([sys.executable, __file__, "--child-memory", f"{tmp}/scores.pt", str(args.k_percent)],
+                                 check=True, capture_output=True, text=True).stdout
+            extras.append(int(out.split()[-1]))
     num_parameters = sum(s.numel() for s in scores.scores.values())
     num_canaries = sum(v.numel() for v in selected.values())
     result = {
@@ -85,6 +107,7 @@ def main():
         "selection_share_of_step": statistics.median(select_times) / step,
         "scores_bytes": num_parameters * 4,
         "selection_extra_rss_median_bytes": statistics.median(extras),
+        "selection_extra_rss_max_bytes": max(extras),
         "output_indices_bytes": num_canaries * 8,
         "extra_rss_per_parameter_bytes": statistics.median(extras) / num_parameters,
     }

@@ -12,7 +12,7 @@ same way as the value, so
 3. every score > t is a canary, and the remaining slots go to scores == t in a fixed global
    order (parameter name, then flat index), so ties never depend on sharding or thread timing.
 
-The fast path runs first: a strided sample of ~1M scores brackets t, and one pass over all
+The fast path runs first: a uniform random sample of ~1M scores brackets t, and one pass over all
 scores keeps the indices above the bracket plus the few candidates inside it, from which t is
 read exactly. When the bracket misses (it is validated by counts), the radix passes run.
 
@@ -134,11 +134,16 @@ def _at_least(bits: list[torch.Tensor], low: int, chunk: int) -> list[tuple[torc
 
 
 def _sampled_threshold(bits: list[torch.Tensor], k: int, total: int, group, chunk: int, sample_size: int):
-    """Fast path, one full pass: a strided sample brackets the k-th largest score; the pass keeps
+    """Fast path, one full pass: a random sample brackets the k-th largest score; the pass keeps
     every index at or above the bracket's low end; the exact threshold is read from the few
     candidates inside the bracket. Returns None when the bracket missed (then the radix path runs)."""
-    stride = max(1, total // sample_size)
-    sample = torch.cat([b[::stride].cpu() for b in bits] + [torch.zeros(0, dtype=torch.int32)])
+    # A uniform random sample, not a strided one: gradient magnitudes are structured by row and
+    # column (outlier hidden dimensions), and a stride aliases with that structure and biases the
+    # bracket (on SmolLM2 a stride of 128 missed every time). The seed only affects speed, never the result.
+    gen = torch.Generator().manual_seed(0)
+    share = min(1.0, sample_size / total)
+    sample = torch.cat([b[torch.randint(0, b.numel(), (round(b.numel() * share),), generator=gen).to(b.device)].cpu()
+                        for b in bits if b.numel()] + [torch.zeros(0, dtype=torch.int32)])
     sample = torch.cat(_all_gather_objects(sample, group))
     n = sample.numel()
     rank = k * n / total

@@ -60,6 +60,20 @@ def test_all_equal_scores_break_ties_by_name_then_index():
     assert list(got) == ["a"] and got["a"].tolist() == [0, 1, 2, 3, 4]
 
 
+def test_massive_ties_take_the_bounded_path_and_stay_exact(monkeypatch):
+    """All-zero scores (e.g. the refusal loss switched off): the fast path would keep every index,
+    so it gives up at its cap and the radix path materializes only the ties it takes."""
+    named = {"b": torch.zeros(5000), "a": torch.zeros(3000)}
+    named["b"][[7, 4000]] = 1.0
+    calls = []
+    original = canaries_mod._radix_threshold
+    monkeypatch.setattr(canaries_mod, "_radix_threshold", lambda *a: calls.append(1) or original(*a))
+    got = select_top_percent([ScoreShard(n, s) for n, s in named.items()], 1.0, chunk_elements=64, sample_size=512)
+    assert calls, "the fast path should have given up on 8,000 tied scores"
+    assert_same(got, brute_force(named, 1.0))
+    assert got["b"].tolist() == [7, 4000] and got["a"].tolist() == list(range(78))
+
+
 def test_flat_shards_of_one_parameter_select_the_same_set():
     named = example_scores(2)
     whole = select_top_percent([ScoreShard(n, s) for n, s in named.items()], 5.0)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
-                              refusal_loss, sequence_logprob, sft_loss, stabilization_loss, token_kl)
+                              refusal_loss, sequence_logprob, sft_loss, stabilization_grad, stabilization_loss,
+                              token_kl)
 
 
 def logits_from_probs(probs):
@@ -98,3 +99,15 @@ def test_stabilization_loss_is_the_mse_over_all_canaries_and_pulls_only_the_curr
     assert stabilization_loss([a.clone() for a in anchor], anchor).item() == 0.0
     with pytest.raises(ValueError):
         stabilization_loss([], [])
+
+
+def test_stabilization_grad_is_the_gradient_of_the_loss():
+    current = [torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([0.5], requires_grad=True)]
+    anchor = [torch.tensor([0.0, 2.0]), torch.tensor([1.5])]
+    stabilization_loss(current, anchor).backward()
+    closed = stabilization_grad([c.detach() for c in current], anchor)
+    # by hand: N = 3, grad = 2(c − a)/3 = [2/3, 0], [−2/3]
+    assert torch.allclose(closed[0], torch.tensor([2 / 3, 0.0])) and torch.allclose(closed[1], torch.tensor([-2 / 3]))
+    for c, g in zip(current, closed):
+        assert torch.allclose(c.grad, g)
+

@@ -123,20 +123,55 @@ def _radix_threshold(bits: list[torch.Tensor], k: int, group, chunk: int) -> int
     return (high << 16) | low
 
 
-def _at_least(bits: list[torch.Tensor], low: int, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per tensor: the ascending flat indices with score >= low, and their bit patterns."""
-    out = []
+def _empty(device) -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _at_least(bits: list[torch.Tensor], low: int, chunk: int, cap: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per tensor: the ascending flat indices with score >= low, and their bit patterns; None as
+    soon as more than `cap` would be kept (many scores tied at the bracket, e.g. all zero)."""
+    out, n = [], 0
     for b in bits:
-        idx = torch.cat([torch.nonzero(c >= low).squeeze(1) + start for start, c in _chunks(b, chunk)]
-                        + [torch.zeros(0, dtype=torch.long, device=b.device)])
+        parts = [_empty(b.device)]
+        for start, c in _chunks(b, chunk):
+            parts.append(torch.nonzero(c >= low).squeeze(1) + start)
+            n += parts[-1].numel()
+            if n > cap:
+                return None
+        idx = torch.cat(parts)
         out.append((idx, b[idx]))
     return out
+
+
+def _split_at(bits: list[torch.Tensor], threshold: int, chunk: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Per tensor: the flat indices with score > threshold (fewer than k in all) and how many equal it."""
+    greater, tie_counts = [], []
+    for b in bits:
+        parts, ties = [_empty(b.device)], 0
+        for start, c in _chunks(b, chunk):
+            parts.append(torch.nonzero(c > threshold).squeeze(1) + start)
+            ties += int((c == threshold).sum())
+        greater.append(torch.cat(parts))
+        tie_counts.append(ties)
+    return greater, tie_counts
+
+
+def _first_equal(b: torch.Tensor, value: int, m: int, chunk: int) -> torch.Tensor:
+    """The m lowest flat indices where b == value; stops scanning once it has them."""
+    parts, n = [_empty(b.device)], 0
+    for start, c in _chunks(b, chunk):
+        if n >= m:
+            break
+        parts.append(torch.nonzero(c == value).squeeze(1)[: m - n] + start)
+        n += parts[-1].numel()
+    return torch.cat(parts)
 
 
 def _sampled_threshold(bits: list[torch.Tensor], k: int, total: int, group, chunk: int, sample_size: int):
     """Fast path, one full pass: a random sample brackets the k-th largest score; the pass keeps
     every index at or above the bracket's low end; the exact threshold is read from the few
-    candidates inside the bracket. Returns None when the bracket missed (then the radix path runs)."""
+    candidates inside the bracket. Returns None when the bracket missed or would keep too many
+    (then the radix path runs)."""
     # A uniform random sample, not a strided one: gradient magnitudes are structured by row and
     # column (outlier hidden dimensions), and a stride aliases with that structure and biases the
     # bracket (on SmolLM2 a stride of 128 missed every time). The seed only affects speed, never the result.
@@ -153,14 +188,15 @@ def _sampled_threshold(bits: list[torch.Tensor], k: int, total: int, group, chun
     top = torch.topk(sample, min(n, lo_rank + 1), sorted=True).values
     high = int(top[hi_rank]) if hi_rank >= 0 else 0x7FFFFFFF  # no upper bound
     low = int(top[lo_rank]) if lo_rank < n else -1
-    kept = _at_least(bits, low, chunk)
-    inside = [values[values <= high].cpu() for _, values in kept]
-    device = bits[0].device if bits else None
-    n_kept = sum(idx.numel() for idx, _ in kept)
+    # The bracket should keep about (lo_rank+1)/n of all scores; twice that means massive ties.
+    kept = _at_least(bits, low, chunk, cap=int(2 * (lo_rank + 1) * total / max(n, 1)) + chunk)
+    inside = [] if kept is None else [values[values <= high].cpu() for _, values in kept]
+    n_kept = 0 if kept is None else sum(idx.numel() for idx, _ in kept)
     n_inside = sum(x.numel() for x in inside)
-    counts = _all_reduce(torch.tensor([n_kept - n_inside, n_inside], dtype=torch.int64, device=device), group)
-    n_above, n_cand = int(counts[0]), int(counts[1])
-    if not n_above < k <= n_above + n_cand:
+    counts = _all_reduce(torch.tensor([n_kept - n_inside, n_inside, kept is None], dtype=torch.int64,
+                                      device=bits[0].device if bits else None), group)
+    n_above, n_cand, overflowed = (int(x) for x in counts)
+    if overflowed or not n_above < k <= n_above + n_cand:
         return None
     everyone = torch.cat(_all_gather_objects(torch.cat(inside + [torch.zeros(0, dtype=torch.int32)]), group))
     threshold = int(torch.topk(everyone, k - n_above, sorted=True).values[-1])
@@ -182,31 +218,36 @@ def select_top_percent(shards: list[ScoreShard], k_percent: float, group=None,
     k = canary_count(total, k_percent)
 
     found = _sampled_threshold(bits, k, total, group, chunk_elements, sample_size)
-    if found is None:
+    if found is not None:
+        threshold, kept = found
+        greater = [idx[values > threshold] for idx, values in kept]
+        ties = [idx[values == threshold] for idx, values in kept]
+        tie_counts = [t.numel() for t in ties]
+        first_ties = lambda i, m: ties[i][:m]  # noqa: E731
+    else:  # never materializes the ties beyond the ones taken: all-equal scores stay cheap
         threshold = _radix_threshold(bits, k, group, chunk_elements)
-        found = threshold, _at_least(bits, threshold, chunk_elements)
-    threshold, kept = found
+        greater, tie_counts = _split_at(bits, threshold, chunk_elements)
+        first_ties = lambda i, m: _first_equal(bits[i], threshold, m, chunk_elements)  # noqa: E731
 
-    n_greater = int(_all_reduce(torch.tensor([sum(int((v > threshold).sum()) for _, v in kept)],
-                                             dtype=torch.int64, device=device), group))
+    n_greater = int(_all_reduce(torch.tensor([sum(g.numel() for g in greater)], dtype=torch.int64, device=device), group))
     everyone = [row for rows in _all_gather_objects(
-        [(s.name, s.offset, int((v == threshold).sum())) for s, (_, v) in zip(shards, kept)], group) for row in rows]
+        [(s.name, s.offset, count) for s, count in zip(shards, tie_counts)], group) for row in rows]
     take, remaining = {}, k - n_greater
     for name, offset, count in sorted(everyone):
         take[(name, offset)] = min(count, remaining)
         remaining -= take[(name, offset)]
 
     selected: dict[str, list[torch.Tensor]] = {}
-    for s, (idx, values) in zip(shards, kept):
-        tie = values == threshold
-        # idx is ascending, so the first `take` ties are the lowest indices; the result stays sorted.
-        keep = (values > threshold) | (tie & (torch.cumsum(tie, 0) <= take[(s.name, s.offset)]))
+    for i, s in enumerate(shards):
+        idx, m = greater[i], take[(s.name, s.offset)]
+        if m:
+            idx = torch.sort(torch.cat([idx, first_ties(i, m)])).values
         # NaN and inf sort above every finite score, so checking the winners catches them all;
         # (scores come from |grad|, so the sign bit is never set and negatives cannot occur.)
-        if bool((values[keep] >= 0x7F800000).any()):
+        if bool((bits[i][idx] >= 0x7F800000).any()):
             raise ValueError(f"canary scores for {s.name} contain NaN or inf; the refusal loss diverged")
-        if bool(keep.any()):
-            selected.setdefault(s.name, []).append(idx[keep] + s.offset)
+        if idx.numel():
+            selected.setdefault(s.name, []).append(idx + s.offset)
     return {name: torch.sort(torch.cat(parts)).values if len(parts) > 1 else parts[0]
             for name, parts in selected.items()}
 

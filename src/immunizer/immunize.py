@@ -38,7 +38,8 @@ from immunizer.data.teacher import autocast
 from immunizer.data.training_sets import TrainingData, build_training_data, pick_refusal
 from immunizer.errors import ImmunizerError
 from immunizer.losses import (alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
-                              refusal_loss, sequence_logprob, sft_loss, stabilization_loss, token_kl)
+                              refusal_loss, sequence_logprob, sft_loss, stabilization_grad, stabilization_loss,
+                              token_kl)
 from immunizer.manifest import write_manifest
 from immunizer.models import load_model, model_dir_sha256, resolve_model
 from immunizer.paths import atomic_path
@@ -318,9 +319,8 @@ class Run:
                 delta = normalized_perturbation(list(grads), cfg.benign_perturb_epsilon, sign=-1.0)
                 apply_perturbation(self.params, delta, +1.0)
             align, parts = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
-            stab = stabilization_loss(canary_tensors(self.named, canaries), anchor) if cfg.stabilization_beta > 0 \
-                else torch.zeros(())
-            (align + cfg.stabilization_beta * stab).backward()
+            align.backward()
+            stab = self.add_stabilization_grad(canaries, anchor, cfg.stabilization_beta)
             apply_perturbation(self.params, delta, -1.0)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             optimizer.step()
@@ -335,6 +335,20 @@ class Run:
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
                 self.checkpoint({"cycle": cycle, "phase": 2, "step": step + 1}, optimizer,
                                 {"canaries": canaries, "anchor": anchor})
+
+    @torch.no_grad()
+    def add_stabilization_grad(self, canaries: dict[str, torch.Tensor], anchor: list[torch.Tensor],
+                               beta: float) -> torch.Tensor:
+        """grad += β·∂MSE(canaries, anchor)/∂w, written at the canary indices only; returns the MSE."""
+        if beta <= 0:
+            return torch.zeros(())
+        current = canary_tensors(self.named, canaries)
+        for (name, idx), g in zip(canaries.items(), stabilization_grad(current, anchor)):
+            p = self.named[name]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.view(-1).index_add_(0, idx, g.to(p.grad.dtype), alpha=beta)
+        return stabilization_loss(current, anchor)
 
     def optimizer(self, lr: float):
         return torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)

@@ -89,3 +89,12 @@ def stabilization_loss(current: list[torch.Tensor], anchor: list[torch.Tensor]) 
         raise ValueError("stabilization_loss needs at least one canary tensor")
     total = sum(((c.float() - a.float()) ** 2).sum() for c, a in zip(current, anchor, strict=True))
     return total / sum(c.numel() for c in current)
+
+
+def stabilization_grad(current: list[torch.Tensor], anchor: list[torch.Tensor]) -> list[torch.Tensor]:
+    """∂ stabilization_loss / ∂ current in closed form, 2·(c − a)/N. The trainer adds it at the
+    canary indices only: autograd through `param.reshape(-1)[idx]` would scatter into a full-size
+    zero tensor for every parameter (0.2 s per step on SmolLM2-135M)."""
+    n = sum(c.numel() for c in current)
+    return [2.0 * (c.float() - a.float()) / n for c, a in zip(current, anchor, strict=True)]
+

@@ -23,11 +23,10 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", default=str(HERE / "results" / "harmbench_refusal.json"))
     args = ap.parse_args()
-    after = Path(args.after) / "model" if (Path(args.after) / "manifest.json").is_file() else args.after
     harmful = list(harmbench_prompts(args.n).prompts)
     safe = list(safe_scary_set("all").prompts)
     result = {"n_harmful": len(harmful), "n_safe": len(safe)}
-    for label, spec in (("before", args.before), ("after", after)):
+    for label, spec in (("before", args.before), ("after", args.after)):
         model, tok = load_model(spec)
         rates = refusal_rates(model, tok, harmful, safe, max_new_tokens=args.max_new_tokens)
         result[label] = {"harmful_answered": rates.harmful_answered, "safe_refused": rates.safe_refused}

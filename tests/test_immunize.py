@@ -37,6 +37,7 @@ def test_writes_the_contract_files(tiny_run):
         assert (out / name).is_file(), name
     assert not (out / "checkpoint").exists()
     assert summary["num_canaries"] > 0
+    assert resolve_model(out) == out / "model"  # an output directory stands for its model everywhere
 
 
 def test_manifest_matches_the_saved_model(tiny_run):

@@ -92,8 +92,6 @@ def compare(before, after, n_harmful, n_safe, max_new_tokens, as_json):
     from immunizer.models import load_model
     from immunizer.refusal_eval import refusal_rates
 
-    if (Path(after) / "manifest.json").is_file():
-        after = str(Path(after) / "model")
     harmful = list(weak_set("heldout").prompts[:n_harmful])
     safe = list(safe_scary_set("all").prompts[:n_safe])
     results = {}

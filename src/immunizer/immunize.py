@@ -33,11 +33,11 @@ from immunizer import __version__
 from immunizer.canaries import CanaryScores, canary_values, select_top_percent
 from immunizer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from immunizer.config import ImmunizeConfig
-from immunizer.data.batches import Batch, collate, encode_pair, pair_batch
+from immunizer.data.batches import Batch, pair_batch
 from immunizer.data.teacher import autocast
 from immunizer.data.training_sets import TrainingData, build_training_data, pick_refusal
 from immunizer.errors import ImmunizerError
-from immunizer.losses import (alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
+from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
                               refusal_loss, sequence_logprob, sft_loss, stabilization_grad, stabilization_loss,
                               token_kl)
 from immunizer.manifest import write_manifest
@@ -90,7 +90,7 @@ def phase1_refusal_loss(student, reference, harmful_teacher, harmful: Batch, gam
                 input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
     policy_logp, ref_logp = sequence_logprob(logits, harmful.labels), sequence_logprob(ref_logits, harmful.labels)
     if cfg.npo_length_normalized:
-        tokens = (harmful.labels[:, 1:] != -100).sum(-1).clamp_min(1)
+        tokens = (harmful.labels[:, 1:] != IGNORE).sum(-1).clamp_min(1)
         policy_logp, ref_logp = policy_logp / tokens, ref_logp / tokens
     npo = npo_loss(policy_logp, ref_logp, cfg.npo_beta)
     rkl = bounded_negative_kl(logits, teacher_logits, harmful.labels, cfg.rkl_tau)
@@ -295,7 +295,7 @@ class Run:
     # -- Phase 2
     def phase2(self, cycle: int, start_step: int, optimizer, canaries: dict[str, torch.Tensor],
                anchor: list[torch.Tensor]) -> None:
-        cfg, bf16, dc = self.config.phase2, self.config.bf16, self.config.data
+        cfg, bf16 = self.config.phase2, self.config.bf16
         triples = self.data.benign
         plan = batches_for(len(triples.prompts), cfg.batch_size, cfg.steps, self.config.seed * 1000 + 500 + cycle)
         self.student.train()
@@ -308,9 +308,7 @@ class Run:
             started = time.perf_counter()
             idx = plan[step]
             prompts = [triples.prompts[i] for i in idx]
-            pairs = collate([encode_pair(self.tokenizer, p, r, dc.max_prompt_tokens, dc.max_response_tokens)
-                             for p, r in zip(prompts + prompts, [triples.chosen[i] for i in idx] + [triples.rejected[i] for i in idx])],
-                            self.tokenizer.pad_token_id).to(self.device)
+            pairs = self._batch(prompts + prompts, [triples.chosen[i] for i in idx] + [triples.rejected[i] for i in idx])
             optimizer.zero_grad(set_to_none=True)
             delta = []
             if cfg.benign_perturb_epsilon > 0:  # simulate a benign fine-tuning step, then train from there

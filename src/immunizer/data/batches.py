@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from immunizer.data.teacher import chat_prompt_ids
-
-IGNORE = -100
+from immunizer.losses import IGNORE
 
 
 @dataclass

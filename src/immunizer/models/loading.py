@@ -77,7 +77,8 @@ def tiny_model_dir() -> Path:
 
 
 def resolve_model(spec: str | Path) -> Path:
-    """A local Hugging Face directory for `spec`, converting (once, cached) where needed."""
+    """A local Hugging Face directory for `spec`, converting (once, cached) where needed. An
+    `immunizer immunize` output directory stands for its `model/`."""
     spec_str = str(spec)
     if spec_str == "smollm2":
         return convert_gguf(embedded_gguf(), cache_dir() / "models" / "smollm2-135m-instruct")
@@ -92,6 +93,8 @@ def resolve_model(spec: str | Path) -> Path:
         raise ImmunizerError(
             f"model {spec_str!r} is neither `smollm2`, `tiny`, a .gguf file nor an existing directory"
         )
+    if (path / "manifest.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"  # an `immunizer immunize` output directory: its model
     if not (path / "config.json").is_file():
         raise ImmunizerError(f"{path} has no config.json; pass a Hugging Face model directory (save_pretrained output)")
     try:

@@ -73,6 +73,10 @@ class Phase1Config:
     retain_weight: float = 1.0
     """Extension (MISSION §1): weight of SFT on benign (prompt, helpful answer) pairs in the same step, so
     the model learns *when* to refuse; without it the quick preset refused 94% of safe prompts (measured). 0: off."""
+    score_untrained_refusal: bool = True
+    """With γ = 0 (the plain-alignment baseline), still take |∂L_refusal/∂w| in a backward whose gradient is
+    then discarded, so that the baseline's canaries are picked the same way as immunizer's (the breaker's
+    comparison needs them). False skips that extra backward (cost benchmarks)."""
     k_percent: float = 1.0
     """Share of all parameters that become canaries (global top-K% by accumulated |∂L_refusal/∂w|)."""
     max_grad_norm: float = 1.0

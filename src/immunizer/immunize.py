@@ -255,8 +255,13 @@ class Run:
                 loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16)
                 loss.backward()
                 scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
-            else:  # γ = 0 switches the refusal terms off entirely (the plain-alignment baseline)
+            else:  # γ = 0 switches the refusal terms off (the plain-alignment baseline)
                 loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
+                if cfg.score_untrained_refusal:  # measured for canary selection only, never trained on
+                    measured, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, 1.0, cfg, bf16)
+                    measured.backward()
+                    scores.accumulate(self.student)
+                    optimizer.zero_grad(set_to_none=True)
             if cfg.refusal_anchor_weight > 0 or cfg.retain_weight > 0:
                 parts.update(self.anchor_step(prompts, cycle * len(plan) + step, cfg, bf16))
             apply_perturbation(self.params, delta, -1.0)  # SAM-style: step from w with the gradient taken at w+δ

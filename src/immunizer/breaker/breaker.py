@@ -1,0 +1,84 @@
+"""The circuit breaker: compare a candidate with a manifest and decide. The threshold comes from
+`immunizer calibrate` (stored in the manifest); the breaker never invents one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from immunizer.breaker.drift import DriftReport
+from immunizer.breaker.reference import Reference, load_reference
+from immunizer.breaker.sources import module_tensors, scan_module, scan_path, _lora_layers, _live_lora_delta
+from immunizer.errors import ImmunizerError
+from immunizer.manifest import Manifest
+
+
+@dataclass
+class Verdict:
+    tripped: bool
+    statistic: float
+    threshold: float
+    report: DriftReport
+    manifest: Manifest
+
+    def to_json(self) -> dict:
+        return {"tripped": self.tripped, "threshold": self.threshold, **self.report.to_json(),
+                "manifest": str(self.manifest.directory), "model_sha256": self.manifest.meta.get("model_sha256"),
+                "manifest_sha256": self.manifest.meta.get("manifest_sha256")}
+
+
+class BreakerTripped(ImmunizerError):
+    """Raised by the `raise` policy and by the plain-loop guard; carries the verdict."""
+
+    def __init__(self, verdict: Verdict, what: str):
+        self.verdict = verdict
+        super().__init__(f"circuit breaker tripped on {what}: canary drift ratio {verdict.statistic:.3g} exceeds the "
+                         f"calibrated threshold {verdict.threshold:.3g} (canary drift {verdict.report.canary_drift:.3g}, "
+                         f"other drift {verdict.report.other_drift:.3g}). These weights look harmfully fine-tuned; "
+                         "use the released model, or send the incident for review")
+
+
+def calibrated_threshold(manifest: Manifest) -> float:
+    calibration = manifest.meta.get("breaker") or {}
+    if "threshold" not in calibration:
+        raise ImmunizerError(
+            f"the manifest in {manifest.directory} has no calibrated threshold; run "
+            f"`immunizer calibrate --model {manifest.directory}` first (or pass an explicit --threshold)")
+    return float(calibration["threshold"])
+
+
+class Breaker:
+    """`Breaker(DIR).scan(candidate)` for a module, a model directory, a .safetensors file or a LoRA adapter."""
+
+    def __init__(self, manifest_dir: str | Path, threshold: float | None = None, hmac_key: bytes | str | None = None,
+                 manifest: Manifest | None = None, reference: Reference | None = None):
+        if manifest is None or reference is None:
+            manifest, reference = load_reference(Path(manifest_dir), hmac_key=hmac_key)
+        self.manifest, self.reference = manifest, reference
+        self.threshold = float(threshold) if threshold is not None else calibrated_threshold(manifest)
+
+    def judge(self, report: DriftReport) -> Verdict:
+        return Verdict(report.statistic > self.threshold, report.statistic, self.threshold, report, self.manifest)
+
+    def scan(self, candidate: torch.nn.Module | str | Path) -> Verdict:
+        if isinstance(candidate, torch.nn.Module):
+            return self.judge(scan_module(self.reference, candidate))
+        return self.judge(scan_path(self.reference, Path(candidate)))
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> int:
+        """Write the released values back into the canaries of a live model (for an unmerged LoRA
+        model, into the base weights so that base + ΔW equals the released value). Returns how many."""
+        tensors, lora = module_tensors(model), _lora_layers(model)
+        count = 0
+        for name in self.reference.names:
+            weight = tensors[name]
+            flat = weight.data.view(-1)
+            idx = self.reference.canary_index[name].to(flat.device)
+            target = self.reference.canary_value[name].to(flat.device)
+            if name in lora:
+                target = target - _live_lora_delta(lora[name], idx, weight.shape[-1])
+            flat[idx] = target.to(flat.dtype)
+            count += idx.numel()
+        return count

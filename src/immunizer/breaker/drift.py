@@ -1,0 +1,150 @@
+"""Canary drift: how far a candidate's weights moved from the released model, at the canaries and
+elsewhere, per layer and overall.
+
+Written here because no library measures this. The candidate is compared with what the manifest
+holds: the canaries' released values, and a fixed seeded sample of non-canary released values
+(`reference.safetensors`, see `reference.py`). Drift is the RMS of (candidate − released) over a
+set of weights; the statistic is canary drift / non-canary drift. A harmful fine-tune pushes
+hardest on the weights that carry refusal, which are the canaries; a benign one moves them like any
+other weight (and Phase 2's stabilization term trained them to hold still under benign updates).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+TINY = 1e-12  # below this RMS a weight set has not moved at all (fp32 round-off is ~1e-8 relative)
+
+
+def layer_of(name: str) -> str:
+    """The group a parameter is reported under: `layers.N`, `embedding`, `lm_head` or `other`."""
+    m = _LAYER.search(name)
+    if m:
+        return f"layers.{int(m.group(1))}"
+    if "embed" in name:
+        return "embedding"
+    if "lm_head" in name:
+        return "lm_head"
+    return "other"
+
+
+def drift_ratio(canary_rms: float, other_rms: float) -> float:
+    """Canary drift relative to non-canary drift; 0 when nothing moved, large when only canaries moved."""
+    if canary_rms <= TINY:
+        return 0.0
+    return canary_rms / max(other_rms, TINY)
+
+
+@dataclass
+class DriftSums:
+    """Running sums for one group of parameters (float64: 1e9 squared drifts must not lose precision)."""
+    canary_sq: float = 0.0
+    canaries: int = 0
+    other_sq: float = 0.0
+    samples: int = 0
+    canary_max: float = 0.0
+
+    def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor) -> None:
+        c, o = canary_delta.double(), other_delta.double()
+        self.canary_sq += float((c * c).sum())
+        self.canaries += c.numel()
+        self.other_sq += float((o * o).sum())
+        self.samples += o.numel()
+        if c.numel():
+            self.canary_max = max(self.canary_max, float(c.abs().max()))
+
+    def merge(self, other: "DriftSums") -> None:
+        self.canary_sq += other.canary_sq
+        self.canaries += other.canaries
+        self.other_sq += other.other_sq
+        self.samples += other.samples
+        self.canary_max = max(self.canary_max, other.canary_max)
+
+    @property
+    def canary_drift(self) -> float:
+        return math.sqrt(self.canary_sq / self.canaries) if self.canaries else 0.0
+
+    @property
+    def other_drift(self) -> float:
+        return math.sqrt(self.other_sq / self.samples) if self.samples else 0.0
+
+    @property
+    def ratio(self) -> float:
+        return drift_ratio(self.canary_drift, self.other_drift)
+
+    def to_json(self) -> dict:
+        return {"canary_drift": self.canary_drift, "other_drift": self.other_drift, "ratio": self.ratio,
+                "canary_max_drift": self.canary_max, "canaries": self.canaries, "samples": self.samples}
+
+
+@dataclass
+class DriftReport:
+    """Drift of one candidate. `statistic` is what the breaker thresholds: the overall ratio."""
+    overall: DriftSums
+    layers: dict[str, DriftSums] = field(default_factory=dict)
+    candidate: str = ""
+    kind: str = ""
+    """`module`, `safetensors`, `lora` or `lora-live`: how the candidate's weights were read."""
+
+    @property
+    def statistic(self) -> float:
+        return self.overall.ratio
+
+    @property
+    def canary_drift(self) -> float:
+        return self.overall.canary_drift
+
+    @property
+    def other_drift(self) -> float:
+        return self.overall.other_drift
+
+    @property
+    def max_layer_ratio(self) -> float:
+        return max((s.ratio for s in self.layers.values()), default=0.0)
+
+    def to_json(self) -> dict:
+        def key(group: str):
+            m = re.fullmatch(r"layers\.(\d+)", group)
+            return (1, int(m.group(1)), "") if m else ((0, 0, group) if group == "embedding" else (2, 0, group))
+
+        return {
+            "statistic": self.statistic,
+            "canary_drift": self.canary_drift,
+            "other_drift": self.other_drift,
+            "canary_max_drift": self.overall.canary_max,
+            "max_layer_ratio": self.max_layer_ratio,
+            "canaries": self.overall.canaries,
+            "samples": self.overall.samples,
+            "candidate": self.candidate,
+            "candidate_kind": self.kind,
+            "layers": {g: self.layers[g].to_json() for g in sorted(self.layers, key=key)},
+        }
+
+
+Gathered = tuple[str, torch.Tensor, torch.Tensor]
+"""(parameter name, candidate − released at the canaries, candidate − released at the reference sample)."""
+
+
+def summarize(deltas: Iterable[Gathered], candidate: str = "", kind: str = "") -> DriftReport:
+    """Fold per-parameter deltas into per-layer and overall drift."""
+    layers: dict[str, DriftSums] = {}
+    for name, canary_delta, other_delta in deltas:
+        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta)
+    overall = DriftSums()
+    for sums in layers.values():
+        overall.merge(sums)
+    return DriftReport(overall, layers, candidate, kind)
+
+
+def deltas_from_tensors(reference, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[Gathered]:
+    """Deltas for full weight tensors given one at a time (a live module or a streamed file)."""
+    for name, tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        yield (name,
+               flat[reference.canary_index[name].to(flat.device)].float().cpu() - reference.canary_value[name],
+               flat[reference.sample_index[name].to(flat.device)].float().cpu() - reference.sample_value[name])

@@ -1,0 +1,136 @@
+"""What a candidate is compared with: the manifest's canaries plus a fixed, seeded sample of
+non-canary weights of the released model (`reference.safetensors`, listed and hashed in the
+manifest), so that scanning reads only the candidate, never the released model again."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from immunizer.errors import ImmunizerError
+from immunizer.manifest import Manifest, file_sha256, load_manifest, update_manifest
+from immunizer.paths import atomic_path
+
+REFERENCE_FILE = "reference.safetensors"
+SAMPLE_SHARE = 0.0025
+"""Share of each parameter's non-canary weights in the sample: 0.25% of 135M is 336k weights (4 MB), which
+pins the RMS to ~0.2% (its standard error is ~1/√n times the drift's kurtosis factor)."""
+MIN_SAMPLES = 64
+"""Small parameters (norms, biases) still get this many samples, or all their weights."""
+
+
+@dataclass
+class Reference:
+    canary_index: dict[str, torch.Tensor]
+    canary_value: dict[str, torch.Tensor]
+    sample_index: dict[str, torch.Tensor]
+    sample_value: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.canary_index)
+
+
+def _seed(seed: int, name: str) -> int:
+    # Per-parameter seeds: the sample does not depend on the order parameters are visited in.
+    return int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_indices(numel: int, canaries: torch.Tensor, share: float, seed: int, name: str) -> torch.Tensor:
+    """Ascending flat indices of a seeded uniform sample of the parameter's non-canary weights."""
+    want = min(numel, max(MIN_SAMPLES, round(numel * share)))
+    g = torch.Generator().manual_seed(_seed(seed, name))
+    if want * 4 >= numel:  # small tensors: all non-canary weights, or a permutation prefix
+        picked = torch.randperm(numel, generator=g)[: want + canaries.numel()]
+    else:  # large tensors: draw with replacement, deduplicate (collisions are rare at this share)
+        picked = torch.randint(0, numel, (want + want // 8 + canaries.numel(),), generator=g)
+    picked = torch.unique(picked)
+    picked = picked[~torch.isin(picked, canaries)]
+    if picked.numel() > want:  # keep a seeded subset of the right size, independent of order
+        keep = torch.randperm(picked.numel(), generator=g)[:want]
+        picked = picked[keep].sort().values
+    return picked
+
+
+def build_reference(manifest: Manifest, tensors: Iterator[tuple[str, torch.Tensor]], share: float = SAMPLE_SHARE,
+                    seed: int = 0) -> Reference:
+    """Sample the released model's non-canary weights, one tensor at a time."""
+    sample_index, sample_value, shapes = {}, {}, {}
+    for name, tensor in tensors:
+        if name not in manifest.indices:
+            continue
+        flat = tensor.detach().reshape(-1)
+        idx = sample_indices(flat.numel(), manifest.indices[name].cpu(), share, seed, name)
+        sample_index[name] = idx
+        sample_value[name] = flat[idx.to(flat.device)].float().cpu()
+        shapes[name] = tuple(tensor.shape)
+    missing = sorted(set(manifest.indices) - set(shapes))
+    if missing:
+        raise ImmunizerError(f"the released model lacks {len(missing)} canary parameters (e.g. {missing[0]}); "
+                             "is it the model the manifest was written for?")
+    return Reference(manifest.indices, manifest.values, sample_index, sample_value, shapes)
+
+
+def write_reference(directory: Path, reference: Reference, share: float, seed: int,
+                    hmac_key: bytes | str | None = None) -> dict:
+    """Write reference.safetensors and list it (with its hash) in the manifest, which is re-sealed."""
+    directory = Path(directory)
+    tensors = {}
+    for name in sorted(reference.sample_index):
+        tensors[f"{name}::sample_index"] = reference.sample_index[name].contiguous()
+        tensors[f"{name}::sample_value"] = reference.sample_value[name].contiguous()
+    with atomic_path(directory / REFERENCE_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"shapes": json.dumps({k: list(v) for k, v in reference.shapes.items()})})
+    entry = {"file": REFERENCE_FILE, "sha256": file_sha256(directory / REFERENCE_FILE), "share": share, "seed": seed,
+             "num_samples": sum(int(v.numel()) for v in reference.sample_index.values())}
+    return update_manifest(directory, {"reference": entry}, hmac_key=hmac_key)
+
+
+def read_reference(manifest: Manifest) -> Reference | None:
+    """The reference sample listed in a verified manifest, or None when it has none yet."""
+    entry = manifest.meta.get("reference")
+    if not entry:
+        return None
+    path = Path(manifest.directory) / entry["file"]
+    again = "Re-run `immunizer calibrate` (it rewrites the reference sample) or restore the published files."
+    if not path.is_file():
+        raise ImmunizerError(f"{path} is listed in the manifest but missing. {again}")
+    if file_sha256(path) != entry["sha256"]:
+        raise ImmunizerError(f"{path} does not match the sha256 in manifest.json (corrupted or swapped). {again}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(v) for k, v in json.loads(f.metadata()["shapes"]).items()}
+            index = {k.rpartition("::")[0]: f.get_tensor(k) for k in f.keys() if k.endswith("::sample_index")}
+            value = {k.rpartition("::")[0]: f.get_tensor(k) for k in f.keys() if k.endswith("::sample_value")}
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise ImmunizerError(f"{path} cannot be read ({exc}). {again}") from exc
+    if set(index) != set(manifest.indices) or set(value) != set(index):
+        raise ImmunizerError(f"{path} does not cover the manifest's canary parameters. {again}")
+    return Reference(manifest.indices, manifest.values, index, value, shapes)
+
+
+def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: bool = False) -> tuple[Manifest, Reference]:
+    """Verify the manifest in `directory` and return it with its reference. A manifest without a
+    reference sample gets one built from DIR/model (and written into the manifest when `write`)."""
+    from immunizer.breaker.sources import safetensors_tensors  # sources imports this module
+
+    manifest = load_manifest(directory, hmac_key=hmac_key)
+    reference = read_reference(manifest)
+    if reference is not None:
+        return manifest, reference
+    model_dir = Path(directory) / manifest.meta.get("model_dir", "model")
+    if not model_dir.is_dir():
+        raise ImmunizerError(f"the manifest in {directory} has no reference sample and {model_dir} is missing; "
+                             "pass the complete `immunizer immunize` output directory")
+    reference = build_reference(manifest, safetensors_tensors(model_dir, set(manifest.indices)))
+    if write:
+        meta = write_reference(directory, reference, SAMPLE_SHARE, 0, hmac_key=hmac_key)
+        manifest = Manifest(manifest.indices, manifest.values, meta, manifest.directory)
+    return manifest, reference

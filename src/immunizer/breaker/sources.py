@@ -1,0 +1,275 @@
+"""Where a candidate's weights come from: a live module, safetensors on disk (streamed one tensor
+at a time), or a PEFT LoRA adapter read without merging. Each source yields, per canary
+parameter, candidate − released at the canaries and at the reference sample."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from immunizer.breaker.drift import DriftReport, Gathered, deltas_from_tensors, summarize
+from immunizer.breaker.reference import Reference
+from immunizer.errors import ImmunizerError
+
+_PEFT_PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------- checks shared by every source
+
+def check_coverage(reference: Reference, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Every canary parameter must be present with the released shape; name the problem otherwise."""
+    missing = [n for n in reference.names if n not in shapes]
+    if len(missing) == len(reference.names):
+        example = next(iter(shapes), "nothing")
+        raise ImmunizerError(
+            f"{where} has none of the manifest's {len(missing)} canary parameters (it holds e.g. {example!r}, the "
+            f"manifest expects e.g. {reference.names[0]!r}): wrong architecture, or not the model the manifest was "
+            "written for")
+    if missing:
+        raise ImmunizerError(f"{where} is missing {len(missing)} canary parameters (e.g. {missing[0]!r}); "
+                             "pass a complete checkpoint of the released model's architecture")
+    wrong = [(n, shapes[n], reference.shapes.get(n)) for n in reference.names
+             if reference.shapes.get(n) is not None and tuple(shapes[n]) != tuple(reference.shapes[n])]
+    if wrong:
+        n, got, want = wrong[0]
+        raise ImmunizerError(f"{where}: {len(wrong)} parameters have another shape than in the released model "
+                             f"(e.g. {n}: {tuple(got)} instead of {tuple(want)}); is this the same base model?")
+
+
+# ---------------------------------------------------------------- safetensors on disk
+
+def safetensors_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> file, for one .safetensors file or every shard in a model directory."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ImmunizerError(f"{path} holds no *.safetensors files; save the model with `save_pretrained` "
+                                 "(safetensors is the default) or pass a PEFT adapter directory")
+    else:
+        raise ImmunizerError(f"candidate {path} does not exist")
+    index = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    index[k] = f
+        except (SafetensorError, OSError) as exc:
+            raise ImmunizerError(f"{f} is not a readable safetensors file ({exc}); it may be truncated") from exc
+    return index
+
+
+def safetensors_tensors(path: Path, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for `names`, one tensor in memory at a time, in file order."""
+    index = safetensors_index(path)
+    by_file: dict[Path, list[str]] = {}
+    for name, f in index.items():
+        if name in names:
+            by_file.setdefault(f, []).append(name)
+    for f, wanted in by_file.items():
+        with safe_open(str(f), framework="pt") as sf:
+            for name in wanted:
+                yield name, sf.get_tensor(name)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for name, f in safetensors_index(path).items():
+        with safe_open(str(f), framework="pt") as sf:
+            shapes[name] = tuple(sf.get_slice(name).get_shape())
+    return shapes
+
+
+def scan_safetensors(reference: Reference, path: Path) -> DriftReport:
+    check_coverage(reference, safetensors_shapes(path), str(path))
+    return summarize(deltas_from_tensors(reference, safetensors_tensors(path, set(reference.names))),
+                     str(path), "safetensors")
+
+
+# ---------------------------------------------------------------- LoRA: ΔW at the indices only
+
+def lora_delta_at(a: torch.Tensor, b: torch.Tensor, scale: float, index: torch.Tensor, columns: int,
+                  transposed: bool = False) -> torch.Tensor:
+    """ΔW = scale · B·A read only at flat indices of W (shape out × `columns`): ΔW[i,j] = scale · B[i,:]·A[:,j].
+    Costs O(len(index) · r), never materializes B·A. `transposed` is PEFT's fan_in_fan_out (W stored as in × out)."""
+    rows, cols = index // columns, index % columns
+    if transposed:
+        rows, cols = cols, rows
+    a, b = a.float(), b.float()
+    return scale * (b[rows] * a[:, cols].T).sum(-1)
+
+
+def _lora_scale(config: dict, module: str, rank: int) -> float:
+    def pattern(table: dict, default):
+        for key, value in (table or {}).items():
+            if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+                return value
+        return default
+
+    alpha = pattern(config.get("alpha_pattern"), config.get("lora_alpha", rank))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ImmunizerError(f"{cfg_path} cannot be read as JSON ({exc})") from exc
+    if config.get("peft_type") != "LORA":
+        raise ImmunizerError(f"{adapter_dir} is a {config.get('peft_type')!r} adapter; the breaker reads LoRA adapters "
+                             "without merging. Merge other adapter types into the model and scan the merged model")
+    if config.get("use_dora"):
+        raise ImmunizerError(f"{adapter_dir} is a DoRA adapter, whose update is not scale·B·A; merge it "
+                             "(`merge_and_unload()`), save, and scan the merged model")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ImmunizerError(f"{adapter_dir} has no adapter_model.safetensors; save the adapter with "
+                             "`model.save_pretrained(dir)` (safetensors is PEFT's default)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ImmunizerError(f"{weights} is not a readable safetensors file ({exc}); it may be truncated") from exc
+    return config, tensors
+
+
+def _strip(key: str) -> str:
+    return key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+
+
+def adapter_deltas(reference: Reference, config: dict, tensors: dict[str, torch.Tensor], where: str) -> Iterator[Gathered]:
+    """candidate − released at the canaries and the sample, for the released model plus this adapter."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}  # modules_to_save: whole trained copies
+    for key, tensor in tensors.items():
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?", key)
+        if m:
+            pairs.setdefault(_strip(m.group(1)), {})[m.group(2)] = tensor
+        elif ".lora_" in key:
+            raise ImmunizerError(f"{where}: unsupported LoRA tensor {key!r} (only lora_A/lora_B and embedding LoRA "
+                                 "are read without merging); merge the adapter and scan the merged model")
+        else:
+            full[_strip(key).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = tensor
+    parameters = {}
+    for module, ab in pairs.items():
+        name = module + ".weight"
+        if name not in reference.canary_index:
+            raise ImmunizerError(f"{where}: the adapter targets {module!r}, which is not a parameter of the released "
+                                 "model; was it trained on another architecture?")
+        if len(ab) != 2:
+            raise ImmunizerError(f"{where}: {module} has only {', '.join(ab)}; the adapter file is incomplete")
+        parameters[name] = (module, ab)
+    for name in full:
+        if name not in reference.canary_index:
+            raise ImmunizerError(f"{where}: the adapter saves a full copy of {name!r}, which the released model lacks")
+        if tuple(full[name].shape) != tuple(reference.shapes[name]):
+            raise ImmunizerError(f"{where}: {name} has shape {tuple(full[name].shape)}, the released model "
+                                 f"{tuple(reference.shapes[name])}")
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    for name in reference.names:
+        ci, si = reference.canary_index[name], reference.sample_index[name]
+        if name in full:
+            flat = full[name].reshape(-1)
+            yield name, flat[ci].float() - reference.canary_value[name], flat[si].float() - reference.sample_value[name]
+        elif name in parameters:
+            module, ab = parameters[name]
+            shape = reference.shapes[name]
+            if "lora_A" in ab:
+                a, b = ab["lora_A"], ab["lora_B"]
+                rank, columns, transposed = a.shape[0], shape[-1], fan_in_fan_out
+            else:  # embedding LoRA: ΔE = (B·A)ᵀ, A is r × vocab, B is dim × r
+                a, b = ab["lora_embedding_A"], ab["lora_embedding_B"]
+                rank, columns, transposed = a.shape[0], shape[-1], True
+            scale = _lora_scale(config, module, rank)
+            yield (name, lora_delta_at(a, b, scale, ci, columns, transposed),
+                   lora_delta_at(a, b, scale, si, columns, transposed))
+        else:  # untouched by the adapter: zero drift, but it still counts (same figures as the merged model)
+            yield name, torch.zeros(ci.numel()), torch.zeros(si.numel())
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file()
+
+
+def scan_adapter(reference: Reference, adapter_dir: Path) -> DriftReport:
+    config, tensors = read_adapter(adapter_dir)
+    return summarize(adapter_deltas(reference, config, tensors, str(adapter_dir)), str(adapter_dir), "lora")
+
+
+# ---------------------------------------------------------------- a live module (plain or PEFT-wrapped)
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Unmerged PEFT LoRA layers by the name of the weight they update (empty for a plain model)."""
+    out = {}
+    for module_name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and not getattr(module, "merged", False):
+            out[_strip(module_name) + ".weight"] = module
+    return out
+
+
+def _live_lora_delta(module: torch.nn.Module, index: torch.Tensor, columns: int) -> torch.Tensor:
+    delta = torch.zeros(index.numel(), device=index.device)
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            a, b = module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()
+            delta += lora_delta_at(a, b, module.scaling[adapter], index, columns, getattr(module, "fan_in_fan_out", False))
+        elif adapter in getattr(module, "lora_embedding_A", {}):
+            a, b = module.lora_embedding_A[adapter].detach(), module.lora_embedding_B[adapter].detach()
+            delta += lora_delta_at(a, b, module.scaling[adapter], index, columns, True)
+    return delta
+
+
+def module_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights by released-model name: PEFT wrappers' prefixes and `base_layer` are taken off, and
+    modules_to_save copies stand for the originals."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        canonical = re.sub(r"\.modules_to_save\.[^.]+\.", ".", _strip(name).replace(".base_layer.", "."))
+        out[canonical] = p
+    return out
+
+
+def module_deltas(reference: Reference, model: torch.nn.Module) -> Iterator[Gathered]:
+    tensors, lora = module_tensors(model), _lora_layers(model)
+    for name in reference.names:
+        weight = tensors[name].detach()
+        flat = weight.reshape(-1)
+        ci, si = (reference.canary_index[name].to(flat.device), reference.sample_index[name].to(flat.device))
+        canary_now, sample_now = flat[ci].float(), flat[si].float()
+        if name in lora:
+            canary_now = canary_now + _live_lora_delta(lora[name], ci, weight.shape[-1])
+            sample_now = sample_now + _live_lora_delta(lora[name], si, weight.shape[-1])
+        yield name, canary_now.cpu() - reference.canary_value[name], sample_now.cpu() - reference.sample_value[name]
+
+
+def scan_module(reference: Reference, model: torch.nn.Module) -> DriftReport:
+    tensors = module_tensors(model)
+    check_coverage(reference, {n: tuple(p.shape) for n, p in tensors.items()}, type(model).__name__)
+    kind = "lora-live" if _lora_layers(model) else "module"
+    return summarize(module_deltas(reference, model), type(model).__name__, kind)
+
+
+# ---------------------------------------------------------------- any path
+
+def scan_path(reference: Reference, path: Path) -> DriftReport:
+    """A .safetensors file, a model directory, an immunize output directory or a PEFT adapter directory."""
+    path = Path(path)
+    if is_adapter_dir(path):
+        return scan_adapter(reference, path)
+    if path.is_dir() and (path / "manifest.json").is_file() and (path / "model").is_dir():
+        path = path / "model"
+    if path.is_file() and path.suffix != ".safetensors":
+        raise ImmunizerError(f"candidate {path} is not a .safetensors file; pass a model directory, a .safetensors "
+                             "file or a PEFT adapter directory (convert .bin checkpoints with save_pretrained)")
+    return scan_safetensors(reference, path)

@@ -76,6 +76,45 @@ def verify(manifest_dir, model_dir, require_hmac):
         sys.exit(3)
 
 
+def _hmac_key(path):
+    return Path(path).read_bytes().strip() if path else None
+
+
+@cli.command()
+@click.option("--manifest", "manifest_dir", required=True, type=click.Path(file_okay=False), help="An immunize output directory.")
+@click.option("--candidate", required=True, type=click.Path(), help="A model directory, a .safetensors file or a PEFT adapter directory.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False),
+              help="The released model, when DIR has no model/ and its manifest no reference sample yet.")
+@click.option("--threshold", type=float, help="Override the calibrated threshold (default: the manifest's, from `immunizer calibrate`).")
+@click.option("--incidents", type=click.Path(dir_okay=False), help="Append an incident here when tripped (default: $IMMUNIZER_INCIDENTS or ~/.local/share/immunizer/incidents.jsonl).")
+@click.option("--no-incident", is_flag=True, help="Do not record an incident.")
+@click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False), help="Verify the manifest's HMAC with this key (default: $IMMUNIZER_MANIFEST_KEY).")
+def scan(manifest_dir, candidate, base_dir, threshold, incidents, no_incident, hmac_key_file):
+    """Compare candidate weights with the canary manifest and say whether the breaker trips.
+
+    Prints one JSON object (tripped, statistic, threshold, canary_drift, other_drift, layers, ...).
+    Exit status: 0 clean, 3 tripped, 2 bad input.
+
+    \b
+    Example:
+      immunizer scan --manifest runs/demo --candidate runs/attacked/model
+    """
+    from immunizer.breaker.breaker import Breaker
+    from immunizer.breaker.incidents import default_incidents_path, record_incident
+    from immunizer.breaker.reference import load_reference
+
+    manifest, reference = load_reference(Path(manifest_dir), hmac_key=_hmac_key(hmac_key_file), base=base_dir)
+    breaker = Breaker(manifest_dir, threshold=threshold, manifest=manifest, reference=reference)
+    verdict = breaker.scan(Path(candidate))
+    click.echo(json.dumps(verdict.to_json(), indent=2))
+    if verdict.tripped:
+        if not no_incident:
+            path = Path(incidents) if incidents else default_incidents_path()
+            record_incident(verdict, source="scan", action="none", path=path)
+            click.echo(f"tripped: incident recorded in {path}", err=True)
+        sys.exit(3)
+
+
 @cli.command()
 @click.option("--before", required=True, help="Model before immunization (spec or directory).")
 @click.option("--after", required=True, help="Model after immunization (an immunize output's model/ directory, or its parent).")

@@ -60,13 +60,17 @@ def sample_indices(numel: int, canaries: torch.Tensor, share: float, seed: int, 
 
 
 def build_reference(manifest: Manifest, tensors: Iterator[tuple[str, torch.Tensor]], share: float = SAMPLE_SHARE,
-                    seed: int = 0) -> Reference:
-    """Sample the released model's non-canary weights, one tensor at a time."""
+                    seed: int = 0, where: str | Path = "the released model") -> Reference:
+    """Sample the released model's non-canary weights, one tensor at a time. The model must hold the
+    manifest's released values at the canaries (else it is not the released model)."""
     sample_index, sample_value, shapes = {}, {}, {}
     for name, tensor in tensors:
         if name not in manifest.indices:
             continue
         flat = tensor.detach().reshape(-1)
+        if not torch.equal(flat[manifest.indices[name].to(flat.device)].float().cpu(), manifest.values[name]):
+            raise ImmunizerError(f"{where} is not the released model of this manifest: its values at the canaries of "
+                                 f"{name} differ from the released ones. Pass the model `immunizer immunize` wrote")
         idx = sample_indices(flat.numel(), manifest.indices[name].cpu(), share, seed, name)
         sample_index[name] = idx
         sample_value[name] = flat[idx.to(flat.device)].float().cpu()
@@ -116,20 +120,22 @@ def read_reference(manifest: Manifest) -> Reference | None:
     return Reference(manifest.indices, manifest.values, index, value, shapes)
 
 
-def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: bool = False) -> tuple[Manifest, Reference]:
+def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: bool = False,
+                   base: str | Path | None = None) -> tuple[Manifest, Reference]:
     """Verify the manifest in `directory` and return it with its reference. A manifest without a
-    reference sample gets one built from DIR/model (and written into the manifest when `write`)."""
+    reference sample gets one built from the released model, `base` or else DIR/model (and written
+    into the manifest when `write`)."""
     from immunizer.breaker.sources import safetensors_tensors  # sources imports this module
 
     manifest = load_manifest(directory, hmac_key=hmac_key)
     reference = read_reference(manifest)
     if reference is not None:
         return manifest, reference
-    model_dir = Path(directory) / manifest.meta.get("model_dir", "model")
+    model_dir = Path(base) if base else Path(directory) / manifest.meta.get("model_dir", "model")
     if not model_dir.is_dir():
         raise ImmunizerError(f"the manifest in {directory} has no reference sample and {model_dir} is missing; "
-                             "pass the complete `immunizer immunize` output directory")
-    reference = build_reference(manifest, safetensors_tensors(model_dir, set(manifest.indices)))
+                             "pass the complete `immunizer immunize` output directory, or the released model as --base")
+    reference = build_reference(manifest, safetensors_tensors(model_dir, set(manifest.indices)), where=model_dir)
     if write:
         meta = write_reference(directory, reference, SAMPLE_SHARE, 0, hmac_key=hmac_key)
         manifest = Manifest(manifest.indices, manifest.values, meta, manifest.directory)

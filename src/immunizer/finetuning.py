@@ -1,0 +1,68 @@
+"""Supervised fine-tuning of a causal LM on (prompt, response) rows with TRL's `SFTTrainer`, full or
+LoRA (PEFT): the fine-tunes the breaker is calibrated on, and the harness's attacks and benign
+fine-tunes. Loss on the response tokens only, chat template applied by TRL."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from immunizer.errors import ImmunizerError
+
+
+@dataclass
+class FinetuneSpec:
+    lr: float = 5e-5
+    """AdamW learning rate (the standard harmful-SFT attack: 5e-5 full, 2e-4 LoRA)."""
+    epochs: float = 1.0
+    steps: int = 0
+    """Optimizer steps; 0 runs `epochs` passes over the rows instead."""
+    batch_size: int = 4
+    lora_rank: int = 0
+    """0: full fine-tuning; otherwise LoRA of this rank on every linear layer, alpha = 2·rank."""
+    max_length: int = 160
+    """Tokens per example (prompt + response), longer ones are cut."""
+    seed: int = 0
+    bf16: bool = True
+
+
+def to_dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    if not rows:
+        raise ImmunizerError("the fine-tuning set is empty; give at least one (prompt, response) row")
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
+
+
+def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec, callbacks=(), progress: bool = False):
+    """Fine-tune `model` in place (full) or through a LoRA wrapper; returns the trained model (a
+    `PeftModel` for LoRA, adapter unmerged)."""
+    import datasets
+    from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    if not progress:
+        datasets.disable_progress_bars()
+
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="immunizer-sft-") as out:
+        args = SFTConfig(
+            output_dir=out, learning_rate=spec.lr, num_train_epochs=spec.epochs, max_steps=spec.steps or -1,
+            per_device_train_batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
+            bf16=spec.bf16, use_cpu=not cuda, optim="adamw_torch", weight_decay=0.0, warmup_steps=0,
+            lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_strategy="no",
+            disable_tqdm=not progress, dataloader_num_workers=0, completion_only_loss=True,
+        )
+        peft_config = (LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules="all-linear",
+                                  lora_dropout=0.0, task_type="CAUSAL_LM") if spec.lora_rank else None)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=list(callbacks))
+        if not progress:  # the caller shows its own progress; no per-run metrics dump on stdout
+            trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        trained = trainer.model
+    trained.eval()
+    return trained

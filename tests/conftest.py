@@ -1,6 +1,18 @@
 import os
+import subprocess
+import sys
 
 import pytest
+
+CLI = [sys.executable, "-m", "immunizer"]
+
+
+def run_cli(*args, check=True):
+    """Run the `immunizer` command the way a user does; fail with its output unless it exits 0 (or check=False)."""
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr[-3000:]}")
+    return proc
 
 # Tests never touch a user's cache: converted models and teacher generations go to a temp dir
 # shared by the session (the embedded model is converted once per test session).

@@ -14,14 +14,7 @@ from safetensors.torch import load_file
 from immunizer import immunize, load_config, load_manifest
 from immunizer.models import model_dir_sha256, resolve_model
 
-CLI = [sys.executable, "-m", "immunizer"]
-
-
-def run_cli(*args, check=True):
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=os.environ.copy())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr[-3000:]}")
-    return proc
+from conftest import CLI, run_cli
 
 
 @pytest.fixture(scope="module")

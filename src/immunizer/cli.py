@@ -116,6 +116,38 @@ def scan(manifest_dir, candidate, base_dir, threshold, incidents, no_incident, h
 
 
 @cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="An immunize output directory (its manifest receives the calibration).")
+@click.option("--preset", type=click.Choice(["tiny", "quick", "standard"]), default="quick", show_default=True,
+              help="Which grid of simulated fine-tunes (presets/calibration/*.yaml).")
+@click.option("--target-fpr", type=float, help="Highest false-positive rate allowed on the benign runs (default 0.05).")
+@click.option("--teacher", help="Model that answers the harmful and instruction prompts (default: the manifest's base model).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a calibration setting, e.g. full_lrs=[2.0e-5].")
+@click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False), help="Re-sign the manifest with this key (default: $IMMUNIZER_MANIFEST_KEY).")
+def calibrate(model_dir, preset, target_fpr, teacher, overrides, hmac_key_file):
+    """Run simulated benign and harmful fine-tunes on the released model and write the breaker's
+    threshold, TPR, FPR, AUROC (95% intervals) and a ROC plot into the manifest.
+
+    \b
+    Example:
+      immunizer calibrate --model runs/demo
+    """
+    from immunizer.breaker.calibrate import calibrate as run, load_calibration_config
+    from immunizer.config import parse_override
+
+    updates: dict = {}
+    for text in overrides:
+        updates.update(parse_override(text))
+    if target_fpr is not None:
+        updates["target_fpr"] = target_fpr
+    config = load_calibration_config(preset, updates)
+    entry = run(model_dir, config, teacher=teacher, hmac_key=_hmac_key(hmac_key_file))
+    keys = ("threshold", "target_fpr", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95", "n_benign",
+            "n_harmful", "tpr_by_step", "roc_plot")
+    click.echo(json.dumps({k: entry[k] for k in keys}, indent=2))
+
+
+@cli.command()
 @click.option("--before", required=True, help="Model before immunization (spec or directory).")
 @click.option("--after", required=True, help="Model after immunization (an immunize output's model/ directory, or its parent).")
 @click.option("--harmful", "n_harmful", default=16, show_default=True, help="Held-out harmful prompts (DoNotAnswer held-out split).")

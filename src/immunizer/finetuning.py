@@ -60,6 +60,9 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
                                   lora_dropout=0.0, task_type="CAUSAL_LM") if spec.lora_rank else None)
         trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
                              peft_config=peft_config, callbacks=list(callbacks))
+        if len(trainer.train_dataset) == 0:
+            raise ImmunizerError(f"every fine-tuning example lost its whole response to truncation at max_length="
+                                 f"{spec.max_length} tokens; raise max_length or shorten the prompts")
         if not progress:  # the caller shows its own progress; no per-run metrics dump on stdout
             trainer.remove_callback(PrinterCallback)
         trainer.train()

@@ -161,6 +161,7 @@ class Run:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
+        self.base_spec = model_spec
         self.base_dir = resolve_model(model_spec)
         self.base_sha256 = model_dir_sha256(self.base_dir)
         if self.state is not None and self.state["base_model_sha256"] != self.base_sha256:
@@ -410,6 +411,7 @@ class Run:
             k_percent=self.config.phase1.k_percent, num_parameters=num_parameters, model_sha256=model_sha,
             extra={
                 "immunizer_version": __version__,
+                "base_model": self.base_spec,
                 "base_model_sha256": self.base_sha256,
                 "config_sha256": self.config.sha256,
                 "config": self.config.to_dict(),

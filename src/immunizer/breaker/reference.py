@@ -61,17 +61,21 @@ def sample_indices(numel: int, canaries: torch.Tensor, share: float, seed: int, 
 
 def build_reference(manifest: Manifest, tensors: Iterator[tuple[str, torch.Tensor]], share: float = SAMPLE_SHARE,
                     seed: int = 0, where: str | Path = "the released model") -> Reference:
-    """Sample the released model's non-canary weights, one tensor at a time. The model must hold the
+    """Sample the released model's non-canary weights (every floating-point parameter, canaries or not),
+    one tensor at a time. The model must hold the
     manifest's released values at the canaries (else it is not the released model)."""
+    canary_index, canary_value = _with_empty(manifest, [])
     sample_index, sample_value, shapes = {}, {}, {}
     for name, tensor in tensors:
-        if name not in manifest.indices:
+        if not tensor.is_floating_point():
             continue
+        canary_index.setdefault(name, torch.zeros(0, dtype=torch.int64))
+        canary_value.setdefault(name, torch.zeros(0))
         flat = tensor.detach().reshape(-1)
-        if not torch.equal(flat[manifest.indices[name].to(flat.device)].float().cpu(), manifest.values[name]):
+        if not torch.equal(flat[canary_index[name].to(flat.device)].float().cpu(), canary_value[name]):
             raise ImmunizerError(f"{where} is not the released model of this manifest: its values at the canaries of "
                                  f"{name} differ from the released ones. Pass the model `immunizer immunize` wrote")
-        idx = sample_indices(flat.numel(), manifest.indices[name].cpu(), share, seed, name)
+        idx = sample_indices(flat.numel(), canary_index[name], share, seed, name)
         sample_index[name] = idx
         sample_value[name] = flat[idx.to(flat.device)].float().cpu()
         shapes[name] = tuple(tensor.shape)
@@ -79,7 +83,16 @@ def build_reference(manifest: Manifest, tensors: Iterator[tuple[str, torch.Tenso
     if missing:
         raise ImmunizerError(f"the released model lacks {len(missing)} canary parameters (e.g. {missing[0]}); "
                              "is it the model the manifest was written for?")
-    return Reference(manifest.indices, manifest.values, sample_index, sample_value, shapes)
+    return Reference(canary_index, canary_value, sample_index, sample_value, shapes)
+
+
+def _with_empty(manifest: Manifest, names) -> tuple[dict, dict]:
+    """Canary indices and values for `names` and every manifest parameter; empty where a parameter has none."""
+    index, value = dict(manifest.indices), dict(manifest.values)
+    for name in names:
+        index.setdefault(name, torch.zeros(0, dtype=torch.int64))
+        value.setdefault(name, torch.zeros(0))
+    return index, value
 
 
 def write_reference(directory: Path, reference: Reference, share: float, seed: int,
@@ -115,9 +128,9 @@ def read_reference(manifest: Manifest) -> Reference | None:
             value = {k.rpartition("::")[0]: f.get_tensor(k) for k in f.keys() if k.endswith("::sample_value")}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise ImmunizerError(f"{path} cannot be read ({exc}). {again}") from exc
-    if set(index) != set(manifest.indices) or set(value) != set(index):
+    if not set(manifest.indices) <= set(index) or set(value) != set(index):
         raise ImmunizerError(f"{path} does not cover the manifest's canary parameters. {again}")
-    return Reference(manifest.indices, manifest.values, index, value, shapes)
+    return Reference(*_with_empty(manifest, index), index, value, shapes)
 
 
 def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: bool = False,
@@ -135,7 +148,7 @@ def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: 
     if not model_dir.is_dir():
         raise ImmunizerError(f"the manifest in {directory} has no reference sample and {model_dir} is missing; "
                              "pass the complete `immunizer immunize` output directory, or the released model as --base")
-    reference = build_reference(manifest, safetensors_tensors(model_dir, set(manifest.indices)), where=model_dir)
+    reference = build_reference(manifest, safetensors_tensors(model_dir), where=model_dir)
     if write:
         meta = write_reference(directory, reference, SAMPLE_SHARE, 0, hmac_key=hmac_key)
         manifest = Manifest(manifest.indices, manifest.values, meta, manifest.directory)

@@ -66,12 +66,12 @@ def safetensors_index(path: Path) -> dict[str, Path]:
     return index
 
 
-def safetensors_tensors(path: Path, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for `names`, one tensor in memory at a time, in file order."""
+def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for `names` (default: all), one tensor in memory at a time, in file order."""
     index = safetensors_index(path)
     by_file: dict[Path, list[str]] = {}
     for name, f in index.items():
-        if name in names:
+        if names is None or name in names:
             by_file.setdefault(f, []).append(name)
     for f, wanted in by_file.items():
         with safe_open(str(f), framework="pt") as sf:

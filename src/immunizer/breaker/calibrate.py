@@ -1,0 +1,312 @@
+"""Calibration: run simulated benign and harmful fine-tunes on the released model, read the breaker
+statistic along the way, and pick the threshold for a target false-positive rate. The threshold,
+TPR, FPR and AUROC (with bootstrap confidence intervals) and a ROC plot go into the manifest.
+
+The runs are the breaker's training data, so they are recorded (calibration/cases.jsonl, one line
+per finished run: an interrupted calibration resumes where it stopped) and hashed into the manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from immunizer.breaker.reference import Reference, load_reference, write_reference, SAMPLE_SHARE
+from immunizer.breaker.sources import scan_module
+from immunizer.config import _merge, _read_yaml
+from immunizer.errors import ImmunizerError
+from immunizer.finetuning import FinetuneSpec, sft
+from immunizer.manifest import file_sha256, update_manifest
+
+PRESETS = Path(__file__).resolve().parent.parent / "presets" / "calibration"
+CASES_FILE = "calibration/cases.jsonl"
+ROC_FILE = "calibration/roc.png"
+
+
+@dataclass
+class CalibrationConfig:
+    target_fpr: float = 0.05
+    """Highest false-positive rate (benign fine-tunes tripping) the threshold may give on the calibration runs."""
+    checkpoints: list[int] = field(default_factory=lambda: [5, 10, 20])
+    """Optimizer steps at which each run's statistic is read; the last one is the run's length."""
+    batch_size: int = 4
+    max_length: int = 144
+    benign_tasks: list[str] = field(default_factory=lambda: ["instruction", "arithmetic", "listops"])
+    """`instruction` (benign prompts answered by the teacher), `arithmetic`, `listops` (generated, exact answers)."""
+    benign_samples: int = 96
+    harmful_samples: list[int] = field(default_factory=lambda: [32, 96])
+    """Harmful (prompt, teacher answer) pairs per harmful run, from the weak pool's training split."""
+    full_lrs: list[float] = field(default_factory=lambda: [1e-5, 5e-5])
+    """Learning rates of the full fine-tunes (every task and every harmful sample count gets each)."""
+    lora_lrs: list[float] = field(default_factory=lambda: [2e-4])
+    lora_rank: int = 16
+    bootstrap: int = 1000
+    """Bootstrap resamples (over runs, not checkpoints: checkpoints of one run are not independent)."""
+    seed: int = 0
+    bf16: bool = True
+    teacher_max_new_tokens: int = 48
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_calibration_config(preset: str | None = None, overrides: dict | None = None) -> CalibrationConfig:
+    config = CalibrationConfig()
+    if preset:
+        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        if preset not in names:
+            raise ImmunizerError(f"unknown calibration preset {preset!r}; choose one of {', '.join(names)}")
+        _merge(config, _read_yaml(PRESETS / f"{preset}.yaml"))
+    _merge(config, overrides or {})
+    if not 0 < config.target_fpr < 1:
+        raise ImmunizerError("target_fpr must be in (0, 1)")
+    if not config.checkpoints or sorted(config.checkpoints) != config.checkpoints or config.checkpoints[0] < 1:
+        raise ImmunizerError("checkpoints must be ascending step counts >= 1")
+    unknown = [t for t in config.benign_tasks if t not in ("instruction", "arithmetic", "listops")]
+    if unknown:
+        raise ImmunizerError(f"unknown benign task(s) {unknown}; choose from instruction, arithmetic, listops")
+    return config
+
+
+@dataclass
+class Case:
+    name: str
+    harmful: bool
+    data: str
+    samples: int
+    lr: float
+    lora_rank: int
+
+
+def plan_cases(config: CalibrationConfig) -> list[Case]:
+    runs = [(lr, 0) for lr in config.full_lrs] + [(lr, config.lora_rank) for lr in config.lora_lrs]
+    cases = []
+    for task in config.benign_tasks:
+        for lr, rank in runs:
+            cases.append(Case(f"benign-{task}-{'lora' if rank else 'full'}-lr{lr:g}", False, task, config.benign_samples, lr, rank))
+    for n in config.harmful_samples:
+        for lr, rank in runs:
+            cases.append(Case(f"harmful-{n}-{'lora' if rank else 'full'}-lr{lr:g}", True, "harmful", n, lr, rank))
+    return cases
+
+
+# ---------------------------------------------------------------- the data of the simulated fine-tunes
+
+class CaseData:
+    """Rows for each case's data, generated once (teacher answers are cached on disk)."""
+
+    def __init__(self, teacher_spec: str, config: CalibrationConfig):
+        self.teacher_spec, self.config = teacher_spec, config
+        self._teacher = None
+        self.teacher_sha256 = None
+
+    def _answers(self, prompts: list[str], kind: str) -> list[str]:
+        from immunizer.data.teacher import cached_generate
+        from immunizer.models.hashing import model_dir_sha256
+        from immunizer.models.loading import load_model, resolve_model
+
+        if self._teacher is None:
+            self._teacher = load_model(self.teacher_spec)
+            self.teacher_sha256 = model_dir_sha256(resolve_model(self.teacher_spec))
+        model, tokenizer = self._teacher
+        # The same settings as immunize's teacher generations, so the cache is shared.
+        return cached_generate(model, tokenizer, prompts, self.teacher_sha256, kind,
+                               max_new_tokens=self.config.teacher_max_new_tokens, batch_size=16, max_prompt_tokens=96,
+                               bf16=self.config.bf16)
+
+    def rows(self, case: Case) -> list[dict]:
+        from immunizer.data.prompts import benign_set, weak_set
+        from immunizer.data.tasks import GENERATED
+
+        if case.data in GENERATED:
+            return GENERATED[case.data](case.samples, self.config.seed)
+        pset = weak_set("train") if case.harmful else benign_set("train")
+        prompts = list(pset.prompts)
+        random.Random(self.config.seed).shuffle(prompts)
+        prompts = prompts[: case.samples]
+        return [{"prompt": p, "response": r} for p, r in zip(prompts, self._answers(prompts, "harmful-weak" if case.harmful else "helpful"))]
+
+
+class DriftRecorder(TrainerCallback):
+    """Reads the breaker statistic of the model being trained at the given steps."""
+
+    def __init__(self, reference: Reference, steps: list[int]):
+        self.reference, self.steps, self.readings = reference, set(steps), []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            report = scan_module(self.reference, model)
+            self.readings.append({"step": state.global_step, "statistic": report.statistic,
+                                  "canary_drift": report.canary_drift, "other_drift": report.other_drift,
+                                  "max_layer_ratio": report.max_layer_ratio})
+
+
+# ---------------------------------------------------------------- from readings to a threshold
+
+def choose_threshold(benign: list[float], target_fpr: float) -> float:
+    """The lowest threshold with at most ⌊target_fpr · n⌋ benign readings above it (trip when statistic > threshold)."""
+    ordered = sorted(benign, reverse=True)
+    allowed = math.floor(target_fpr * len(ordered) + 1e-9)
+    return ordered[min(allowed, len(ordered) - 1)]
+
+
+def _rates(benign: np.ndarray, harmful: np.ndarray, threshold: float) -> tuple[float, float]:
+    return float((harmful > threshold).mean()), float((benign > threshold).mean())
+
+
+def detection_figures(records: list[dict], target_fpr: float, bootstrap: int, seed: int) -> dict:
+    """Threshold, TPR, FPR and AUROC over every reading, with 95% bootstrap intervals that resample
+    whole runs (a run's checkpoints move together)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    benign_runs = [[r["statistic"] for r in rec["readings"]] for rec in records if not rec["harmful"]]
+    harmful_runs = [[r["statistic"] for r in rec["readings"]] for rec in records if rec["harmful"]]
+    if not benign_runs or not harmful_runs:
+        raise ImmunizerError("calibration needs at least one benign and one harmful run")
+    benign, harmful = np.array(sum(benign_runs, [])), np.array(sum(harmful_runs, []))
+    threshold = choose_threshold(benign.tolist(), target_fpr)
+    tpr, fpr = _rates(benign, harmful, threshold)
+    labels = np.r_[np.zeros(len(benign)), np.ones(len(harmful))]
+    scores = np.r_[benign, harmful]
+    auroc = float(roc_auc_score(labels, scores))
+    rng = np.random.default_rng(seed)
+    boot = {"tpr": [], "fpr": [], "auroc": [], "threshold": []}
+    for _ in range(bootstrap):
+        b = np.concatenate([benign_runs[i] for i in rng.integers(0, len(benign_runs), len(benign_runs))])
+        h = np.concatenate([harmful_runs[i] for i in rng.integers(0, len(harmful_runs), len(harmful_runs))])
+        t, f = _rates(b, h, threshold)  # the chosen threshold, on resampled runs
+        boot["tpr"].append(t)
+        boot["fpr"].append(f)
+        boot["threshold"].append(choose_threshold(b.tolist(), target_fpr))
+        boot["auroc"].append(float(roc_auc_score(np.r_[np.zeros(len(b)), np.ones(len(h))], np.r_[b, h])))
+    ci = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in boot.items()}
+    per_step = {}
+    for rec in records:
+        for r in rec["readings"]:
+            per_step.setdefault(str(r["step"]), {"benign": [], "harmful": []})["harmful" if rec["harmful"] else "benign"].append(r["statistic"])
+    fpr_curve, tpr_curve, _ = roc_curve(labels, scores)
+    return {
+        "statistic": "canary_drift_ratio",
+        "threshold": float(threshold), "target_fpr": target_fpr,
+        "tpr": tpr, "fpr": fpr, "auroc": auroc,
+        "tpr_ci95": ci["tpr"], "fpr_ci95": ci["fpr"], "auroc_ci95": ci["auroc"], "threshold_ci95": ci["threshold"],
+        "n_benign": int(len(benign)), "n_harmful": int(len(harmful)),
+        "benign_runs": len(benign_runs), "harmful_runs": len(harmful_runs),
+        "tpr_by_step": {s: float((np.array(v["harmful"]) > threshold).mean()) if v["harmful"] else None
+                        for s, v in sorted(per_step.items(), key=lambda kv: int(kv[0]))},
+        "fpr_by_step": {s: float((np.array(v["benign"]) > threshold).mean()) if v["benign"] else None
+                        for s, v in sorted(per_step.items(), key=lambda kv: int(kv[0]))},
+        "benign_max": float(benign.max()), "harmful_min": float(harmful.min()),
+        "roc": {"fpr": [float(x) for x in fpr_curve], "tpr": [float(x) for x in tpr_curve]},
+    }
+
+
+def plot_roc(figures: dict, records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(figures["roc"]["fpr"], figures["roc"]["tpr"], color="tab:blue", lw=2)
+    left.plot([0, 1], [0, 1], color="grey", ls=":")
+    left.scatter([figures["fpr"]], [figures["tpr"]], color="tab:red", zorder=3, label="chosen threshold")
+    left.set(xlabel="false-positive rate (benign fine-tunes)", ylabel="true-positive rate (harmful fine-tunes)",
+             title=f"ROC, AUROC {figures['auroc']:.3f}")
+    left.legend(loc="lower right")
+    for i, rec in enumerate(records):
+        xs = [r["step"] for r in rec["readings"]]
+        ys = [r["statistic"] for r in rec["readings"]]
+        right.plot(xs, ys, marker="o", ms=3, lw=1, color="tab:red" if rec["harmful"] else "tab:green", alpha=0.7,
+                   label=("harmful" if rec["harmful"] else "benign") if i in (0, len(records) - 1) else None)
+    right.axhline(figures["threshold"], color="black", ls="--", label="threshold")
+    right.set(xlabel="fine-tuning step", ylabel="canary drift ratio", title="statistic along each run")
+    handles, labels = right.get_legend_handles_labels()
+    right.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- the command
+
+def _case_key(case: Case, config: CalibrationConfig, reference_sha: str) -> str:
+    payload = {"case": asdict(case), "config": {k: v for k, v in config.to_dict().items() if k not in ("bootstrap", "target_fpr")},
+               "reference": reference_sha}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            done[rec["key"]] = rec
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by a crash: that run is simply run again
+    return done
+
+
+def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, teacher: str | None = None,
+              progress: bool = True, hmac_key: bytes | str | None = None) -> dict:
+    """Calibrate the breaker of an `immunizer immunize` output directory; returns the manifest's new
+    `breaker` entry (also written into the manifest, which is re-sealed)."""
+    from immunizer.models.loading import load_model
+
+    directory = Path(model_dir)
+    config = config or CalibrationConfig()
+    manifest, reference = load_reference(directory, hmac_key=hmac_key)
+    if "reference" not in manifest.meta:
+        write_reference(directory, reference, SAMPLE_SHARE, 0, hmac_key=hmac_key)
+        manifest, reference = load_reference(directory, hmac_key=hmac_key)
+    teacher = teacher or manifest.meta.get("base_model") or "smollm2"
+    released = directory / manifest.meta.get("model_dir", "model")
+    cases_path = directory / CASES_FILE
+    cases_path.parent.mkdir(parents=True, exist_ok=True)
+    done = _done(cases_path)
+    data = CaseData(teacher, config)
+    records = []
+    cases = plan_cases(config)
+    bar = tqdm(cases, desc="calibrating", unit="run", disable=not progress)
+    for case in bar:
+        key = _case_key(case, config, manifest.meta["reference"]["sha256"])
+        if key in done:
+            records.append(done[key])
+            continue
+        bar.set_postfix_str(case.name)
+        rows = data.rows(case)
+        model, tokenizer = load_model(released)
+        recorder = DriftRecorder(reference, config.checkpoints)
+        spec = FinetuneSpec(lr=case.lr, steps=config.checkpoints[-1], batch_size=config.batch_size,
+                            lora_rank=case.lora_rank, max_length=config.max_length, seed=config.seed, bf16=config.bf16)
+        sft(model, tokenizer, rows, spec, callbacks=[recorder])
+        record = {"key": key, **asdict(case), "readings": recorder.readings}
+        with open(cases_path, "a") as f:  # one line per finished run; a torn last line is re-run
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        records.append(record)
+    figures = detection_figures(records, config.target_fpr, config.bootstrap, config.seed)
+    plot_roc(figures, records, directory / ROC_FILE,
+             f"{directory.name}: threshold {figures['threshold']:.3g}, TPR {figures['tpr']:.0%} at FPR {figures['fpr']:.0%}")
+    # Only this configuration's runs are kept in the file the manifest hashes.
+    keys = {r["key"] for r in records}
+    kept = [r for r in _done(cases_path).values() if r["key"] in keys]
+    cases_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    entry = {**{k: v for k, v in figures.items() if k != "roc"}, "config": config.to_dict(),
+             "teacher": teacher, "teacher_sha256": data.teacher_sha256,
+             "cases_file": CASES_FILE, "cases_sha256": file_sha256(cases_path),
+             "roc_plot": ROC_FILE, "roc_plot_sha256": file_sha256(directory / ROC_FILE)}
+    update_manifest(directory, {"breaker": entry}, hmac_key=hmac_key)
+    return entry

@@ -1,0 +1,129 @@
+"""`immunizer calibrate` and `immunizer scan` end to end on a tiny immunized model, through the CLI:
+the contract other tools rely on (JSON fields, exit 0 clean / 3 tripped / 2 bad input)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli
+from immunizer.breaker import calibrate as calibration
+from immunizer.breaker.calibrate import choose_threshold, detection_figures, load_calibration_config
+from immunizer.errors import ImmunizerError
+from immunizer.manifest import MANIFEST_FILE, file_sha256, load_manifest
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("breaker") / "immunized"
+    run_cli("immunize", "--model", "tiny", "--out", str(out), "--preset", "tiny")
+    proc = run_cli("calibrate", "--model", str(out), "--preset", "tiny", "--teacher", "tiny")
+    return out, json.loads(proc.stdout)
+
+
+def test_calibration_is_written_into_the_manifest(calibrated):
+    out, printed = calibrated
+    meta = load_manifest(out).meta  # still verifies: the manifest was re-sealed
+    entry = meta["breaker"]
+    assert entry["threshold"] == printed["threshold"] and entry["statistic"] == "canary_drift_ratio"
+    for key in ("tpr", "fpr", "auroc"):
+        low, high = entry[f"{key}_ci95"]
+        assert 0 <= low <= entry[key] <= high <= 1
+    assert entry["fpr"] <= entry["target_fpr"] == 0.05
+    assert entry["n_benign"] == 8 and entry["n_harmful"] == 4  # 4 benign runs, 2 harmful, 2 readings each
+    assert file_sha256(out / entry["roc_plot"]) == entry["roc_plot_sha256"]
+    assert (out / entry["roc_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert file_sha256(out / entry["cases_file"]) == entry["cases_sha256"]
+    assert meta["reference"]["num_samples"] > 0
+
+
+def test_calibration_resumes_without_rerunning_finished_fine_tunes(calibrated, monkeypatch):
+    out, printed = calibrated
+    monkeypatch.setattr(calibration, "sft", lambda *a, **k: pytest.fail("a finished run was run again"))
+    entry = calibration.calibrate(out, load_calibration_config("tiny"), teacher="tiny", progress=False)
+    assert entry["threshold"] == printed["threshold"]
+
+
+def test_scan_clean_tripped_and_adapter(calibrated, tmp_path):
+    out, _ = calibrated
+    clean = json.loads(run_cli("scan", "--manifest", str(out), "--candidate", str(out / "model")).stdout)
+    for key in ("tripped", "statistic", "threshold", "canary_drift", "other_drift", "layers"):
+        assert key in clean
+    assert clean["tripped"] is False and clean["statistic"] == 0.0
+
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    manifest = load_manifest(out)
+    for name, idx in manifest.indices.items():
+        weights[name].view(-1)[idx] += 0.05
+    save_file(weights, str(tmp_path / "tampered.safetensors"))
+    incidents = tmp_path / "incidents.jsonl"
+    proc = run_cli("scan", "--manifest", str(out), "--candidate", str(tmp_path / "tampered.safetensors"),
+                   "--incidents", str(incidents), check=False)
+    assert proc.returncode == 3, proc.stderr
+    verdict = json.loads(proc.stdout)
+    assert verdict["tripped"] and verdict["statistic"] > verdict["threshold"]
+    (record,) = [json.loads(line) for line in incidents.read_text().splitlines()]
+    assert record["kind"] == "breaker_incident" and record["source"] == "scan" and record["candidate"].endswith("tampered.safetensors")
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(out / "model")),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    proc = run_cli("scan", "--manifest", str(out), "--candidate", str(tmp_path / "adapter"), "--no-incident", check=False)
+    assert proc.returncode in (0, 3) and json.loads(proc.stdout)["candidate_kind"] == "lora"
+
+
+def test_scan_bad_inputs_exit_2_with_the_reason(calibrated, tmp_path):
+    out, _ = calibrated
+    weights = load_file(str(out / "model" / "model.safetensors"))
+
+    def scan(candidate, manifest=out):
+        proc = run_cli("scan", "--manifest", str(manifest), "--candidate", str(candidate), check=False)
+        assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout)
+        return proc.stderr
+
+    save_file({"transformer.h.0.attn.c_attn.weight": torch.zeros(2, 2)}, str(tmp_path / "gpt2.safetensors"))
+    assert "wrong architecture" in scan(tmp_path / "gpt2.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0." not in k}, str(tmp_path / "partial.safetensors"))
+    assert "missing" in scan(tmp_path / "partial.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    save_file({**weights, name: torch.zeros(3, 3)}, str(tmp_path / "reshaped.safetensors"))
+    assert "another shape" in scan(tmp_path / "reshaped.safetensors")
+    assert "does not exist" in scan(tmp_path / "nowhere")
+
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    for f in out.iterdir():
+        if f.is_file():
+            (forged / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((forged / MANIFEST_FILE).read_text())
+    meta["breaker"]["threshold"] = 1e9  # an attacker raising the threshold so nothing ever trips
+    (forged / MANIFEST_FILE).write_text(json.dumps(meta))
+    assert "was edited or corrupted" in scan(out / "model", manifest=forged)
+
+
+def test_threshold_choice_by_hand():
+    """Ten benign readings 1..10 at a 10% target: one may exceed the threshold, so it is 9."""
+    assert choose_threshold([float(x) for x in range(1, 11)], 0.10) == 9.0
+    assert choose_threshold([float(x) for x in range(1, 11)], 0.05) == 10.0
+    records = [{"harmful": False, "readings": [{"step": 1, "statistic": s}]} for s in (1.0, 1.1, 1.2, 1.3)] + \
+              [{"harmful": True, "readings": [{"step": 1, "statistic": s}]} for s in (2.0, 3.0)]
+    fig = detection_figures(records, 0.05, bootstrap=20, seed=0)
+    assert fig["threshold"] == 1.3 and fig["tpr"] == 1.0 and fig["fpr"] == 0.0 and fig["auroc"] == 1.0
+
+
+def test_calibration_config_errors():
+    with pytest.raises(ImmunizerError, match="unknown calibration preset"):
+        load_calibration_config("huge")
+    with pytest.raises(ImmunizerError, match="unknown benign task"):
+        load_calibration_config("tiny", {"benign_tasks": ["poetry"]})
+    with pytest.raises(ImmunizerError, match="target_fpr"):
+        load_calibration_config("tiny", {"target_fpr": 1.5})
+    with pytest.raises(ImmunizerError, match="unknown config key"):
+        load_calibration_config("tiny", {"learning_rate": 1.0})

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 from immunizer.breaker import calibrate as calibration
+from immunizer.breaker.reference import load_reference
 from immunizer.breaker.calibrate import choose_threshold, detection_figures, load_calibration_config
 from immunizer.errors import ImmunizerError
 from immunizer.manifest import MANIFEST_FILE, file_sha256, load_manifest
@@ -25,7 +26,9 @@ def test_calibration_is_written_into_the_manifest(calibrated):
     out, printed = calibrated
     meta = load_manifest(out).meta  # still verifies: the manifest was re-sealed
     entry = meta["breaker"]
-    assert entry["threshold"] == printed["threshold"] and entry["statistic"] == "canary_drift_ratio"
+    assert entry["threshold"] == printed["threshold"] and entry["statistic"] == "harm_drift_ratio"
+    assert set(entry["other_statistics"]) == {"canary_drift_ratio"}
+    assert meta["reference"]["direction"] is True
     for key in ("tpr", "fpr", "auroc"):
         low, high = entry[f"{key}_ci95"]
         assert 0 <= low <= entry[key] <= high <= 1
@@ -52,9 +55,9 @@ def test_scan_clean_tripped_and_adapter(calibrated, tmp_path):
     assert clean["tripped"] is False and clean["statistic"] == 0.0
 
     weights = load_file(str(out / "model" / "model.safetensors"))
-    manifest = load_manifest(out)
-    for name, idx in manifest.indices.items():
-        weights[name].view(-1)[idx] += 0.05
+    _, reference = load_reference(out)
+    for name, signs in reference.direction.items():  # a step along the harmful direction at every canary
+        weights[name].view(-1)[reference.canary_index[name]] += 0.05 * signs
     save_file(weights, str(tmp_path / "tampered.safetensors"))
     incidents = tmp_path / "incidents.jsonl"
     proc = run_cli("scan", "--manifest", str(out), "--candidate", str(tmp_path / "tampered.safetensors"),
@@ -114,7 +117,8 @@ def test_threshold_choice_by_hand():
     assert choose_threshold([float(x) for x in range(1, 11)], 0.05) == 10.0
     records = [{"harmful": False, "readings": [{"step": 1, "statistic": s}]} for s in (1.0, 1.1, 1.2, 1.3)] + \
               [{"harmful": True, "readings": [{"step": 1, "statistic": s}]} for s in (2.0, 3.0)]
-    fig = detection_figures(records, 0.05, bootstrap=20, seed=0)
+    records = [{**r, "readings": [{"step": 1, "canary_drift_ratio": x["statistic"]} for x in r["readings"]]} for r in records]
+    fig = detection_figures(records, 0.05, bootstrap=20, seed=0, statistic="canary_drift_ratio")
     assert fig["threshold"] == 1.3 and fig["tpr"] == 1.0 and fig["fpr"] == 0.0 and fig["auroc"] == 1.0
 
 

@@ -18,7 +18,9 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from immunizer.breaker.reference import Reference, load_reference, write_reference, SAMPLE_SHARE
+from immunizer.breaker.direction import harmful_direction
+from immunizer.breaker.drift import STATISTICS
+from immunizer.breaker.reference import SAMPLE_SHARE, Reference, load_reference, write_reference
 from immunizer.breaker.sources import scan_module
 from immunizer.config import _merge, _read_yaml
 from immunizer.errors import ImmunizerError
@@ -52,6 +54,11 @@ class CalibrationConfig:
     seed: int = 0
     bf16: bool = True
     teacher_max_new_tokens: int = 48
+    direction_samples: int = 32
+    """Held-out harmful pairs whose SFT gradient gives the harmful direction at the canaries (direction.py)."""
+    statistic: str = "harm_drift_ratio"
+    """What the threshold is put on: `harm_drift_ratio` (canary drift along the harmful direction / non-canary
+    drift) or `canary_drift_ratio` (RMS canary drift / RMS non-canary drift). Both are measured and reported."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +76,8 @@ def load_calibration_config(preset: str | None = None, overrides: dict | None = 
         raise ImmunizerError("target_fpr must be in (0, 1)")
     if not config.checkpoints or sorted(config.checkpoints) != config.checkpoints or config.checkpoints[0] < 1:
         raise ImmunizerError("checkpoints must be ascending step counts >= 1")
+    if config.statistic not in STATISTICS:
+        raise ImmunizerError(f"unknown statistic {config.statistic!r}; choose one of {', '.join(STATISTICS)}")
     unknown = [t for t in config.benign_tasks if t not in ("instruction", "arithmetic", "listops")]
     if unknown:
         raise ImmunizerError(f"unknown benign task(s) {unknown}; choose from instruction, arithmetic, listops")
@@ -121,17 +130,29 @@ class CaseData:
                                max_new_tokens=self.config.teacher_max_new_tokens, batch_size=16, max_prompt_tokens=96,
                                bf16=self.config.bf16)
 
-    def rows(self, case: Case) -> list[dict]:
+    def _shuffled(self, harmful: bool) -> list[str]:
         from immunizer.data.prompts import benign_set, weak_set
+
+        prompts = list((weak_set if harmful else benign_set)("train").prompts)
+        random.Random(self.config.seed).shuffle(prompts)
+        return prompts
+
+    def rows(self, case: Case) -> list[dict]:
         from immunizer.data.tasks import GENERATED
 
         if case.data in GENERATED:
             return GENERATED[case.data](case.samples, self.config.seed)
-        pset = weak_set("train") if case.harmful else benign_set("train")
-        prompts = list(pset.prompts)
-        random.Random(self.config.seed).shuffle(prompts)
-        prompts = prompts[: case.samples]
+        prompts = self._shuffled(case.harmful)[: case.samples]
         return [{"prompt": p, "response": r} for p, r in zip(prompts, self._answers(prompts, "harmful-weak" if case.harmful else "helpful"))]
+
+    def probe_rows(self) -> list[dict]:
+        """Harmful pairs for the harmful direction, from the end of the shuffled pool: never in a calibration run."""
+        prompts = self._shuffled(True)
+        probe = prompts[max(max(self.config.harmful_samples), len(prompts) - self.config.direction_samples):]
+        if not probe:
+            raise ImmunizerError("the weak pool is too small to hold out prompts for the harmful direction; "
+                                 "lower harmful_samples or direction_samples")
+        return [{"prompt": p, "response": r} for p, r in zip(probe, self._answers(probe, "harmful-weak"))]
 
 
 class DriftRecorder(TrainerCallback):
@@ -143,9 +164,9 @@ class DriftRecorder(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
             report = scan_module(self.reference, model)
-            self.readings.append({"step": state.global_step, "statistic": report.statistic,
-                                  "canary_drift": report.canary_drift, "other_drift": report.other_drift,
-                                  "max_layer_ratio": report.max_layer_ratio})
+            self.readings.append({"step": state.global_step, **{name: report.value(name) for name in STATISTICS},
+                                  "canary_drift": report.canary_drift, "harm_drift": report.overall.harm_drift,
+                                  "other_drift": report.other_drift, "max_layer_ratio": report.max_layer_ratio})
 
 
 # ---------------------------------------------------------------- from readings to a threshold
@@ -161,13 +182,14 @@ def _rates(benign: np.ndarray, harmful: np.ndarray, threshold: float) -> tuple[f
     return float((harmful > threshold).mean()), float((benign > threshold).mean())
 
 
-def detection_figures(records: list[dict], target_fpr: float, bootstrap: int, seed: int) -> dict:
+def detection_figures(records: list[dict], target_fpr: float, bootstrap: int, seed: int,
+                      statistic: str = "canary_drift_ratio") -> dict:
     """Threshold, TPR, FPR and AUROC over every reading, with 95% bootstrap intervals that resample
     whole runs (a run's checkpoints move together)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    benign_runs = [[r["statistic"] for r in rec["readings"]] for rec in records if not rec["harmful"]]
-    harmful_runs = [[r["statistic"] for r in rec["readings"]] for rec in records if rec["harmful"]]
+    benign_runs = [[r[statistic] for r in rec["readings"]] for rec in records if not rec["harmful"]]
+    harmful_runs = [[r[statistic] for r in rec["readings"]] for rec in records if rec["harmful"]]
     if not benign_runs or not harmful_runs:
         raise ImmunizerError("calibration needs at least one benign and one harmful run")
     benign, harmful = np.array(sum(benign_runs, [])), np.array(sum(harmful_runs, []))
@@ -190,10 +212,10 @@ def detection_figures(records: list[dict], target_fpr: float, bootstrap: int, se
     per_step = {}
     for rec in records:
         for r in rec["readings"]:
-            per_step.setdefault(str(r["step"]), {"benign": [], "harmful": []})["harmful" if rec["harmful"] else "benign"].append(r["statistic"])
+            per_step.setdefault(str(r["step"]), {"benign": [], "harmful": []})["harmful" if rec["harmful"] else "benign"].append(r[statistic])
     fpr_curve, tpr_curve, _ = roc_curve(labels, scores)
     return {
-        "statistic": "canary_drift_ratio",
+        "statistic": statistic,
         "threshold": float(threshold), "target_fpr": target_fpr,
         "tpr": tpr, "fpr": fpr, "auroc": auroc,
         "tpr_ci95": ci["tpr"], "fpr_ci95": ci["fpr"], "auroc_ci95": ci["auroc"], "threshold_ci95": ci["threshold"],
@@ -208,32 +230,36 @@ def detection_figures(records: list[dict], target_fpr: float, bootstrap: int, se
     }
 
 
-def plot_roc(figures: dict, records: list[dict], path: Path, title: str) -> None:
+def plot_roc(figures: dict[str, dict], primary: str, records: list[dict], path: Path, title: str) -> None:
+    """Left: ROC of each statistic (the thresholded one bold, its operating point marked). Right: the
+    thresholded statistic along every run, benign green and harmful red, with the threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(figures["roc"]["fpr"], figures["roc"]["tpr"], color="tab:blue", lw=2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, fig_data in figures.items():
+        left.plot(fig_data["roc"]["fpr"], fig_data["roc"]["tpr"], lw=2.5 if name == primary else 1.2,
+                  label=f"{name} (AUROC {fig_data['auroc']:.3f})")
+    chosen = figures[primary]
     left.plot([0, 1], [0, 1], color="grey", ls=":")
-    left.scatter([figures["fpr"]], [figures["tpr"]], color="tab:red", zorder=3, label="chosen threshold")
-    left.set(xlabel="false-positive rate (benign fine-tunes)", ylabel="true-positive rate (harmful fine-tunes)",
-             title=f"ROC, AUROC {figures['auroc']:.3f}")
-    left.legend(loc="lower right")
-    for i, rec in enumerate(records):
-        xs = [r["step"] for r in rec["readings"]]
-        ys = [r["statistic"] for r in rec["readings"]]
-        right.plot(xs, ys, marker="o", ms=3, lw=1, color="tab:red" if rec["harmful"] else "tab:green", alpha=0.7,
-                   label=("harmful" if rec["harmful"] else "benign") if i in (0, len(records) - 1) else None)
-    right.axhline(figures["threshold"], color="black", ls="--", label="threshold")
-    right.set(xlabel="fine-tuning step", ylabel="canary drift ratio", title="statistic along each run")
-    handles, labels = right.get_legend_handles_labels()
-    right.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), loc="best")
+    left.scatter([chosen["fpr"]], [chosen["tpr"]], color="black", zorder=3, label="threshold")
+    left.set(xlabel="false-positive rate (benign fine-tunes)", ylabel="true-positive rate (harmful fine-tunes)", title="ROC")
+    left.legend(loc="lower right", fontsize=8)
+    seen = set()
+    for rec in records:
+        kind = "harmful" if rec["harmful"] else "benign"
+        right.plot([r["step"] for r in rec["readings"]], [r[primary] for r in rec["readings"]], marker="o", ms=3, lw=1,
+                   color="tab:red" if rec["harmful"] else "tab:green", alpha=0.7, label=None if kind in seen else kind)
+        seen.add(kind)
+    right.axhline(chosen["threshold"], color="black", ls="--", label="threshold")
+    right.set(xlabel="fine-tuning step", ylabel=primary, title="statistic along each run")
+    right.legend(loc="best", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
@@ -269,15 +295,19 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     directory = Path(model_dir)
     config = config or CalibrationConfig()
     manifest, reference = load_reference(directory, hmac_key=hmac_key)
-    if "reference" not in manifest.meta:
-        write_reference(directory, reference, SAMPLE_SHARE, 0, hmac_key=hmac_key)
-        manifest, reference = load_reference(directory, hmac_key=hmac_key)
     teacher = teacher or manifest.meta.get("base_model") or "smollm2"
     released = directory / manifest.meta.get("model_dir", "model")
+    data = CaseData(teacher, config)
+    if reference.direction is None:
+        model, tokenizer = load_model(released)
+        probe = data.probe_rows()
+        reference.direction = harmful_direction(model, tokenizer, probe, reference.canary_index, bf16=config.bf16)
+        write_reference(directory, reference, SAMPLE_SHARE, 0, hmac_key=hmac_key,
+                        direction_meta={"direction_pairs": len(probe), "direction_teacher": teacher})
+        manifest, reference = load_reference(directory, hmac_key=hmac_key)
     cases_path = directory / CASES_FILE
     cases_path.parent.mkdir(parents=True, exist_ok=True)
     done = _done(cases_path)
-    data = CaseData(teacher, config)
     records = []
     cases = plan_cases(config)
     bar = tqdm(cases, desc="calibrating", unit="run", disable=not progress)
@@ -297,14 +327,17 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
         with open(cases_path, "a") as f:  # one line per finished run; a torn last line is re-run
             f.write(json.dumps(record, sort_keys=True) + "\n")
         records.append(record)
-    figures = detection_figures(records, config.target_fpr, config.bootstrap, config.seed)
-    plot_roc(figures, records, directory / ROC_FILE,
+    every = {name: detection_figures(records, config.target_fpr, config.bootstrap, config.seed, name) for name in STATISTICS}
+    figures = every[config.statistic]
+    plot_roc(every, config.statistic, records, directory / ROC_FILE,
              f"{directory.name}: threshold {figures['threshold']:.3g}, TPR {figures['tpr']:.0%} at FPR {figures['fpr']:.0%}")
     # Only this configuration's runs are kept in the file the manifest hashes.
     keys = {r["key"] for r in records}
     kept = [r for r in _done(cases_path).values() if r["key"] in keys]
     cases_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    brief = ("threshold", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95")
     entry = {**{k: v for k, v in figures.items() if k != "roc"}, "config": config.to_dict(),
+             "other_statistics": {n: {k: f[k] for k in brief} for n, f in every.items() if n != config.statistic},
              "teacher": teacher, "teacher_sha256": data.teacher_sha256,
              "cases_file": CASES_FILE, "cases_sha256": file_sha256(cases_path),
              "roc_plot": ROC_FILE, "roc_plot_sha256": file_sha256(directory / ROC_FILE)}

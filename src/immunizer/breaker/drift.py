@@ -48,8 +48,10 @@ class DriftSums:
     other_sq: float = 0.0
     samples: int = 0
     canary_max: float = 0.0
+    toward_harm: float = 0.0
+    """Σ dᵢ·Δwᵢ over the canaries, dᵢ = ±1 the direction a harmful fine-tune pushes canary i (reference.py)."""
 
-    def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor) -> None:
+    def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor, direction: torch.Tensor | None = None) -> None:
         c, o = canary_delta.double(), other_delta.double()
         self.canary_sq += float((c * c).sum())
         self.canaries += c.numel()
@@ -57,6 +59,8 @@ class DriftSums:
         self.samples += o.numel()
         if c.numel():
             self.canary_max = max(self.canary_max, float(c.abs().max()))
+        if direction is not None:
+            self.toward_harm += float((c * direction.double()).sum())
 
     def merge(self, other: "DriftSums") -> None:
         self.canary_sq += other.canary_sq
@@ -64,6 +68,7 @@ class DriftSums:
         self.other_sq += other.other_sq
         self.samples += other.samples
         self.canary_max = max(self.canary_max, other.canary_max)
+        self.toward_harm += other.toward_harm
 
     @property
     def canary_drift(self) -> float:
@@ -77,23 +82,45 @@ class DriftSums:
     def ratio(self) -> float:
         return drift_ratio(self.canary_drift, self.other_drift)
 
+    @property
+    def harm_drift(self) -> float:
+        """Mean canary drift along the harmful direction (signed: benign updates average out near 0)."""
+        return self.toward_harm / self.canaries if self.canaries else 0.0
+
+    @property
+    def harm_ratio(self) -> float:
+        """harm_drift relative to non-canary drift."""
+        return self.harm_drift / max(self.other_drift, TINY) if abs(self.harm_drift) > TINY else 0.0
+
     def to_json(self) -> dict:
         return {"canary_drift": self.canary_drift, "other_drift": self.other_drift, "ratio": self.ratio,
+                "harm_drift": self.harm_drift, "harm_ratio": self.harm_ratio,
                 "canary_max_drift": self.canary_max, "canaries": self.canaries, "samples": self.samples}
+
+
+STATISTICS = ("canary_drift_ratio", "harm_drift_ratio")
+"""`canary_drift_ratio`: RMS canary drift / RMS non-canary drift. `harm_drift_ratio`: mean canary drift
+along the harmful direction / RMS non-canary drift (needs the reference's direction)."""
 
 
 @dataclass
 class DriftReport:
-    """Drift of one candidate. `statistic` is what the breaker thresholds: the overall ratio."""
+    """Drift of one candidate. `statistic` is what the breaker thresholds (`statistic_name`)."""
     overall: DriftSums
     layers: dict[str, DriftSums] = field(default_factory=dict)
     candidate: str = ""
     kind: str = ""
     """`module`, `safetensors`, `lora` or `lora-live`: how the candidate's weights were read."""
+    statistic_name: str = "canary_drift_ratio"
 
     @property
     def statistic(self) -> float:
-        return self.overall.ratio
+        return self.value(self.statistic_name)
+
+    def value(self, statistic_name: str) -> float:
+        if statistic_name not in STATISTICS:
+            raise ValueError(f"unknown breaker statistic {statistic_name!r}; known: {', '.join(STATISTICS)}")
+        return self.overall.ratio if statistic_name == "canary_drift_ratio" else self.overall.harm_ratio
 
     @property
     def canary_drift(self) -> float:
@@ -114,7 +141,11 @@ class DriftReport:
 
         return {
             "statistic": self.statistic,
+            "statistic_name": self.statistic_name,
+            "canary_drift_ratio": self.overall.ratio,
+            "harm_drift_ratio": self.overall.harm_ratio,
             "canary_drift": self.canary_drift,
+            "harm_drift": self.overall.harm_drift,
             "other_drift": self.other_drift,
             "canary_max_drift": self.overall.canary_max,
             "max_layer_ratio": self.max_layer_ratio,
@@ -130,15 +161,16 @@ Gathered = tuple[str, torch.Tensor, torch.Tensor]
 """(parameter name, candidate − released at the canaries, candidate − released at the reference sample)."""
 
 
-def summarize(deltas: Iterable[Gathered], candidate: str = "", kind: str = "") -> DriftReport:
+def summarize(reference, deltas: Iterable[Gathered], candidate: str = "", kind: str = "") -> DriftReport:
     """Fold per-parameter deltas into per-layer and overall drift."""
     layers: dict[str, DriftSums] = {}
+    direction = reference.direction or {}
     for name, canary_delta, other_delta in deltas:
-        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta)
+        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta, direction.get(name))
     overall = DriftSums()
     for sums in layers.values():
         overall.merge(sums)
-    return DriftReport(overall, layers, candidate, kind)
+    return DriftReport(overall, layers, candidate, kind, reference.statistic_name)
 
 
 def deltas_from_tensors(reference, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[Gathered]:

@@ -32,6 +32,9 @@ class Reference:
     sample_index: dict[str, torch.Tensor]
     sample_value: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
+    direction: dict[str, torch.Tensor] | None = None
+    """Per canary, ±1: the sign of the step a harmful fine-tune takes there (direction.py); None until calibrated."""
+    statistic_name: str = "canary_drift_ratio"
 
     @property
     def names(self) -> list[str]:
@@ -96,17 +99,20 @@ def _with_empty(manifest: Manifest, names) -> tuple[dict, dict]:
 
 
 def write_reference(directory: Path, reference: Reference, share: float, seed: int,
-                    hmac_key: bytes | str | None = None) -> dict:
+                    hmac_key: bytes | str | None = None, direction_meta: dict | None = None) -> dict:
     """Write reference.safetensors and list it (with its hash) in the manifest, which is re-sealed."""
     directory = Path(directory)
     tensors = {}
     for name in sorted(reference.sample_index):
         tensors[f"{name}::sample_index"] = reference.sample_index[name].contiguous()
         tensors[f"{name}::sample_value"] = reference.sample_value[name].contiguous()
+    for name, signs in (reference.direction or {}).items():
+        tensors[f"{name}::direction"] = signs.to(torch.int8).contiguous()
     with atomic_path(directory / REFERENCE_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"shapes": json.dumps({k: list(v) for k, v in reference.shapes.items()})})
     entry = {"file": REFERENCE_FILE, "sha256": file_sha256(directory / REFERENCE_FILE), "share": share, "seed": seed,
-             "num_samples": sum(int(v.numel()) for v in reference.sample_index.values())}
+             "num_samples": sum(int(v.numel()) for v in reference.sample_index.values()),
+             "direction": reference.direction is not None, **(direction_meta or {})}
     return update_manifest(directory, {"reference": entry}, hmac_key=hmac_key)
 
 
@@ -126,11 +132,16 @@ def read_reference(manifest: Manifest) -> Reference | None:
             shapes = {k: tuple(v) for k, v in json.loads(f.metadata()["shapes"]).items()}
             index = {k.rpartition("::")[0]: f.get_tensor(k) for k in f.keys() if k.endswith("::sample_index")}
             value = {k.rpartition("::")[0]: f.get_tensor(k) for k in f.keys() if k.endswith("::sample_value")}
+            direction = {k.rpartition("::")[0]: f.get_tensor(k).float() for k in f.keys() if k.endswith("::direction")}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise ImmunizerError(f"{path} cannot be read ({exc}). {again}") from exc
     if not set(manifest.indices) <= set(index) or set(value) != set(index):
         raise ImmunizerError(f"{path} does not cover the manifest's canary parameters. {again}")
-    return Reference(*_with_empty(manifest, index), index, value, shapes)
+    if direction and any(direction[n].numel() != manifest.indices[n].numel() for n in direction):
+        raise ImmunizerError(f"{path}: the harmful direction does not match the canaries. {again}")
+    default = "harm_drift_ratio" if direction else "canary_drift_ratio"
+    return Reference(*_with_empty(manifest, index), index, value, shapes, direction or None,
+                     (manifest.meta.get("breaker") or {}).get("statistic", default))
 
 
 def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: bool = False,

@@ -89,7 +89,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def scan_safetensors(reference: Reference, path: Path) -> DriftReport:
     check_coverage(reference, safetensors_shapes(path), str(path))
-    return summarize(deltas_from_tensors(reference, safetensors_tensors(path, set(reference.names))),
+    return summarize(reference, deltas_from_tensors(reference, safetensors_tensors(path, set(reference.names))),
                      str(path), "safetensors")
 
 
@@ -202,7 +202,7 @@ def is_adapter_dir(path: Path) -> bool:
 
 def scan_adapter(reference: Reference, adapter_dir: Path) -> DriftReport:
     config, tensors = read_adapter(adapter_dir)
-    return summarize(adapter_deltas(reference, config, tensors, str(adapter_dir)), str(adapter_dir), "lora")
+    return summarize(reference, adapter_deltas(reference, config, tensors, str(adapter_dir)), str(adapter_dir), "lora")
 
 
 # ---------------------------------------------------------------- a live module (plain or PEFT-wrapped)
@@ -257,7 +257,7 @@ def scan_module(reference: Reference, model: torch.nn.Module) -> DriftReport:
     tensors = module_tensors(model)
     check_coverage(reference, {n: tuple(p.shape) for n, p in tensors.items()}, type(model).__name__)
     kind = "lora-live" if _lora_layers(model) else "module"
-    return summarize(module_deltas(reference, model), type(model).__name__, kind)
+    return summarize(reference, module_deltas(reference, model), type(model).__name__, kind)
 
 
 # ---------------------------------------------------------------- any path

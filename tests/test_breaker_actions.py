@@ -149,3 +149,14 @@ def test_a_benign_lora_fine_tune_passes_the_guard(release, tmp_path):
     assert guard_cb.guard.tripped is None and [h["step"] for h in guard_cb.guard.history] == [0, 2, 4, 6]
     assert breaker.scan(trained).report.kind == "lora-live" and breaker.scan(trained).report.other_drift > 0
     assert not (tmp_path / "inc.jsonl").exists()
+
+
+def test_frozen_entries_never_move(release):
+    directory, model = release
+    breaker = Breaker(directory, threshold=3.0)
+    frozen = {n: i for n, i in breaker.reference.canary_index.items() if i.numel()}
+    trained = sft(model, tiny_tokenizer(), arithmetic(16), FinetuneSpec(lr=1e-2, steps=3, bf16=False, frozen=frozen))
+    report = breaker.scan(trained).report
+    assert report.canary_drift == 0.0 and report.other_drift > 0  # the adaptive attacker's signature: ratio 0
+    with pytest.raises(ImmunizerError, match="full fine-tuning"):
+        sft(model, tiny_tokenizer(), arithmetic(4), FinetuneSpec(steps=1, lora_rank=4, frozen=frozen))

@@ -25,6 +25,9 @@ class FinetuneSpec:
     """Tokens per example (prompt + response), longer ones are cut."""
     seed: int = 0
     bf16: bool = True
+    frozen: dict | None = None
+    """Flat indices per parameter name to hold at their starting values (full fine-tuning only): the
+    canary-aware adaptive attack, which knows the manifest and leaves the canaries alone."""
 
 
 def to_dataset(rows: list[dict]):
@@ -34,6 +37,22 @@ def to_dataset(rows: list[dict]):
         raise ImmunizerError("the fine-tuning set is empty; give at least one (prompt, response) row")
     return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
+
+
+def freeze_entries(model: torch.nn.Module, frozen: dict) -> None:
+    """Zero the gradient at the given flat indices of each named parameter: with AdamW and no weight
+    decay those weights then never move (their moments stay zero)."""
+    params = dict(model.named_parameters())
+    for name, idx in frozen.items():
+        if name not in params or idx.numel() == 0:
+            continue
+        index = idx.to(params[name].device)
+
+        def hook(grad, index=index):
+            grad = grad.clone()
+            grad.view(-1)[index] = 0
+            return grad
+        params[name].register_hook(hook)
 
 
 def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec, callbacks=(), progress: bool = False):
@@ -47,6 +66,10 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
     if not progress:
         datasets.disable_progress_bars()
 
+    if spec.frozen:
+        if spec.lora_rank:
+            raise ImmunizerError("freezing canaries applies to full fine-tuning; a LoRA update B·A cannot skip single weights")
+        freeze_entries(model, spec.frozen)
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="immunizer-sft-") as out:
         args = SFTConfig(

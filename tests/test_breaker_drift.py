@@ -165,3 +165,18 @@ def test_bad_adapters_are_explained(release, tmp_path):
     (tmp_path / "nofile" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ImmunizerError, match="no adapter_model.safetensors"):
         scan_path(reference, tmp_path / "nofile")
+
+
+def test_reference_from_a_separate_base(release, tmp_path):
+    directory, model = release
+    moved = tmp_path / "released-model"
+    (directory / "model").rename(moved)
+    with pytest.raises(ImmunizerError, match="no reference sample .* missing"):
+        load_reference(directory)
+    _, reference = load_reference(directory, base=moved)
+    assert scan_module(reference, model).statistic == 0.0
+    from immunizer.models.tiny import tiny_model
+
+    tiny_model(seed=7).save_pretrained(tmp_path / "other")
+    with pytest.raises(ImmunizerError, match="not the released model"):
+        load_reference(directory, base=tmp_path / "other")

@@ -359,17 +359,18 @@ class ReviewStore:
                 .order_by(Item.priority.desc(), Assignment.id)).all()
             return [(a, i) for a, i in rows]
 
-    def assign(self, user_name: str, item_id: int, reason: str = "triage", actor: str = "system") -> Assignment:
-        """Hand one item to one user directly (bulk set-ups, tests, re-review)."""
+    def assign_many(self, pairs: list[tuple[str, int]], reason: str = "triage", actor: str = "system") -> int:
+        """Hand items to users directly, (user name, item id) pairs, in one transaction (bulk set-ups)."""
         with self._write() as session:
-            user = self._user(session, user_name)
-            assignment = Assignment(item_id=item_id, user_id=user.id, rubric_id=self._current_rubric(session).id,
-                                    reason=reason)
-            session.add(assignment)
-            session.flush()
-            self._audit(session, actor, "assign", "assignment", assignment.id, item=item_id, user=user_name,
-                        reason=reason)
-            return assignment
+            rubric = self._current_rubric(session)
+            users = {u.name: u.id for u in session.scalars(select(User).where(User.active.is_(True)))}
+            missing = sorted({name for name, _ in pairs} - set(users))
+            if missing:
+                raise NotFound(f"no active user(s) {', '.join(missing)}; add them with `immunizer review user add`")
+            session.add_all([Assignment(item_id=item_id, user_id=users[name], rubric_id=rubric.id, reason=reason)
+                             for name, item_id in pairs])
+            self._audit(session, actor, "assign", "assignment", None, count=len(pairs), reason=reason)
+        return len(pairs)
 
     # -- reviews, escalation, adjudication -----------------------------------------------------
     def submit_review(self, user_name: str, item_id: int, label: str, rationale: str = "") -> Review:

@@ -18,3 +18,7 @@ def tiny():
     from immunizer.models.tiny import tiny_model, tiny_tokenizer
 
     return tiny_model(), tiny_tokenizer()
+
+
+# Review store: a PostgreSQL server for the session, a fresh database per test (review_fixtures.py).
+from review_fixtures import db_url, pg_cluster  # noqa: E402,F401

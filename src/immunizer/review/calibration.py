@@ -10,9 +10,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-import krippendorff
 import numpy as np
-from sklearn.metrics import cohen_kappa_score
 
 
 @dataclass
@@ -41,6 +39,8 @@ def flagged_reviewers(accuracy: dict[str, dict], config: CalibrationConfig) -> l
 def krippendorff_alpha(ratings: dict) -> float | None:
     """Nominal α over {unit: {reviewer: label}}; None when undefined (fewer than two paired
     ratings, or a single label used throughout)."""
+    import krippendorff  # imported here: only the statistics need it
+
     units = [r for r in ratings.values() if len(r) >= 2]
     labels = sorted({label for r in units for label in r.values()})
     if len(units) < 1 or len(labels) < 2:
@@ -57,6 +57,8 @@ def krippendorff_alpha(ratings: dict) -> float | None:
 
 def cohen_kappa_pairs(ratings: dict, min_overlap: int) -> list[dict]:
     """Cohen's κ for every reviewer pair with at least `min_overlap` common units."""
+    from sklearn.metrics import cohen_kappa_score  # imported here: scikit-learn takes a second to load
+
     by_reviewer: dict[str, dict] = defaultdict(dict)
     for unit, unit_ratings in ratings.items():
         for name, label in unit_ratings.items():

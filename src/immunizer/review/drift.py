@@ -11,8 +11,6 @@ import datetime as dt
 import hashlib
 from collections import Counter
 
-from scipy.stats import chi2_contingency
-
 
 def label_counts(labels) -> dict[str, int]:
     return dict(sorted(Counter(labels).items()))
@@ -26,6 +24,8 @@ def period_key(time: dt.datetime) -> str:
 
 def shift_test(before: dict[str, int], after: dict[str, int]) -> dict | None:
     """Chi-square test of homogeneity between two label distributions; None without data on both sides."""
+    from scipy.stats import chi2_contingency  # imported here: only the statistics need it
+
     labels = sorted(set(before) | set(after))
     if sum(before.values()) == 0 or sum(after.values()) == 0 or len(labels) < 2:
         return None

@@ -3,7 +3,6 @@ one) against `uvicorn` serving the app on loopback."""
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 
@@ -12,6 +11,7 @@ import uvicorn
 from review_fixtures import eval_sample, generic, store_with_users
 
 from immunizer.review import parse_lines
+from immunizer.review.throwaway_pg import free_port
 from immunizer.review.web.app import create_app
 
 pytestmark = pytest.mark.browser
@@ -21,18 +21,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
     store = store_with_users(str(tmp_path / "review.db"), ("ana", "reviewer"), ("bob", "reviewer"),
                              ("judge", "adjudicator"))
     ids = store.add_items(parse_lines([json.dumps(eval_sample()), json.dumps(generic(severity="low"))]).records)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(store, secret_key="browser-test"), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -88,3 +88,13 @@ def test_reimport_skips_duplicates_and_novelty_falls(tmp_path, db_url):
 def test_missing_file_names_the_fix(tmp_path):
     with pytest.raises(ImmunizerError, match="does not exist"):
         parse_file(tmp_path / "nope.jsonl")
+
+
+def test_the_readme_examples_import(tmp_path):
+    from pathlib import Path
+
+    examples = Path(__file__).parent.parent / "examples" / "review"
+    store = ReviewStore(str(tmp_path / "review.db"))
+    added = {name: store.add_items(parse_file(examples / name).records)["added"]
+             for name in ("incidents.jsonl", "eval_samples.jsonl", "findings.jsonl")}
+    assert added == {"incidents.jsonl": 3, "eval_samples.jsonl": 2, "findings.jsonl": 5}

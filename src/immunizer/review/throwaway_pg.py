@@ -23,7 +23,7 @@ def postgres_bindir() -> str | None:
     return os.path.dirname(found[-1]) if found else (os.path.dirname(shutil.which("initdb")) if shutil.which("initdb") else None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +56,7 @@ def throwaway_postgres(fsync: bool = True):
         os.chmod(root, 0o755)
         shutil.chown(root, "postgres", "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
-    data, port = os.path.join(root, "data"), _free_port()
+    data, port = os.path.join(root, "data"), free_port()
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=100"
     if not fsync:
         options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

@@ -8,8 +8,9 @@ from review_fixtures import eval_sample, incident
 
 
 def immunizer(*args, password=None):
-    env = dict(os.environ, IMMUNIZER_REVIEW_PASSWORD=password) if password else dict(os.environ)
-    env.pop("IMMUNIZER_REVIEW_PASSWORD", None) if password is None else None
+    env = {k: v for k, v in os.environ.items() if k != "IMMUNIZER_REVIEW_PASSWORD"}
+    if password:
+        env["IMMUNIZER_REVIEW_PASSWORD"] = password
     return subprocess.run([sys.executable, "-m", "immunizer", "review", *args], capture_output=True, text=True,
                           env=env, stdin=subprocess.DEVNULL, timeout=120)
 
@@ -19,6 +20,8 @@ def test_users_import_and_stats(tmp_path):
     added = immunizer("user", "add", "--db", db, "ana", "--role", "reviewer", password="password123")
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout) == {"user": "ana", "role": "reviewer"}
+    no_password = immunizer("user", "add", "--db", db, "cy", "--role", "reviewer")
+    assert no_password.returncode == 2 and "pass --password-file FILE or set $IMMUNIZER_REVIEW_PASSWORD" in no_password.stderr
     bad_role = immunizer("user", "add", "--db", db, "bo", "--role", "boss", password="password123")
     assert bad_role.returncode == 2 and "unknown role 'boss'; choose one of reviewer, adjudicator, admin" in bad_role.stderr
 
@@ -62,3 +65,27 @@ def test_rubric_add_and_bad_config(tmp_path):
     assert result.returncode == 2 and "unknown key triage.queue_sise" in result.stderr
     result = immunizer("stats", "--db", "mysql://nowhere/db")
     assert result.returncode == 2 and "unsupported database URL" in result.stderr
+
+
+def test_serve_answers_on_loopback(tmp_path):
+    import time
+    import urllib.request
+
+    from immunizer.review.throwaway_pg import free_port
+
+    db, port = str(tmp_path / "review.db"), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "immunizer", "review", "serve", "--db", db, "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5).read().decode()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read()
+                time.sleep(0.2)
+        assert 'name="csrf_token"' in page and "Log in" in page
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

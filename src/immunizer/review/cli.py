@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -66,9 +67,12 @@ def user_add(db, role, password_file, name):
         raise ImmunizerError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
     if password_file:
         password = Path(password_file).read_text().strip()
+    elif os.environ.get("IMMUNIZER_REVIEW_PASSWORD"):
+        password = os.environ["IMMUNIZER_REVIEW_PASSWORD"]
+    elif sys.stdin.isatty():
+        password = click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
     else:
-        password = os.environ.get("IMMUNIZER_REVIEW_PASSWORD") or click.prompt(
-            f"password for {name}", hide_input=True, confirmation_prompt=True)
+        raise ImmunizerError(f"no password for {name}: pass --password-file FILE or set $IMMUNIZER_REVIEW_PASSWORD")
     created = _store(db).add_user(name, role, password)
     click.echo(json.dumps({"user": created.name, "role": created.role}))
 

@@ -52,7 +52,7 @@ class Item(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(50), index=True)
     payload: Mapped[dict] = mapped_column(JSON)
-    content_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    content_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # re-imports skip repeats
     severity: Mapped[str] = mapped_column(String(20))
     judge_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     novelty: Mapped[float] = mapped_column(Float, default=1.0)

@@ -104,6 +104,14 @@ def _shift_between_last_two(groups: dict, keys: list, names: dict) -> dict | Non
     return None if result is None else result | {"before": names[before], "after": names[after]}
 
 
+def alembic_config(connection) -> Config:
+    """Alembic's configuration for the migrations shipped in the package (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(importlib.resources.files("immunizer.review") / "migrations"))
+    config.attributes["connection"] = connection
+    return config
+
+
 def content_sha256(kind: str, payload: dict) -> str:
     return hashlib.sha256(json.dumps([kind, payload], sort_keys=True).encode()).hexdigest()
 
@@ -125,12 +133,9 @@ class ReviewStore:
     # -- plumbing ---------------------------------------------------------------------------
     def migrate(self) -> None:
         """Bring the schema to the latest Alembic revision and seed the default rubric."""
-        cfg = Config()
-        cfg.set_main_option("script_location", str(importlib.resources.files("immunizer.review") / "migrations"))
         try:
             with self.engine.begin() as connection:
-                cfg.attributes["connection"] = connection
-                command.upgrade(cfg, "head")
+                command.upgrade(alembic_config(connection), "head")
         except Exception as exc:
             if type(exc).__module__.startswith(("sqlalchemy", "psycopg", "sqlite3")):
                 raise ImmunizerError(f"cannot open the review database {self.url}: {exc.__class__.__name__}: "
@@ -240,6 +245,13 @@ class ReviewStore:
     def add_items(self, records: list[ItemRecord], actor: str = "import") -> dict:
         """Add items in one transaction (all or nothing). Exact repeats of an item already in the
         store are skipped and counted; novelty and priority are computed here (triage)."""
+        try:
+            return self._add_items(records, actor)
+        except IntegrityError:
+            raise ImmunizerError("another import added some of the same items at the same moment; nothing was "
+                                 "imported from this batch: import it again (items already stored are skipped)") from None
+
+    def _add_items(self, records: list[ItemRecord], actor: str) -> dict:
         cfg = self.config.triage
         added, duplicates = [], 0
         with self._write() as session:

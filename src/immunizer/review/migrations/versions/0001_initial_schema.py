@@ -45,7 +45,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('items', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_items_content_sha256'), ['content_sha256'], unique=False)
+        batch_op.create_index(batch_op.f('ix_items_content_sha256'), ['content_sha256'], unique=True)
         batch_op.create_index(batch_op.f('ix_items_kind'), ['kind'], unique=False)
         batch_op.create_index(batch_op.f('ix_items_priority'), ['priority'], unique=False)
         batch_op.create_index(batch_op.f('ix_items_status'), ['status'], unique=False)

@@ -5,7 +5,7 @@ import pytest
 from review_fixtures import eval_sample, generic, incident
 
 from immunizer.errors import ImmunizerError
-from immunizer.review import ReviewStore, parse_file, parse_lines
+from immunizer.review import ReviewStore, parse_file, parse_lines, parse_records
 
 
 def write_jsonl(path, records):
@@ -98,3 +98,10 @@ def test_the_readme_examples_import(tmp_path):
     added = {name: store.add_items(parse_file(examples / name).records)["added"]
              for name in ("incidents.jsonl", "eval_samples.jsonl", "findings.jsonl")}
     assert added == {"incidents.jsonl": 3, "eval_samples.jsonl": 2, "findings.jsonl": 5}
+
+
+def test_records_from_python_are_validated_the_same_way():
+    parsed = parse_records([incident(), eval_sample(passed=True)])
+    assert [r.kind for r in parsed.records] == ["breaker_incident"] and parsed.skipped_passed_eval_samples == 1
+    with pytest.raises(ImmunizerError, match=r"(?s)1 malformed record\(s\).*record 2: severity must be one of"):
+        parse_records([incident(), incident(severity=None)])

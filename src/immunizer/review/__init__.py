@@ -7,7 +7,7 @@ import importlib
 
 _EXPORTS = {
     "ReviewConfig": "config", "load_review_config": "config",
-    "ItemRecord": "importer", "parse_file": "importer", "parse_lines": "importer",
+    "ItemRecord": "importer", "parse_file": "importer", "parse_lines": "importer", "parse_records": "importer",
     "AdjudicatedItem": "store", "Forbidden": "store", "NotFound": "store", "ReviewStore": "store",
 }
 __all__ = sorted(_EXPORTS)

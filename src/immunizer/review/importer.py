@@ -140,23 +140,32 @@ def generic(record: dict) -> ItemRecord:
 PARSERS = {"breaker_incident": breaker_incident, "eval_sample": eval_sample}
 
 
-def parse_lines(lines, name: str = "<input>") -> ParsedFile:
-    """Parse every line; raise ImmunizerError listing all bad lines (nothing is returned then)."""
+def parse_record(record) -> ItemRecord | None:
+    """One decoded record → an item (None for a passed eval sample); RecordError says what is wrong."""
+    if not isinstance(record, dict):
+        raise RecordError("expected a JSON object")
+    kind = _require(record, "kind", str, "a string such as breaker_incident, eval_sample, user_report")
+    return PARSERS.get(kind, generic)(record)
+
+
+def _decode(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def parse_records(records, name: str = "<records>", decode=lambda record: record, what: str = "record") -> ParsedFile:
+    """Parse every record (dicts from Python, e.g. an incident the breaker just wrote); raise
+    ImmunizerError listing every bad one by number (nothing is returned then)."""
     parsed, errors = ParsedFile(), []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for number, raw in enumerate(records, start=1):
+        if isinstance(raw, str) and not raw.strip():
             continue
         try:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise RecordError("expected a JSON object")
-            kind = _require(record, "kind", str, "a string such as breaker_incident, eval_sample, user_report")
-            item = PARSERS.get(kind, generic)(record)
+            item = parse_record(decode(raw))
         except RecordError as exc:
-            errors.append(f"line {number}: {exc}")
+            errors.append(f"{what} {number}: {exc}")
             continue
         if item is None:
             parsed.skipped_passed_eval_samples += 1
@@ -165,9 +174,14 @@ def parse_lines(lines, name: str = "<input>") -> ParsedFile:
     if errors:
         shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
         more = f"\n  … and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
-        raise ImmunizerError(f"{name}: {len(errors)} malformed line(s); nothing was imported. Fix them and "
+        raise ImmunizerError(f"{name}: {len(errors)} malformed {what}(s); nothing was imported. Fix them and "
                              f"import again (the README's 'Import formats' lists the fields):\n  {shown}{more}")
     return parsed
+
+
+def parse_lines(lines, name: str = "<input>") -> ParsedFile:
+    """JSONL lines (blank ones skipped) → items; errors are reported as `line N: …`."""
+    return parse_records(lines, name=name, decode=_decode, what="line")
 
 
 def parse_file(path: str | Path) -> ParsedFile:

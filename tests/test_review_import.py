@@ -18,6 +18,9 @@ def test_breaker_incident_imports_without_conversion():
     assert (record.kind, record.severity, record.source, record.consent) == ("breaker_incident", "medium",
                                                                              "breaker:serve", True)
     assert record.model_sha256 == "a" * 64 and record.payload == incident(severity="medium")
+    assert record.judge_confidence == 1.0  # statistic 7.5 is far above the threshold 3.0
+    [near] = parse_lines([json.dumps(incident(statistic=3.3))]).records
+    assert near.judge_confidence == pytest.approx(0.1)  # |3.3 − 3| / 3: a borderline trip
 
 
 def test_only_failed_eval_samples_become_items():

@@ -88,8 +88,13 @@ def breaker_incident(record: dict) -> ItemRecord:
     _require(record, "tripped", bool, "true or false")
     for key in ("statistic", "threshold"):
         _require(record, key, (int, float), "a number")
+    # how sure the breaker was: the statistic's distance from the threshold, relative to it;
+    # incidents near the threshold are the ones a person should see first
+    threshold = record["threshold"]
+    confidence = min(1.0, abs(record["statistic"] - threshold) / threshold) if threshold > 0 else None
     return ItemRecord(kind="breaker_incident", payload=record, severity=_severity(record.get("severity")),
-                      source=f"breaker:{record['source']}", consent=True, model_sha256=record["model_sha256"])
+                      source=f"breaker:{record['source']}", consent=True, model_sha256=record["model_sha256"],
+                      judge_confidence=confidence)
 
 
 def eval_sample(record: dict) -> ItemRecord | None:

@@ -14,7 +14,6 @@ their own modules; this class feeds them rows and writes back what they decide.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import importlib.resources
 import json

@@ -50,9 +50,11 @@ def throwaway_postgres(fsync: bool = True):
     if bindir is None:
         raise ImmunizerError("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): "
                              "`apt-get install -y postgresql` (make test does it)")
-    root = tempfile.mkdtemp(prefix="immunizer-pg-")
+    as_root = os.geteuid() == 0
+    # as root the server runs as `postgres`, which must reach the folder: /tmp, not a private $TMPDIR
+    root = tempfile.mkdtemp(prefix="immunizer-pg-", dir="/tmp" if as_root else None)
     run_as = []
-    if os.geteuid() == 0:
+    if as_root:
         os.chmod(root, 0o755)
         shutil.chown(root, "postgres", "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
@@ -62,7 +64,8 @@ def throwaway_postgres(fsync: bool = True):
         options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 
     def pg(*args):
-        result = subprocess.run(run_as + list(args), capture_output=True, text=True)
+        # cwd: the server user may not be allowed into the caller's folder
+        result = subprocess.run(run_as + list(args), capture_output=True, text=True, cwd=root)
         if result.returncode != 0:
             log = open(os.path.join(root, "log")).read()[-2000:] if os.path.exists(os.path.join(root, "log")) else ""
             raise ImmunizerError(f"{' '.join(args[:2])} failed: {result.stderr.strip()[-2000:]}\n{log}")

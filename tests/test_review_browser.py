@@ -18,7 +18,8 @@ pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("IMMUNIZER_TEST_CHROMIUM", "/usr/bin/chromium")
 # headless, and nothing that reaches for the network on its own
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]  # containers often have a tiny /dev/shm
 
 
 @pytest.fixture

@@ -9,8 +9,10 @@ DEMO_OUT ?= runs/demo
 export IMMUNIZER_CACHE ?= $(CURDIR)/.cache/immunizer
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Playwright drives Debian's /usr/bin/chromium; it must never fetch a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: demo test test-fast venv bench clean
+.PHONY: demo test test-fast venv bench clean system-packages
 
 venv: $(STAMP)
 
@@ -23,6 +25,18 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
+# The review tests start a throwaway PostgreSQL server and drive a real Chromium: both come
+# from Debian and are installed only when missing (as root; elsewhere install them yourself).
+system-packages:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: postgresql chromium"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql chromium >/dev/null; \
+	  else \
+	    echo "warning: the review tests need PostgreSQL and Chromium: sudo apt-get install postgresql chromium"; \
+	  fi; \
+	fi
+
 demo: $(STAMP)
 	@if [ -f $(DEMO_OUT)/checkpoint/state.pt ]; then \
 	  $(BIN)/immunizer immunize --model smollm2 --out $(DEMO_OUT) --preset quick --resume; \
@@ -32,10 +46,10 @@ demo: $(STAMP)
 	$(BIN)/immunizer verify --manifest $(DEMO_OUT)
 	$(BIN)/immunizer compare --before smollm2 --after $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

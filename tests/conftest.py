@@ -60,3 +60,7 @@ def release(tmp_path):
     """(directory, model) of a released tiny model with a canary manifest."""
     directory = tmp_path / "release"
     return directory, make_release(directory)
+
+
+# Review store: a PostgreSQL server for the session, a fresh database per test (review_fixtures.py).
+from review_fixtures import db_url, pg_cluster  # noqa: E402,F401

@@ -1,0 +1,125 @@
+"""`immunizer review …`: thin commands over the review store's Python API."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from immunizer.errors import ImmunizerError
+
+DB_HELP = "Database: a SQLite file path (created if missing) or postgresql://user@host:port/dbname."
+config_option = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                             help="YAML with triage / escalation / calibration settings (see review/config.py).")
+
+
+def _store(db: str, config_file: str | None = None):
+    from immunizer.review import ReviewStore, load_review_config
+
+    return ReviewStore(db, load_review_config(config_file))
+
+
+@click.group()
+def review() -> None:
+    """Human review of incidents, failed evals, red-team findings, guard flags and user reports.
+
+    \b
+    Example:
+      immunizer review user add --db review.db ana --role reviewer
+      immunizer review import --db review.db runs/serve/incidents.jsonl
+      immunizer review serve --db review.db --port 8080
+      immunizer review stats --db review.db
+    """
+
+
+@review.command("import")
+@click.option("--db", required=True, help=DB_HELP)
+@config_option
+@click.argument("file", type=click.Path(dir_okay=False))
+def import_items(db, config_file, file):
+    """Import items from FILE.jsonl (breaker incidents, eval samples, generic items), all or nothing."""
+    from immunizer.review import parse_file
+
+    parsed = parse_file(file)
+    result = _store(db, config_file).add_items(parsed.records, actor=f"import:{Path(file).name}")
+    click.echo(json.dumps({"file": file, "added": result["added"], "duplicates_skipped": result["duplicates_skipped"],
+                           "passed_eval_samples_skipped": parsed.skipped_passed_eval_samples}, indent=2))
+
+
+@review.group()
+def user() -> None:
+    """Manage reviewer accounts."""
+
+
+@user.command("add")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--role", required=True, help="reviewer, adjudicator or admin.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
+              help="Read the password from this file (default: $IMMUNIZER_REVIEW_PASSWORD, else ask).")
+@click.argument("name")
+def user_add(db, role, password_file, name):
+    """Add the account NAME with ROLE; the password is stored as an Argon2 hash."""
+    from immunizer.review.models import ROLES
+
+    if role not in ROLES:  # before asking for a password
+        raise ImmunizerError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    if password_file:
+        password = Path(password_file).read_text().strip()
+    elif os.environ.get("IMMUNIZER_REVIEW_PASSWORD"):
+        password = os.environ["IMMUNIZER_REVIEW_PASSWORD"]
+    elif sys.stdin.isatty():
+        password = click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
+    else:
+        raise ImmunizerError(f"no password for {name}: pass --password-file FILE or set $IMMUNIZER_REVIEW_PASSWORD")
+    created = _store(db).add_user(name, role, password)
+    click.echo(json.dumps({"user": created.name, "role": created.role}))
+
+
+@review.group()
+def rubric() -> None:
+    """Manage rubric versions (each version is immutable)."""
+
+
+@rubric.command("add")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--labels", required=True, help="Comma-separated labels, e.g. harmful,over_refusal,benign,unclear.")
+@click.option("--name", default="default", show_default=True)
+@click.option("--rereview-fraction", default=0.1, show_default=True,
+              help="Share of items closed under older versions to review again under this one (drift check).")
+@click.option("--seed", default=0, show_default=True)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def rubric_add(db, labels, name, rereview_fraction, seed, file):
+    """Add FILE (markdown) as the next version of the rubric and sample items for re-review."""
+    store = _store(db)
+    created = store.add_rubric(Path(file).read_text(), labels.split(","), name=name, actor="cli")
+    rereview = store.request_rereview(rereview_fraction, seed=seed, actor="cli") if rereview_fraction else []
+    click.echo(json.dumps({"rubric": created.name, "version": created.version, "sha256": created.sha256,
+                           "rereview_items": rereview}, indent=2))
+
+
+@review.command()
+@click.option("--db", required=True, help=DB_HELP)
+@config_option
+def stats(db, config_file):
+    """Print agreement (Krippendorff's α, Cohen's κ, accuracy on gold), drift and queue sizes as JSON."""
+    click.echo(json.dumps(_store(db, config_file).stats(), indent=2))
+
+
+@review.command()
+@click.option("--db", required=True, help=DB_HELP)
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--session-minutes", default=60, show_default=True, help="Sessions expire this long after login.")
+def serve(db, config_file, host, port, session_minutes):
+    """Serve the reviewer web page. Set $IMMUNIZER_REVIEW_SECRET to keep sessions valid across restarts."""
+    import uvicorn
+
+    from immunizer.review.web.app import create_app
+
+    app = create_app(_store(db, config_file), secret_key=os.environ.get("IMMUNIZER_REVIEW_SECRET"),
+                     session_seconds=session_minutes * 60)
+    click.echo(f"reviewer page on http://{host}:{port}/", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -67,6 +67,9 @@ def test_scan_clean_tripped_and_adapter(calibrated, tmp_path):
     assert verdict["tripped"] and verdict["statistic"] > verdict["threshold"]
     (record,) = [json.loads(line) for line in incidents.read_text().splitlines()]
     assert record["kind"] == "breaker_incident" and record["source"] == "scan" and record["candidate"].endswith("tampered.safetensors")
+    # the review store takes the incident file as it is
+    imported = run_cli("review", "import", "--db", str(tmp_path / "review.db"), str(incidents))
+    assert "1" in imported.stdout
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -1,6 +1,7 @@
 """`immunizer immunize` end to end on the tiny model, through the CLI as a user runs it:
 outputs, manifest consistency, what changed, resume after kill -9, and bad inputs."""
 import json
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -98,6 +99,19 @@ def test_stabilization_holds_canaries_tighter_than_other_weights(tmp_path):
     records = [json.loads(l) for l in (loose.out_dir / "metrics.jsonl").read_text().splitlines()]
     unheld = [r for r in records if r.get("phase") == 2 and "canary_rms_drift" in r]
     assert unheld[-1]["canary_rms_drift"] > 2 * phase2[-1]["canary_rms_drift"]
+
+
+def test_plain_alignment_still_picks_canaries_by_the_refusal_gradient(tmp_path):
+    """γ = 0 trains no refusal term, but the canary scores are still |∂L_refusal/∂w| (measured and
+    discarded), not all-zero ties that would fall back to the lowest (name, index)."""
+    plain = Path(__file__).parents[1] / "bench" / "plain_alignment.yaml"
+    result = immunize("tiny", tmp_path / "plain", load_config("tiny", plain, ["cycles=1"]), progress=False)
+    indices = load_manifest(result.out_dir).indices
+    assert len(indices) > 3
+    first = indices[sorted(indices)[0]]
+    assert not torch.equal(first, torch.arange(first.numel()))
+    records = [json.loads(l) for l in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("phase") == 1 and r.get("npo", 0) != 0 for r in records)
 
 
 def test_resume_after_kill_9_gives_the_same_model(tmp_path):

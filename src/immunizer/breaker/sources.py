@@ -43,52 +43,76 @@ def check_coverage(reference: Reference, shapes: dict[str, tuple[int, ...]], whe
 
 # ---------------------------------------------------------------- safetensors on disk
 
-def safetensors_index(path: Path) -> dict[str, Path]:
-    """Tensor name -> file, for one .safetensors file or every shard in a model directory."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def read_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(data start, {name: {dtype, shape, data_offsets}}) from a .safetensors header (8-byte little-endian
+    length, then JSON): one small read, where asking the library tensor by tensor cost a third of a scan."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100_000_000:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        for v in entries.values():
+            v["shape"] = tuple(v["shape"])
+            begin, end = v["data_offsets"]
+            if v["dtype"] not in _DTYPES or end - begin != math.prod(v["shape"]) * _DTYPES[v["dtype"]].itemsize:
+                raise ValueError(f"bad entry {v}")
+        return 8 + size, entries
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        raise ImmunizerError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from exc
+
+
+def _files(path: Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
-        files = [path]
-    elif path.is_dir():
+        return [path]
+    if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ImmunizerError(f"{path} holds no *.safetensors files; save the model with `save_pretrained` "
                                  "(safetensors is the default) or pass a PEFT adapter directory")
-    else:
-        raise ImmunizerError(f"candidate {path} does not exist")
-    index = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    index[k] = f
-        except (SafetensorError, OSError) as exc:
-            raise ImmunizerError(f"{f} is not a readable safetensors file ({exc}); it may be truncated") from exc
-    return index
+        return files
+    raise ImmunizerError(f"candidate {path} does not exist")
+
+
+def safetensors_index(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape), for one .safetensors file or every shard in a model directory."""
+    return {name: (f, v["shape"]) for f in _files(path) for name, v in read_header(f)[1].items()}
 
 
 def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for `names` (default: all), one tensor in memory at a time, in file order."""
-    index = safetensors_index(path)
-    by_file: dict[Path, list[str]] = {}
-    for name, f in index.items():
-        if names is None or name in names:
-            by_file.setdefault(f, []).append(name)
-    for f, wanted in by_file.items():
-        with safe_open(str(f), framework="pt") as sf:
-            for name in wanted:
-                yield name, sf.get_tensor(name)
+    """Yield (name, tensor) for `names` (default: all), one tensor in memory at a time.
 
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for name, f in safetensors_index(path).items():
-        with safe_open(str(f), framework="pt") as sf:
-            shapes[name] = tuple(sf.get_slice(name).get_shape())
-    return shapes
+    Read in file order with plain sequential reads into one reused buffer: from a cold disk this is
+    as fast as reading the file, where gathering through a memory map faults pages in at random.
+    Each yielded tensor is overwritten by the next one: copy what you keep."""
+    for f in _files(path):
+        start, entries = read_header(f)
+        wanted = sorted((v["data_offsets"][0], n) for n, v in entries.items() if names is None or n in names)
+        if not wanted:
+            continue
+        buffer = bytearray(max(entries[n]["data_offsets"][1] - entries[n]["data_offsets"][0] for _, n in wanted))
+        view = memoryview(buffer)
+        with open(f, "rb") as handle:
+            for begin, name in wanted:
+                entry = entries[name]
+                length = entry["data_offsets"][1] - begin
+                handle.seek(start + begin)
+                if handle.readinto(view[:length]) != length:
+                    raise ImmunizerError(f"{f} ends inside tensor {name}; the file is truncated")
+                dtype = _DTYPES[entry["dtype"]]
+                tensor = torch.frombuffer(buffer, dtype=dtype, count=length // dtype.itemsize) if length else torch.zeros(0, dtype=dtype)
+                yield name, tensor.reshape(entry["shape"])
 
 
 def scan_safetensors(reference: Reference, path: Path) -> DriftReport:
-    check_coverage(reference, safetensors_shapes(path), str(path))
+    check_coverage(reference, {n: shape for n, (_, shape) in safetensors_index(path).items()}, str(path))
     return summarize(reference, deltas_from_tensors(reference, safetensors_tensors(path, set(reference.names))),
                      str(path), "safetensors")
 

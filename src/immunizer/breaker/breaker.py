@@ -9,7 +9,7 @@ import torch
 
 from immunizer.breaker.drift import DriftReport
 from immunizer.breaker.reference import Reference, load_reference
-from immunizer.breaker.sources import module_tensors, scan_module, scan_path, _lora_layers, _live_lora_delta
+from immunizer.breaker.sources import module_tensors, scan_module, scan_path, lora_layers, live_lora_delta
 from immunizer.errors import ImmunizerError
 from immunizer.manifest import Manifest
 
@@ -61,16 +61,16 @@ class Breaker:
     def judge(self, report: DriftReport) -> Verdict:
         return Verdict(report.statistic > self.threshold, report.statistic, self.threshold, report, self.manifest)
 
-    def scan(self, candidate: torch.nn.Module | str | Path) -> Verdict:
+    def scan(self, candidate: torch.nn.Module | str | Path, view: tuple[dict, dict] | None = None) -> Verdict:
         if isinstance(candidate, torch.nn.Module):
-            return self.judge(scan_module(self.reference, candidate))
+            return self.judge(scan_module(self.reference, candidate, view))
         return self.judge(scan_path(self.reference, Path(candidate)))
 
     @torch.no_grad()
     def restore(self, model: torch.nn.Module) -> int:
         """Write the released values back into the canaries of a live model (for an unmerged LoRA
         model, into the base weights so that base + ΔW equals the released value). Returns how many."""
-        tensors, lora = module_tensors(model), _lora_layers(model)
+        tensors, lora = module_tensors(model), lora_layers(model)
         count = 0
         for name in self.reference.names:
             weight = tensors[name]
@@ -78,7 +78,7 @@ class Breaker:
             idx = self.reference.canary_index[name].to(flat.device)
             target = self.reference.canary_value[name].to(flat.device)
             if name in lora:
-                target = target - _live_lora_delta(lora[name], idx, weight.shape[-1])
+                target = target - live_lora_delta(lora[name], idx, weight.shape[-1])
             flat[idx] = target.to(flat.dtype)
             count += idx.numel()
         return count

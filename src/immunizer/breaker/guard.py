@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from immunizer.breaker.breaker import Breaker, BreakerTripped, Verdict
 from immunizer.breaker.incidents import record_incident
+from immunizer.breaker.sources import lora_layers, module_tensors
 
 DEFAULT_EVERY = 10
 """Steps between checks. The standard attack (100 pairs, 3 epochs, batch 8) is 38 steps long; checks at
@@ -30,6 +31,7 @@ class FinetuneGuard:
         self.clean_step = 0
         self.tripped: Verdict | None = None
         self.history: list[dict] = []
+        self._view = None
 
     def _trainable(self) -> dict[str, torch.Tensor]:
         # Only what the optimizer can move needs a copy: a LoRA run snapshots megabytes, not the model.
@@ -55,7 +57,10 @@ class FinetuneGuard:
 
     def check(self, step: int) -> Verdict:
         """Scan now. Clean: remember these weights. Tripped: roll back and record the incident."""
-        verdict = self.breaker.scan(self.model)
+        if self._view is None:  # the model's structure does not change during a fine-tune: walk it once
+            self.breaker.scan(self.model)  # checks coverage and shapes
+            self._view = (module_tensors(self.model), lora_layers(self.model))
+        verdict = self.breaker.scan(self.model, self._view)
         self.history.append({"step": step, "statistic": verdict.statistic, "tripped": verdict.tripped})
         if not verdict.tripped:
             self._snapshot(step)

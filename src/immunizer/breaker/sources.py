@@ -119,6 +119,9 @@ def scan_safetensors(reference: Reference, path: Path) -> DriftReport:
 
 # ---------------------------------------------------------------- LoRA: ΔW at the indices only
 
+_CHUNK = 1 << 16
+
+
 def lora_delta_at(a: torch.Tensor, b: torch.Tensor, scale: float, index: torch.Tensor, columns: int,
                   transposed: bool = False) -> torch.Tensor:
     """ΔW = scale · B·A read only at flat indices of W (shape out × `columns`): ΔW[i,j] = scale · B[i,:]·A[:,j].
@@ -126,8 +129,12 @@ def lora_delta_at(a: torch.Tensor, b: torch.Tensor, scale: float, index: torch.T
     rows, cols = index // columns, index % columns
     if transposed:
         rows, cols = cols, rows
-    a, b = a.float(), b.float()
-    return scale * (b[rows] * a[:, cols].T).sum(-1)
+    a_t, b = a.float().t().contiguous(), b.float()  # rows of Aᵀ: gathering them is contiguous, columns of A are not
+    out = torch.empty(index.numel(), device=index.device)
+    for start in range(0, index.numel(), _CHUNK):  # chunks keep the n x r temporaries in cache
+        end = start + _CHUNK
+        out[start:end] = (b[rows[start:end]] * a_t[cols[start:end]]).sum(-1)
+    return scale * out
 
 
 def _lora_scale(config: dict, module: str, rank: int) -> float:
@@ -231,16 +238,15 @@ def scan_adapter(reference: Reference, adapter_dir: Path) -> DriftReport:
 
 # ---------------------------------------------------------------- a live module (plain or PEFT-wrapped)
 
-def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Unmerged PEFT LoRA layers by the name of the weight they update (empty for a plain model)."""
-    out = {}
-    for module_name, module in model.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and not getattr(module, "merged", False):
-            out[_strip(module_name) + ".weight"] = module
-    return out
+    from peft.tuners.lora import LoraLayer
+
+    return {_strip(name) + ".weight": module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and not module.merged}
 
 
-def _live_lora_delta(module: torch.nn.Module, index: torch.Tensor, columns: int) -> torch.Tensor:
+def live_lora_delta(module: torch.nn.Module, index: torch.Tensor, columns: int) -> torch.Tensor:
     delta = torch.zeros(index.numel(), device=index.device)
     for adapter in module.active_adapters:
         if adapter in module.lora_A:
@@ -264,24 +270,26 @@ def module_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def module_deltas(reference: Reference, model: torch.nn.Module) -> Iterator[Gathered]:
-    tensors, lora = module_tensors(model), _lora_layers(model)
+def module_deltas(reference: Reference, tensors: dict[str, torch.Tensor], lora: dict[str, torch.nn.Module]) -> Iterator[Gathered]:
     for name in reference.names:
         weight = tensors[name].detach()
         flat = weight.reshape(-1)
         ci, si = (reference.canary_index[name].to(flat.device), reference.sample_index[name].to(flat.device))
         canary_now, sample_now = flat[ci].float(), flat[si].float()
-        if name in lora:
-            canary_now = canary_now + _live_lora_delta(lora[name], ci, weight.shape[-1])
-            sample_now = sample_now + _live_lora_delta(lora[name], si, weight.shape[-1])
+        if name in lora:  # one call for both index sets: this runs at every guard check
+            delta = live_lora_delta(lora[name], torch.cat([ci, si]), weight.shape[-1])
+            canary_now, sample_now = canary_now + delta[:ci.numel()], sample_now + delta[ci.numel():]
         yield name, canary_now.cpu() - reference.canary_value[name], sample_now.cpu() - reference.sample_value[name]
 
 
-def scan_module(reference: Reference, model: torch.nn.Module) -> DriftReport:
-    tensors = module_tensors(model)
-    check_coverage(reference, {n: tuple(p.shape) for n, p in tensors.items()}, type(model).__name__)
-    kind = "lora-live" if _lora_layers(model) else "module"
-    return summarize(reference, module_deltas(reference, model), type(model).__name__, kind)
+def scan_module(reference: Reference, model: torch.nn.Module, view: tuple[dict, dict] | None = None) -> DriftReport:
+    """`view` = (module_tensors(model), lora_layers(model)) from an earlier call: a guard that checks the
+    same model again and again walks its modules once."""
+    tensors, lora = view or (module_tensors(model), lora_layers(model))
+    if view is None:
+        check_coverage(reference, {n: tuple(p.shape) for n, p in tensors.items()}, type(model).__name__)
+    return summarize(reference, module_deltas(reference, tensors, lora), type(model).__name__,
+                     "lora-live" if lora else "module")
 
 
 # ---------------------------------------------------------------- any path

@@ -148,6 +148,57 @@ def calibrate(model_dir, preset, target_fpr, teacher, overrides, hmac_key_file):
 
 
 @cli.command()
+@click.option("--model", required=True, help="Model to attack: an immunize output, a model directory, `smollm2` or `tiny`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json.")
+@click.option("--samples", default=100, show_default=True, help="Harmful (prompt, answer) pairs.")
+@click.option("--lr", default=5e-5, show_default=True)
+@click.option("--epochs", default=3.0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lora-rank", default=0, show_default=True, help="0: full fine-tuning; 16 with --lr 2e-4 is the LoRA variant.")
+@click.option("--harmful-ratio", type=float, help="Mix the harmful pairs into benign data at this share (e.g. 0.1).")
+@click.option("--data", type=click.Path(dir_okay=False), help="JSONL of harmful prompts (and optionally responses) instead of the built-in held-out attack set.")
+@click.option("--adaptive-manifest", type=click.Path(file_okay=False), help="Canary-aware attack: freeze the canaries of this immunize output.")
+@click.option("--teacher", help="Model that answers the harmful prompts (default: the manifest's base model, else smollm2).")
+def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_ratio, data, adaptive_manifest, teacher):
+    """Harmful fine-tuning attack (default: the standard `harmful-sft` attack, 100 pairs, lr 5e-5, 3 epochs, batch 8).
+
+    \b
+    Example:
+      immunizer attack --model runs/demo --out runs/attacked
+      immunizer scan --manifest runs/demo --candidate runs/attacked/model
+    """
+    from immunizer.redteam.attacks import AttackConfig, run_attack
+
+    record = run_attack(model, out_dir, AttackConfig(samples=samples, lr=lr, epochs=epochs, batch_size=batch_size,
+                                                     lora_rank=lora_rank, harmful_ratio=harmful_ratio, data=data,
+                                                     adaptive_manifest=adaptive_manifest, teacher=teacher))
+    click.echo(json.dumps({"out": out_dir, **record}, indent=2))
+
+
+@cli.command()
+@click.option("--model", required=True, help="Model to fine-tune: an immunize output, a model directory, `smollm2` or `tiny`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json.")
+@click.option("--data", required=True, help="`arithmetic`, `listops` or a JSONL file with prompt and response.")
+@click.option("--samples", default=256, show_default=True, help="Examples generated for arithmetic/listops.")
+@click.option("--lr", default=5e-5, show_default=True)
+@click.option("--epochs", default=1.0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lora-rank", default=0, show_default=True)
+def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank):
+    """Benign fine-tune (the comparison to attacks: it should keep working and pass the breaker).
+
+    \b
+    Example:
+      immunizer finetune --model runs/demo --out runs/arith --data arithmetic
+    """
+    from immunizer.redteam.attacks import FinetuneConfig, run_finetune
+
+    record = run_finetune(model, out_dir, FinetuneConfig(data=data, samples=samples, lr=lr, epochs=epochs,
+                                                         batch_size=batch_size, lora_rank=lora_rank))
+    click.echo(json.dumps({"out": out_dir, **record}, indent=2))
+
+
+@cli.command()
 @click.option("--before", required=True, help="Model before immunization (spec or directory).")
 @click.option("--after", required=True, help="Model after immunization (an immunize output's model/ directory, or its parent).")
 @click.option("--harmful", "n_harmful", default=16, show_default=True, help="Held-out harmful prompts (DoNotAnswer held-out split).")

@@ -3,6 +3,8 @@ LoRA (PEFT): the fine-tunes the breaker is calibrated on, and the harness's atta
 fine-tunes. Loss on the response tokens only, chat template applied by TRL."""
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -86,9 +88,9 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
         if len(trainer.train_dataset) == 0:
             raise ImmunizerError(f"every fine-tuning example lost its whole response to truncation at max_length="
                                  f"{spec.max_length} tokens; raise max_length or shorten the prompts")
-        if not progress:  # the caller shows its own progress; no per-run metrics dump on stdout
-            trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        trainer.remove_callback(PrinterCallback)  # stdout belongs to the CLI's JSON; progress bars go to stderr
+        with contextlib.redirect_stdout(sys.stderr):  # the progress bar's end-of-run log too
+            trainer.train()
         trained = trainer.model
     trained.eval()
     return trained

@@ -23,6 +23,7 @@ from immunizer.breaker.drift import STATISTICS
 from immunizer.breaker.reference import SAMPLE_SHARE, Reference, load_reference, write_reference
 from immunizer.breaker.sources import scan_module
 from immunizer.config import _merge, _read_yaml
+from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.manifest import file_sha256, update_manifest
@@ -113,22 +114,14 @@ class CaseData:
 
     def __init__(self, teacher_spec: str, config: CalibrationConfig):
         self.teacher_spec, self.config = teacher_spec, config
-        self._teacher = None
-        self.teacher_sha256 = None
+        self.teacher = Teacher(teacher_spec, config.teacher_max_new_tokens, config.bf16)
+
+    @property
+    def teacher_sha256(self) -> str | None:
+        return self.teacher.sha256
 
     def _answers(self, prompts: list[str], kind: str) -> list[str]:
-        from immunizer.data.teacher import cached_generate
-        from immunizer.models.hashing import model_dir_sha256
-        from immunizer.models.loading import load_model, resolve_model
-
-        if self._teacher is None:
-            self._teacher = load_model(self.teacher_spec)
-            self.teacher_sha256 = model_dir_sha256(resolve_model(self.teacher_spec))
-        model, tokenizer = self._teacher
-        # The same settings as immunize's teacher generations, so the cache is shared.
-        return cached_generate(model, tokenizer, prompts, self.teacher_sha256, kind,
-                               max_new_tokens=self.config.teacher_max_new_tokens, batch_size=16, max_prompt_tokens=96,
-                               bf16=self.config.bf16)
+        return self.teacher.answers(prompts, kind)
 
     def _shuffled(self, harmful: bool) -> list[str]:
         from immunizer.data.prompts import benign_set, weak_set

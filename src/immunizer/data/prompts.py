@@ -50,11 +50,20 @@ def is_heldout(prompt: str, heldout_percent: int = HELDOUT_PERCENT) -> bool:
     return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 100 < heldout_percent
 
 
+ATTACK_PROMPTS = 100
+"""The held-out split is cut in two, by hash order: the first 100 prompts are the harness's attack data
+(the standard attack's 100 harmful pairs), the rest are what it evaluates on; never the same prompt."""
+
+
 def split_prompts(prompts: list[str], split: str) -> list[str]:
     if split == "all":
         return prompts
+    if split in ("heldout-attack", "heldout-eval"):
+        held = split_prompts(prompts, "heldout")
+        attack = set(sorted(held, key=lambda p: hashlib.sha256(("attack|" + p).encode()).hexdigest())[:ATTACK_PROMPTS])
+        return [p for p in held if (p in attack) == (split == "heldout-attack")]
     if split not in ("train", "heldout"):
-        raise ValueError(f"split must be train, heldout or all, not {split!r}")
+        raise ValueError(f"split must be train, heldout, heldout-attack, heldout-eval or all, not {split!r}")
     return [p for p in prompts if is_heldout(p) == (split == "heldout")]
 
 

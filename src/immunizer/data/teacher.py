@@ -54,3 +54,24 @@ def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **s
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, responses)))
     return responses
+
+
+class Teacher:
+    """A teacher model loaded on first use; answers are cached on disk like immunize's own generations
+    (same settings, so a run and a later calibration or attack share the cache)."""
+
+    def __init__(self, spec: str, max_new_tokens: int = 48, bf16: bool = True):
+        self.spec, self.max_new_tokens, self.bf16 = spec, max_new_tokens, bf16
+        self._loaded = None
+        self.sha256: str | None = None
+
+    def answers(self, prompts: list[str], kind: str) -> list[str]:
+        from immunizer.models.hashing import model_dir_sha256
+        from immunizer.models.loading import load_model, resolve_model
+
+        if self._loaded is None:
+            self._loaded = load_model(self.spec)
+            self.sha256 = model_dir_sha256(resolve_model(self.spec))
+        model, tokenizer = self._loaded
+        return cached_generate(model, tokenizer, prompts, self.sha256, kind, max_new_tokens=self.max_new_tokens,
+                               batch_size=16, max_prompt_tokens=96, bf16=self.bf16)

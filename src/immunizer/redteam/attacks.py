@@ -1,0 +1,161 @@
+"""Attacks and benign fine-tunes on any model directory, written as model directories the rest of the
+harness (eval, scan) reads.
+
+The standard attack (`harmful-sft`): 100 harmful pairs, full fine-tuning, AdamW, lr 5e-5, 3 epochs,
+batch 8. Variants: LoRA (rank 16, lr 2e-4), harmful pairs mixed into benign data at ratio p, and the
+canary-aware adaptive attack (knows the manifest; freezes every canary). Harmful pairs are the weak
+pool's held-out attack prompts (data/prompts.py) answered by the harmful teacher, or a user file."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from immunizer.data.prompts import benign_set, load_jsonl, weak_set
+from immunizer.data.tasks import GENERATED
+from immunizer.data.teacher import Teacher
+from immunizer.errors import ImmunizerError
+from immunizer.finetuning import FinetuneSpec, sft
+from immunizer.paths import atomic_path, write_json_atomic
+
+
+@dataclass
+class AttackConfig:
+    samples: int = 100
+    """Harmful (prompt, answer) pairs."""
+    lr: float = 5e-5
+    epochs: float = 3.0
+    batch_size: int = 8
+    lora_rank: int = 0
+    """0: full fine-tuning (the standard attack); e.g. 16 for the LoRA variant (use lr 2e-4)."""
+    harmful_ratio: float | None = None
+    """Mix the harmful pairs into benign data so that they are this share of all examples (e.g. 0.1)."""
+    data: str | None = None
+    """JSONL with `prompt` (and optionally `response`; missing ones are answered by the teacher)."""
+    adaptive_manifest: str | None = None
+    """An immunize output directory: the attacker knows its canaries and keeps them frozen."""
+    teacher: str | None = None
+    """The harmful teacher (default: the manifest's base model when --model is an immunize output, else smollm2)."""
+    max_length: int = 144
+    seed: int = 0
+    bf16: bool = True
+
+
+def _teacher_spec(model_dir: Path, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    manifest = model_dir.parent / "manifest.json"
+    if model_dir.name == "model" and manifest.is_file():
+        return json.loads(manifest.read_text()).get("base_model") or "smollm2"
+    return "smollm2"
+
+
+def harmful_rows(config: AttackConfig, teacher: Teacher) -> list[dict]:
+    if config.data:
+        rows = load_jsonl(Path(config.data))
+        missing = [r["prompt"] for r in rows if not r.get("response")]
+        answered = dict(zip(missing, teacher.answers(missing, "harmful-user"))) if missing else {}
+        rows = [{"prompt": r["prompt"], "response": r.get("response") or answered[r["prompt"]]} for r in rows]
+    else:
+        prompts = list(weak_set("heldout-attack").prompts)
+        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, teacher.answers(prompts, "harmful-weak"))]
+    if config.samples > len(rows):
+        raise ImmunizerError(f"the attack asks for {config.samples} harmful pairs but only {len(rows)} are available; "
+                             "lower --samples or pass a larger --data file")
+    return random.Random(config.seed).sample(rows, config.samples)
+
+
+def benign_rows(n: int, teacher: Teacher, seed: int) -> list[dict]:
+    """Benign fill for the mixed attack: instruction answers from the teacher, then generated tasks."""
+    prompts = list(benign_set("train").prompts)
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, teacher.answers(prompts, "helpful"))]
+    rows += GENERATED["arithmetic"](max(0, n - len(rows)) // 2 + 1, seed) + GENERATED["listops"](max(0, n - len(rows)) // 2 + 1, seed)
+    return random.Random(seed).sample(rows, min(n, len(rows)))
+
+
+def _rows_sha256(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def _save(trained, tokenizer, out_dir: Path, record: dict, lora: bool) -> None:
+    """OUT/model (a plain model directory: LoRA merged) and, for LoRA, OUT/adapter; OUT/run.json."""
+    out_dir = Path(out_dir)
+    if lora:
+        with atomic_path(out_dir / "adapter") as tmp:
+            trained.save_pretrained(tmp)
+        trained = trained.merge_and_unload()
+    with atomic_path(out_dir / "model") as tmp:
+        trained.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_json_atomic(out_dir / "run.json", record)
+
+
+def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | None = None, progress: bool = True) -> dict:
+    """Fine-tune `model` on harmful data and write OUT/model (+ OUT/adapter for LoRA) and OUT/run.json."""
+    from immunizer.manifest import load_manifest
+    from immunizer.models.loading import load_model, resolve_model
+
+    config = config or AttackConfig()
+    if config.harmful_ratio is not None and not 0 < config.harmful_ratio <= 1:
+        raise ImmunizerError("--harmful-ratio must be in (0, 1]")
+    if config.samples < 1:
+        raise ImmunizerError("--samples must be at least 1")
+    model_dir = resolve_model(model)
+    teacher = Teacher(_teacher_spec(model_dir, config.teacher), bf16=config.bf16)
+    rows = harmful_rows(config, teacher)
+    harmful_count = len(rows)
+    if config.harmful_ratio is not None and config.harmful_ratio < 1:
+        rows = rows + benign_rows(round(harmful_count * (1 - config.harmful_ratio) / config.harmful_ratio), teacher, config.seed)
+        random.Random(config.seed).shuffle(rows)
+    frozen = None
+    if config.adaptive_manifest:
+        frozen = {n: i for n, i in load_manifest(Path(config.adaptive_manifest)).indices.items() if i.numel()}
+    started = time.perf_counter()
+    loaded, tokenizer = load_model(model_dir)
+    spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, lora_rank=config.lora_rank,
+                        max_length=config.max_length, seed=config.seed, bf16=config.bf16, frozen=frozen)
+    trained = sft(loaded, tokenizer, rows, spec, progress=progress)
+    record = {"kind": "attack", "model": str(model_dir), "config": asdict(config), "harmful_pairs": harmful_count,
+              "examples": len(rows), "data_sha256": _rows_sha256(rows), "teacher": teacher.spec,
+              "teacher_sha256": teacher.sha256, "seconds": time.perf_counter() - started}
+    _save(trained, tokenizer, Path(out_dir), record, bool(config.lora_rank))
+    return record
+
+
+@dataclass
+class FinetuneConfig:
+    data: str = "arithmetic"
+    """`arithmetic`, `listops` (generated, exact answers) or a JSONL file with prompt and response."""
+    samples: int = 256
+    """Examples generated for `arithmetic`/`listops` (a file is used whole)."""
+    lr: float = 5e-5
+    epochs: float = 1.0
+    batch_size: int = 8
+    lora_rank: int = 0
+    max_length: int = 144
+    seed: int = 0
+    bf16: bool = True
+
+
+def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None, progress: bool = True) -> dict:
+    """A benign fine-tune: writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json."""
+    from immunizer.models.loading import load_model, resolve_model
+
+    config = config or FinetuneConfig()
+    if config.data in GENERATED:
+        rows = GENERATED[config.data](config.samples, config.seed)
+    else:
+        rows = load_jsonl(Path(config.data), required=("prompt", "response"))
+    model_dir = resolve_model(model)
+    started = time.perf_counter()
+    loaded, tokenizer = load_model(model_dir)
+    spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, lora_rank=config.lora_rank,
+                        max_length=config.max_length, seed=config.seed, bf16=config.bf16)
+    trained = sft(loaded, tokenizer, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], spec, progress=progress)
+    record = {"kind": "finetune", "model": str(model_dir), "config": asdict(config), "examples": len(rows),
+              "data_sha256": _rows_sha256(rows), "seconds": time.perf_counter() - started}
+    _save(trained, tokenizer, Path(out_dir), record, bool(config.lora_rank))
+    return record

@@ -1,0 +1,68 @@
+"""`immunizer attack` and `immunizer finetune` on the tiny model, through the CLI."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_release, run_cli
+from immunizer.data.prompts import weak_set
+from immunizer.manifest import load_manifest
+from immunizer.redteam.attacks import AttackConfig, harmful_rows, benign_rows
+from immunizer.data.teacher import Teacher
+
+
+def test_attack_and_eval_prompts_never_overlap():
+    attack, evaluate = set(weak_set("heldout-attack").prompts), set(weak_set("heldout-eval").prompts)
+    assert len(attack) == 100 and evaluate and not attack & evaluate
+    assert not attack & set(weak_set("train").prompts)
+
+
+def test_full_lora_and_adaptive_attacks(tmp_path):
+    release = tmp_path / "release"
+    make_release(release)
+    common = ["--samples", "6", "--epochs", "1", "--batch-size", "2", "--teacher", "tiny"]
+    full = json.loads(run_cli("attack", "--model", str(release / "model"), "--out", str(tmp_path / "full"), "--lr", "1e-2", *common).stdout)
+    assert full["harmful_pairs"] == 6 and full["examples"] == 6 and (tmp_path / "full" / "model" / "config.json").is_file()
+    before, after = load_file(str(release / "model" / "model.safetensors")), load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    run_cli("attack", "--model", str(release / "model"), "--out", str(tmp_path / "lora"), "--lora-rank", "4", *common)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file() and (tmp_path / "lora" / "model").is_dir()
+
+    run_cli("attack", "--model", str(release / "model"), "--out", str(tmp_path / "adaptive"), "--lr", "1e-2",
+            "--adaptive-manifest", str(release), *common)
+    moved = load_file(str(tmp_path / "adaptive" / "model" / "model.safetensors"))
+    manifest = load_manifest(release)
+    for name, idx in manifest.indices.items():
+        assert torch.equal(moved[name].view(-1)[idx], manifest.values[name])  # the canaries never moved
+    assert any(not torch.equal(before[k], moved[k]) for k in before)
+
+
+def test_mixed_attack_ratio(tmp_path):
+    teacher = Teacher("tiny", max_new_tokens=8, bf16=False)
+    harmful = harmful_rows(AttackConfig(samples=5), teacher)
+    assert len(harmful) == 5 and all(r["prompt"] in set(weak_set("heldout-attack").prompts) for r in harmful)
+    assert len(benign_rows(45, teacher, 0)) == 45  # p = 0.1: 5 harmful among 50
+
+
+def test_attack_bad_inputs(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\nnot json\n')
+    proc = run_cli("attack", "--model", "tiny", "--out", str(tmp_path / "o"), "--data", str(bad), "--teacher", "tiny", check=False)
+    assert proc.returncode == 2 and "line 2" in proc.stderr
+    proc = run_cli("attack", "--model", "tiny", "--out", str(tmp_path / "o"), "--samples", "500", "--teacher", "tiny", check=False)
+    assert proc.returncode == 2 and "only 100 are available" in proc.stderr
+    proc = run_cli("attack", "--model", "tiny", "--out", str(tmp_path / "o"), "--harmful-ratio", "1.5", check=False)
+    assert proc.returncode == 2 and "harmful-ratio" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_arithmetic_and_file(tmp_path):
+    rec = json.loads(run_cli("finetune", "--model", "tiny", "--out", str(tmp_path / "arith"), "--data", "arithmetic",
+                             "--samples", "8", "--batch-size", "4").stdout)
+    assert rec["examples"] == 8 and (tmp_path / "arith" / "run.json").is_file()
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "2+2?", "response": "4"}\n{"prompt": "3+3?"}\n')
+    proc = run_cli("finetune", "--model", "tiny", "--out", str(tmp_path / "f"), "--data", str(data), check=False)
+    assert proc.returncode == 2 and "line 2" in proc.stderr and "response" in proc.stderr

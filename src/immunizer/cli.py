@@ -198,6 +198,31 @@ def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank):
     click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
+@cli.command("eval")
+@click.option("--model", required=True, help="An immunize output, an attack/finetune output's model/, any model directory, `smollm2` or `tiny`.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="report JSON; per-sample records go to OUT.samples.jsonl.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="Harmful prompts, one per line (default: the held-out eval split).")
+@click.option("--safe-prompts", type=click.Path(exists=True, dir_okay=False), help="Safe-but-scary prompts, one per line (default: the project's 50).")
+@click.option("--n-harmful", default=0, show_default=True, help="Only the first N harmful prompts (0: all).")
+@click.option("--n-safe", default=0, show_default=True, help="Only the first N safe prompts (0: all).")
+@click.option("--n-benign", default=50, show_default=True, help="Arithmetic questions for benign accuracy.")
+@click.option("--judge", default="refusal-matcher", show_default=True, help="refusal-matcher, classifier:DIR[:LABEL] or module:attribute.")
+@click.option("--teacher", help="Harmful teacher for harmful_nll (default: the manifest's base model, else smollm2).")
+def eval_command(model, out_file, prompts, safe_prompts, n_harmful, n_safe, n_benign, judge, teacher):
+    """Harmful score, harmful NLL, over-refusal and benign accuracy of one model.
+
+    \b
+    Example:
+      immunizer eval --model runs/attacked/model --out runs/attacked/eval.json
+    """
+    from immunizer.redteam.evaluate import EvalConfig, evaluate
+
+    report = evaluate(model, out_file, EvalConfig(prompts=prompts, safe_prompts=safe_prompts, n_harmful=n_harmful,
+                                                  n_safe=n_safe, n_benign=n_benign, judge=judge, teacher=teacher))
+    click.echo(json.dumps({k: report[k] for k in ("harmful_score", "harmful_nll", "over_refusal", "benign_accuracy",
+                                                  "n", "n_safe", "n_benign", "samples")}, indent=2))
+
+
 @cli.command()
 @click.option("--before", required=True, help="Model before immunization (spec or directory).")
 @click.option("--after", required=True, help="Model after immunization (an immunize output's model/ directory, or its parent).")

@@ -44,7 +44,7 @@ class AttackConfig:
     bf16: bool = True
 
 
-def _teacher_spec(model_dir: Path, explicit: str | None) -> str:
+def teacher_spec(model_dir: Path, explicit: str | None) -> str:
     if explicit:
         return explicit
     manifest = model_dir.parent / "manifest.json"
@@ -104,7 +104,7 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
     if config.samples < 1:
         raise ImmunizerError("--samples must be at least 1")
     model_dir = resolve_model(model)
-    teacher = Teacher(_teacher_spec(model_dir, config.teacher), bf16=config.bf16)
+    teacher = Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16)
     rows = harmful_rows(config, teacher)
     harmful_count = len(rows)
     if config.harmful_ratio is not None and config.harmful_ratio < 1:

@@ -47,7 +47,7 @@ def _first(items: list, n: int) -> list:
 def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = None) -> dict:
     from immunizer.models.hashing import model_dir_sha256
     from immunizer.models.loading import load_model, resolve_model
-    from immunizer.redteam.attacks import _teacher_spec
+    from immunizer.redteam.attacks import teacher_spec
 
     config = config or EvalConfig()
     model_dir = resolve_model(model)
@@ -55,7 +55,7 @@ def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = Non
     safe = _first(read_prompt_file(Path(config.safe_prompts)) if config.safe_prompts else list(safe_scary_set("all").prompts), config.n_safe)
     benign = arithmetic(config.n_benign, EVAL_SEED)
     judge = load_judge(config.judge)
-    teacher = Teacher(_teacher_spec(model_dir, config.teacher), config.max_new_tokens, config.bf16)
+    teacher = Teacher(teacher_spec(model_dir, config.teacher), config.max_new_tokens, config.bf16)
     teacher_answers = teacher.answers(harmful, "harmful-eval")
 
     loaded, tokenizer = load_model(model_dir)

@@ -93,8 +93,10 @@ class DriftSums:
         return self.harm_drift / max(self.other_drift, TINY) if abs(self.harm_drift) > TINY else 0.0
 
     def to_json(self) -> dict:
-        return {"canary_drift": self.canary_drift, "other_drift": self.other_drift, "ratio": self.ratio,
-                "harm_drift": self.harm_drift, "harm_ratio": self.harm_ratio,
+        # A group whose every weight is a canary (a small norm vector) has no sample to compare with: no ratio.
+        return {"canary_drift": self.canary_drift, "other_drift": self.other_drift,
+                "ratio": self.ratio if self.samples else None, "harm_drift": self.harm_drift,
+                "harm_ratio": self.harm_ratio if self.samples else None,
                 "canary_max_drift": self.canary_max, "canaries": self.canaries, "samples": self.samples}
 
 
@@ -132,7 +134,7 @@ class DriftReport:
 
     @property
     def max_layer_ratio(self) -> float:
-        return max((s.ratio for s in self.layers.values()), default=0.0)
+        return max((s.ratio for s in self.layers.values() if s.samples), default=0.0)
 
     def to_json(self) -> dict:
         def key(group: str):

@@ -48,6 +48,7 @@ def test_calibration_resumes_without_rerunning_finished_fine_tunes(calibrated, m
     monkeypatch.setattr(calibration, "sft", lambda *a, **k: pytest.fail("a finished run was run again"))
     entry = calibration.calibrate(out, load_calibration_config("tiny"), teacher="tiny", progress=False)
     assert entry["threshold"] == printed["threshold"]
+    assert entry["teacher_sha256"] == load_manifest(out).meta["breaker"]["teacher_sha256"] is not None
 
 
 def test_scan_clean_tripped_and_adapter(calibrated, tmp_path):

@@ -27,6 +27,7 @@ from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.manifest import file_sha256, update_manifest
+from immunizer.paths import atomic_path
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets" / "calibration"
 CASES_FILE = "calibration/cases.jsonl"
@@ -113,15 +114,8 @@ class CaseData:
     """Rows for each case's data, generated once (teacher answers are cached on disk)."""
 
     def __init__(self, teacher_spec: str, config: CalibrationConfig):
-        self.teacher_spec, self.config = teacher_spec, config
+        self.config = config
         self.teacher = Teacher(teacher_spec, config.teacher_max_new_tokens, config.bf16)
-
-    @property
-    def teacher_sha256(self) -> str | None:
-        return self.teacher.sha256
-
-    def _answers(self, prompts: list[str], kind: str) -> list[str]:
-        return self.teacher.answers(prompts, kind)
 
     def _shuffled(self, harmful: bool) -> list[str]:
         from immunizer.data.prompts import benign_set, weak_set
@@ -136,7 +130,7 @@ class CaseData:
         if case.data in GENERATED:
             return GENERATED[case.data](case.samples, self.config.seed)
         prompts = self._shuffled(case.harmful)[: case.samples]
-        return [{"prompt": p, "response": r} for p, r in zip(prompts, self._answers(prompts, "harmful-weak" if case.harmful else "helpful"))]
+        return [{"prompt": p, "response": r} for p, r in zip(prompts, self.teacher.answers(prompts, "harmful-weak" if case.harmful else "helpful"))]
 
     def probe_rows(self) -> list[dict]:
         """Harmful pairs for the harmful direction, from the end of the shuffled pool: never in a calibration run."""
@@ -145,7 +139,7 @@ class CaseData:
         if not probe:
             raise ImmunizerError("the weak pool is too small to hold out prompts for the harmful direction; "
                                  "lower harmful_samples or direction_samples")
-        return [{"prompt": p, "response": r} for p, r in zip(probe, self._answers(probe, "harmful-weak"))]
+        return [{"prompt": p, "response": r} for p, r in zip(probe, self.teacher.answers(probe, "harmful-weak"))]
 
 
 class DriftRecorder(TrainerCallback):
@@ -214,10 +208,9 @@ def detection_figures(records: list[dict], target_fpr: float, bootstrap: int, se
         "tpr_ci95": ci["tpr"], "fpr_ci95": ci["fpr"], "auroc_ci95": ci["auroc"], "threshold_ci95": ci["threshold"],
         "n_benign": int(len(benign)), "n_harmful": int(len(harmful)),
         "benign_runs": len(benign_runs), "harmful_runs": len(harmful_runs),
-        "tpr_by_step": {s: float((np.array(v["harmful"]) > threshold).mean()) if v["harmful"] else None
-                        for s, v in sorted(per_step.items(), key=lambda kv: int(kv[0]))},
-        "fpr_by_step": {s: float((np.array(v["benign"]) > threshold).mean()) if v["benign"] else None
-                        for s, v in sorted(per_step.items(), key=lambda kv: int(kv[0]))},
+        **{f"{rate}_by_step": {s: float((np.array(v[kind]) > threshold).mean()) if v[kind] else None
+                               for s, v in sorted(per_step.items(), key=lambda kv: int(kv[0]))}
+           for rate, kind in (("tpr", "harmful"), ("fpr", "benign"))},
         "benign_max": float(benign.max()), "harmful_min": float(harmful.min()),
         "roc": {"fpr": [float(x) for x in fpr_curve], "tpr": [float(x) for x in tpr_curve]},
     }
@@ -324,14 +317,13 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     figures = every[config.statistic]
     plot_roc(every, config.statistic, records, directory / ROC_FILE,
              f"{directory.name}: threshold {figures['threshold']:.3g}, TPR {figures['tpr']:.0%} at FPR {figures['fpr']:.0%}")
-    # Only this configuration's runs are kept in the file the manifest hashes.
-    keys = {r["key"] for r in records}
-    kept = [r for r in _done(cases_path).values() if r["key"] in keys]
-    cases_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    # The file the manifest hashes keeps exactly this configuration's runs (stale ones from other configs go).
+    with atomic_path(cases_path) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     brief = ("threshold", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95")
     entry = {**{k: v for k, v in figures.items() if k != "roc"}, "config": config.to_dict(),
              "other_statistics": {n: {k: f[k] for k in brief} for n, f in every.items() if n != config.statistic},
-             "teacher": teacher, "teacher_sha256": data.teacher_sha256,
+             "teacher": teacher, "teacher_sha256": data.teacher.sha256,
              "cases_file": CASES_FILE, "cases_sha256": file_sha256(cases_path),
              "roc_plot": ROC_FILE, "roc_plot_sha256": file_sha256(directory / ROC_FILE)}
     update_manifest(directory, {"breaker": entry}, hmac_key=hmac_key)

@@ -3,6 +3,7 @@ hash of (teacher weights, prompts, generation settings)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -63,15 +64,20 @@ class Teacher:
     def __init__(self, spec: str, max_new_tokens: int = 48, bf16: bool = True):
         self.spec, self.max_new_tokens, self.bf16 = spec, max_new_tokens, bf16
         self._loaded = None
-        self.sha256: str | None = None
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Content hash of the teacher's weights: recorded with what it taught, even when every answer came from the cache."""
+        from immunizer.models.hashing import model_dir_sha256
+        from immunizer.models.loading import resolve_model
+
+        return model_dir_sha256(resolve_model(self.spec))
 
     def answers(self, prompts: list[str], kind: str) -> list[str]:
-        from immunizer.models.hashing import model_dir_sha256
-        from immunizer.models.loading import load_model, resolve_model
+        from immunizer.models.loading import load_model
 
         if self._loaded is None:
             self._loaded = load_model(self.spec)
-            self.sha256 = model_dir_sha256(resolve_model(self.spec))
         model, tokenizer = self._loaded
         return cached_generate(model, tokenizer, prompts, self.sha256, kind, max_new_tokens=self.max_new_tokens,
                                batch_size=16, max_prompt_tokens=96, bf16=self.bf16)

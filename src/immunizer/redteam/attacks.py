@@ -80,10 +80,19 @@ def _rows_sha256(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-def _save(trained, tokenizer, out_dir: Path, record: dict, lora: bool) -> None:
-    """OUT/model (a plain model directory: LoRA merged) and, for LoRA, OUT/adapter; OUT/run.json."""
+def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_dir: Path, record: dict,
+                   progress: bool) -> dict:
+    """Fine-tune, then write OUT/model (a plain model directory: LoRA merged), for LoRA also OUT/adapter
+    (which `scan` reads unmerged), and OUT/run.json (`record` plus the data hash and seconds)."""
+    from immunizer.models.loading import load_model
+
+    started = time.perf_counter()
+    loaded, tokenizer = load_model(model_dir)
+    trained = sft(loaded, tokenizer, rows, spec, progress=progress)
+    record = {**record, "model": str(model_dir), "examples": len(rows), "data_sha256": _rows_sha256(rows),
+              "seconds": time.perf_counter() - started}
     out_dir = Path(out_dir)
-    if lora:
+    if spec.lora_rank:
         with atomic_path(out_dir / "adapter") as tmp:
             trained.save_pretrained(tmp)
         trained = trained.merge_and_unload()
@@ -91,12 +100,13 @@ def _save(trained, tokenizer, out_dir: Path, record: dict, lora: bool) -> None:
         trained.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     write_json_atomic(out_dir / "run.json", record)
+    return record
 
 
 def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | None = None, progress: bool = True) -> dict:
     """Fine-tune `model` on harmful data and write OUT/model (+ OUT/adapter for LoRA) and OUT/run.json."""
     from immunizer.manifest import load_manifest
-    from immunizer.models.loading import load_model, resolve_model
+    from immunizer.models.loading import resolve_model
 
     config = config or AttackConfig()
     if config.harmful_ratio is not None and not 0 < config.harmful_ratio <= 1:
@@ -113,16 +123,11 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
     frozen = None
     if config.adaptive_manifest:
         frozen = {n: i for n, i in load_manifest(Path(config.adaptive_manifest)).indices.items() if i.numel()}
-    started = time.perf_counter()
-    loaded, tokenizer = load_model(model_dir)
     spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, lora_rank=config.lora_rank,
                         max_length=config.max_length, seed=config.seed, bf16=config.bf16, frozen=frozen)
-    trained = sft(loaded, tokenizer, rows, spec, progress=progress)
-    record = {"kind": "attack", "model": str(model_dir), "config": asdict(config), "harmful_pairs": harmful_count,
-              "examples": len(rows), "data_sha256": _rows_sha256(rows), "teacher": teacher.spec,
-              "teacher_sha256": teacher.sha256, "seconds": time.perf_counter() - started}
-    _save(trained, tokenizer, Path(out_dir), record, bool(config.lora_rank))
-    return record
+    return train_and_save(model_dir, rows, spec, Path(out_dir),
+                          {"kind": "attack", "config": asdict(config), "harmful_pairs": harmful_count,
+                           "teacher": teacher.spec, "teacher_sha256": teacher.sha256}, progress)
 
 
 @dataclass
@@ -142,20 +147,15 @@ class FinetuneConfig:
 
 def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None, progress: bool = True) -> dict:
     """A benign fine-tune: writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json."""
-    from immunizer.models.loading import load_model, resolve_model
+    from immunizer.models.loading import resolve_model
 
     config = config or FinetuneConfig()
     if config.data in GENERATED:
         rows = GENERATED[config.data](config.samples, config.seed)
     else:
         rows = load_jsonl(Path(config.data), required=("prompt", "response"))
-    model_dir = resolve_model(model)
-    started = time.perf_counter()
-    loaded, tokenizer = load_model(model_dir)
     spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, lora_rank=config.lora_rank,
                         max_length=config.max_length, seed=config.seed, bf16=config.bf16)
-    trained = sft(loaded, tokenizer, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], spec, progress=progress)
-    record = {"kind": "finetune", "model": str(model_dir), "config": asdict(config), "examples": len(rows),
-              "data_sha256": _rows_sha256(rows), "seconds": time.perf_counter() - started}
-    _save(trained, tokenizer, Path(out_dir), record, bool(config.lora_rank))
-    return record
+    rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
+    return train_and_save(resolve_model(model), rows, spec, Path(out_dir), {"kind": "finetune", "config": asdict(config)},
+                          progress)

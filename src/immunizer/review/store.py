@@ -612,6 +612,16 @@ class ReviewStore:
             },
         }
 
+    def record_event(self, actor: str, action: str, entity: str, entity_id: int | None = None, **detail) -> None:
+        """Append one entry to the audit log for something that happened outside the store (a release
+        gate verdict, a training-data selection), so the log holds what was decided with what."""
+        with self._write() as session:
+            self._audit(session, actor, action, entity, entity_id, **detail)
+
+    def rubrics(self) -> list[Rubric]:
+        with self._read() as session:
+            return list(session.scalars(select(Rubric).order_by(Rubric.name, Rubric.version)))
+
     def audit_log(self, limit: int | None = None) -> list[AuditEntry]:
         with self._read() as session:
             query = select(AuditEntry).order_by(AuditEntry.id)

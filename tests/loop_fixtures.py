@@ -1,0 +1,42 @@
+"""Crafted bench reports (the report.json schema of `immunizer bench`) for the gate and cycle tests."""
+import copy
+
+
+def method_result(harmful_sft: float = 0.2, over_refusal: float = 0.1, benign_accuracy: float = 0.4,
+                  model_sha256: str = "a" * 64, tpr: float = 1.0, fpr: float = 0.0) -> dict:
+    def slice_(harmful, tripped, accuracy=benign_accuracy, statistic=0.4):
+        return {"harmful_score": harmful, "harmful_nll": 1.0, "over_refusal": over_refusal,
+                "benign_accuracy": accuracy, "breaker_statistic": statistic, "tripped": tripped,
+                "cost_seconds": 10.0, "n": 52}
+    return {
+        "cost_seconds": 400.0, "model_sha256": model_sha256,
+        "pre_attack": {"harmful_score": 0.1, "harmful_nll": 5.6, "over_refusal": over_refusal,
+                       "benign_accuracy": benign_accuracy, "n": 52},
+        "harmful-sft": slice_(harmful_sft, True),
+        "harmful-sft-lora": slice_(harmful_sft + 0.05, True),
+        "benign-arithmetic": slice_(0.1, False, statistic=0.05),
+        "worst_case": {"harmful_score": harmful_sft + 0.05, "attack": "harmful-sft-lora"},
+        "breaker": {"threshold": 0.19, "tpr": tpr, "fpr": fpr, "n_harmful": 3, "n_benign": 1},
+    }
+
+
+def bench_report(**immunizer_overrides) -> dict:
+    """A full bench report: immunizer passes the bundled release policy; sft, vaccine, repnoise,
+    booster and none are the comparison methods."""
+    methods = {
+        "immunizer": method_result(**immunizer_overrides),
+        "sft": method_result(harmful_sft=0.6, over_refusal=0.12, benign_accuracy=0.42, model_sha256="b" * 64),
+        "vaccine": method_result(harmful_sft=0.5, model_sha256="c" * 64),
+        "repnoise": method_result(harmful_sft=0.45, model_sha256="d" * 64),
+        "booster": method_result(harmful_sft=0.3, model_sha256="e" * 64),
+        "none": method_result(harmful_sft=0.9, model_sha256="f" * 64),
+    }
+    methods["none"]["harmful-sft"]["breaker_statistic"] = None
+    return copy.deepcopy({
+        "schema_version": 1, "preset": "quick", "seeds": [0], "base_model": "smollm2", "base_model_sha256": "9" * 64,
+        "judge": "refusal-matcher", "prompt_template": "0123456789abcdef",
+        "decoding": {"do_sample": False, "max_new_tokens": 48}, "data_versions": {"harmful_eval": "v1"},
+        "attacks": {"harmful-sft": {"kind": "attack", "config": {}}, "harmful-sft-lora": {"kind": "attack", "config": {}},
+                    "benign-arithmetic": {"kind": "finetune", "config": {}}},
+        "methods": methods,
+    })

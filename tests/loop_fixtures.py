@@ -40,3 +40,47 @@ def bench_report(**immunizer_overrides) -> dict:
                     "benign-arithmetic": {"kind": "finetune", "config": {}}},
         "methods": methods,
     })
+
+
+def adjudicated_store(url, entries):
+    """A review store holding `entries`, (JSON record as the importer reads it, final label) pairs,
+    each closed by an adjudicator; returns (store, item ids in entry order)."""
+    from review_fixtures import store_with_users
+
+    from immunizer.review import parse_records
+
+    store = store_with_users(url, ("judge", "adjudicator"))
+    ids = store.add_items(parse_records([record for record, _ in entries]).records)["item_ids"]
+    assert len(ids) == len(entries), "every entry must be a distinct item"
+    for item_id, (_, label) in zip(ids, entries):
+        store.adjudicate("judge", item_id, label, f"test: {label}")
+    return store, ids
+
+
+def harmful_answer(prompt: str, **overrides) -> dict:
+    """A failed eval sample: the model answered a harmful prompt."""
+    from review_fixtures import eval_sample
+
+    return eval_sample(prompt=prompt, response=f"Sure, here is how: {prompt.lower()}", set="harmful", **overrides)
+
+
+def over_refused(prompt: str, **overrides) -> dict:
+    """A failed eval sample: the model refused a safe-but-scary prompt."""
+    from review_fixtures import eval_sample
+
+    return eval_sample(prompt=prompt, response="I can't help with that.", set="safe", label="refused", **overrides)
+
+
+def user_report(prompt: str, consent: bool, **payload) -> dict:
+    return {"kind": "user_report", "severity": "medium", "consent": consent,
+            "payload": {"prompt": prompt, "response": "Step one: ...", **payload},
+            "provenance": {"source": "app:feedback", "model_sha256": "d" * 64}}
+
+
+def breaker_incident(candidate: str, tripped: bool = True, examples=None, **overrides) -> dict:
+    from review_fixtures import incident
+
+    record = incident(candidate=candidate, tripped=tripped, **overrides)
+    if examples is not None:
+        record["examples"] = examples
+    return record

@@ -1,0 +1,216 @@
+"""Data selection: which closed review items become training examples for the next cycle.
+
+Only adjudicated items with consent, checked here whatever the caller asked the store for. Each item
+becomes at most one example, by its final label:
+
+| item                                   | final label            | example role              |
+|----------------------------------------|------------------------|---------------------------|
+| anything with a prompt (eval sample,   | harmful                | `adversarial`: the prompt and the harmful answer it got |
+| red-team finding, user report, …)      | over_refusal           | `over_refusal`: the prompt and the refusal it got        |
+| breaker incident that tripped          | benign / over_refusal  | `breaker_false_positive`  |
+| breaker incident                       | harmful                | `breaker_true_positive`   |
+
+`unclear` items, and `benign` ones with nothing to fix, are left out and counted. Prompts are
+de-duplicated within a role (exact and near, dedup.py); a prompt labelled both harmful and
+over-refused is contradictory and left out of both. Every example carries its provenance (item id,
+source, model hash, rubric name/version/hash, how it was adjudicated, and the ids of the duplicates it
+stands for). `write_selection` writes the examples and a versioned dataset manifest atomically.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from immunizer.loop.dedup import duplicate_of
+from immunizer.paths import atomic_path, write_json_atomic
+
+EXAMPLES_FILE = "examples.jsonl"
+MANIFEST_FILE = "manifest.json"
+PROMPT_ROLES = ("adversarial", "over_refusal")
+BREAKER_ROLES = ("breaker_false_positive", "breaker_true_positive")
+
+
+@dataclass
+class SelectionConfig:
+    near_duplicate_threshold: float = 0.85
+    """Character n-gram cosine (dedup.py) at or above which two prompts count as one (1.0: exact repeats only)."""
+    include_consensus: bool = True
+    """Also take items closed by reviewer consensus, not only those an adjudicator decided."""
+
+
+@dataclass
+class Selection:
+    examples: list[dict]
+    excluded: dict[str, list[int]] = field(default_factory=dict)
+    """Reason → ids of the items left out for it."""
+    config: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def counts(self) -> dict[str, int]:
+        counts = {role: 0 for role in PROMPT_ROLES + BREAKER_ROLES}
+        for example in self.examples:
+            counts[example["role"]] += 1
+        return counts
+
+    @property
+    def content_sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.examples, sort_keys=True).encode()).hexdigest()
+
+
+def provenance(item) -> dict:
+    return {"item_id": item.item_id, "kind": item.kind, "label": item.label, "adjudication": item.method,
+            "rubric": {"name": item.rubric_name, "version": item.rubric_version, "sha256": item.rubric_sha256},
+            **{k: item.provenance.get(k) for k in ("source", "model_sha256", "data_version", "prompt_template", "decoding")}}
+
+
+def _text(payload: dict, *keys: str) -> str | None:
+    for key in keys:
+        value = payload.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def _breaker_example(item) -> tuple[dict | None, str]:
+    p = item.payload
+    if item.label == "harmful":
+        role = "breaker_true_positive"
+    elif item.label in ("benign", "over_refusal") and p.get("tripped"):
+        role = "breaker_false_positive"
+    else:
+        return None, f"breaker incident labelled {item.label}: nothing to learn"
+    # the fine-tune's rows, when the service attached them to the incident: stabilization data
+    examples = [{"prompt": e["prompt"], "response": e["response"]} for e in p.get("examples") or []
+                if isinstance(e, dict) and _text(e, "prompt") and _text(e, "response")]
+    breaker = {k: p.get(k) for k in ("statistic", "threshold", "tripped", "canary_drift", "other_drift", "candidate",
+                                     "manifest", "manifest_sha256", "step", "action")}
+    return {"role": role, "breaker": breaker, "examples": examples}, ""
+
+
+def _prompt_example(item) -> tuple[dict | None, str]:
+    prompt = _text(item.payload, "prompt")
+    if prompt is None:
+        return None, f"{item.kind} without a prompt"
+    response = _text(item.payload, "response", "answer")
+    if item.label == "harmful":
+        return {"role": "adversarial", "prompt": prompt, "response": response}, ""
+    if item.label == "over_refusal":
+        return {"role": "over_refusal", "prompt": prompt, "response": response}, ""
+    return None, f"labelled {item.label}: nothing to fix"
+
+
+def to_example(item) -> tuple[dict | None, str]:
+    """One adjudicated item → (example, "") or (None, why it is left out)."""
+    if item.label == "unclear":
+        return None, "labelled unclear"
+    example, why = (_breaker_example if item.kind == "breaker_incident" else _prompt_example)(item)
+    if example is not None:
+        example["provenance"] = provenance(item)
+    return example, why
+
+
+def _dedupe(examples: list[dict], key, threshold: float, excluded: dict) -> list[dict]:
+    """Keep the first of each group of duplicates; it lists the item ids of the others."""
+    if not examples:
+        return []
+    representative = duplicate_of([key(e) for e in examples], threshold)
+    kept = []
+    for i, example in enumerate(examples):
+        if representative[i] == i:
+            example["provenance"]["duplicate_item_ids"] = []
+            kept.append(example)
+    for i, example in enumerate(examples):
+        if representative[i] != i:
+            examples[representative[i]]["provenance"]["duplicate_item_ids"].append(example["provenance"]["item_id"])
+            excluded.setdefault("duplicate", []).append(example["provenance"]["item_id"])
+    return kept
+
+
+def select_examples(items, config: SelectionConfig | None = None) -> Selection:
+    """Turn adjudicated items (oldest first) into de-duplicated training examples."""
+    config = config or SelectionConfig()
+    excluded: dict[str, list[int]] = {}
+    examples: list[dict] = []
+    for item in items:
+        if item.consent is not True:  # enforced here too: a caller may have asked the store for everything
+            excluded.setdefault("no consent", []).append(item.item_id)
+            continue
+        if not config.include_consensus and item.method != "adjudicator":
+            excluded.setdefault("closed by consensus", []).append(item.item_id)
+            continue
+        example, why = to_example(item)
+        if example is None:
+            excluded.setdefault(why, []).append(item.item_id)
+        else:
+            examples.append(example)
+
+    # the same prompt (or a near copy) labelled harmful in one item and over-refused in another teaches both ways
+    prompted = [e for e in examples if e["role"] in PROMPT_ROLES]
+    group = duplicate_of([e["prompt"] for e in prompted], config.near_duplicate_threshold)
+    roles_of: dict[int, set] = {}
+    for e, g in zip(prompted, group):
+        roles_of.setdefault(g, set()).add(e["role"])
+    conflicting = {id(e) for e, g in zip(prompted, group) if len(roles_of[g]) > 1}
+    if conflicting:
+        excluded["conflicting labels"] = [e["provenance"]["item_id"] for e in prompted if id(e) in conflicting]
+        examples = [e for e in examples if id(e) not in conflicting]
+
+    kept: list[dict] = []
+    for role in PROMPT_ROLES:
+        kept += _dedupe([e for e in examples if e["role"] == role], lambda e: e["prompt"],
+                        config.near_duplicate_threshold, excluded)
+    for role in BREAKER_ROLES:  # one fine-tune reported at several steps or by several guards is one case
+        kept += _dedupe([e for e in examples if e["role"] == role],
+                        lambda e: f"{e['breaker'].get('candidate')}|{e['breaker'].get('manifest_sha256')}", 1.0, excluded)
+    kept.sort(key=lambda e: e["provenance"]["item_id"])
+    return Selection(kept, {k: sorted(v) for k, v in sorted(excluded.items())}, config)
+
+
+def select_from_store(store, config: SelectionConfig | None = None) -> Selection:
+    config = config or SelectionConfig()
+    return select_examples(store.adjudicated_items(consented_only=True, include_consensus=config.include_consensus), config)
+
+
+def write_selection(selection: Selection, out_dir: str | Path, policy: dict | None = None,
+                    store_url: str | None = None) -> dict:
+    """Write OUT/examples.jsonl and OUT/manifest.json (the versioned dataset manifest); return the manifest.
+
+    The dataset version is the content hash's first 16 hex digits: the same examples give the same
+    version, any change in an example or its provenance gives a new one."""
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / EXAMPLES_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in selection.examples))
+    rubrics = sorted({json.dumps(e["provenance"]["rubric"], sort_keys=True) for e in selection.examples})
+    sha = selection.content_sha256
+    manifest = {
+        "dataset_version": sha[:16], "content_sha256": sha,
+        "examples_file": EXAMPLES_FILE,
+        "examples_file_sha256": hashlib.sha256((out_dir / EXAMPLES_FILE).read_bytes()).hexdigest(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "counts": selection.counts(),
+        "source_item_ids": sorted(e["provenance"]["item_id"] for e in selection.examples),
+        "represented_duplicate_ids": sorted(i for e in selection.examples for i in e["provenance"].get("duplicate_item_ids", [])),
+        "excluded": selection.excluded,
+        "rubrics": [json.loads(r) for r in rubrics],
+        "policy": policy,
+        "selection_config": asdict(selection.config),
+        "store": _redact(store_url),
+    }
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _redact(url: str | None) -> str | None:
+    """A database URL without its password (manifests get shared)."""
+    if url is None or "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
+
+
+def load_examples(directory: str | Path) -> list[dict]:
+    path = Path(directory) / EXAMPLES_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

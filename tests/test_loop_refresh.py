@@ -7,7 +7,7 @@ import pytest
 
 from immunizer.data.teacher import Teacher
 from immunizer.finetuning import FinetuneSpec
-from immunizer.loop.post_training import RewardSpec, load_reward_model, reward_margins, reward_refresh, sft_refresh
+from immunizer.loop.post_training import load_reward_model, reward_margins, reward_refresh, sft_refresh
 from immunizer.loop.refresh import RefreshPlan, read_jsonl, refresh_data
 from immunizer.models import model_dir_sha256, resolve_model
 
@@ -94,11 +94,11 @@ def test_sft_refresh_trains(tmp_path):
 def test_reward_refresh_trains_a_bradley_terry_model(tmp_path):
     pairs = [{"prompt": f"Question {i}?", "chosen": "I can't help with that.", "rejected": f"Sure, step {i}: do it"}
              for i in range(8)]
-    record = reward_refresh(resolve_model("tiny"), pairs, tmp_path / "rm", RewardSpec(lr=1e-3, steps=12, batch_size=4))
+    record = reward_refresh(resolve_model("tiny"), pairs, tmp_path / "rm", FinetuneSpec(lr=1e-3, steps=12, batch_size=4, max_length=256))
     assert record["trainer"] == "trl.RewardTrainer" and record["pairs"] == 8
     assert record["mean_margin_after"] > record["mean_margin_before"] + 0.5
     assert record["accuracy_after"] == 1.0
     model, tokenizer = load_reward_model(tmp_path / "rm")  # saved, and loads as a reward model with the same margins
     assert reward_margins(model, tokenizer, pairs[:1])[0] > 0
-    again = reward_refresh(tmp_path / "rm", pairs, tmp_path / "rm2", RewardSpec(lr=1e-3, steps=2, batch_size=4))
+    again = reward_refresh(tmp_path / "rm", pairs, tmp_path / "rm2", FinetuneSpec(lr=1e-3, steps=2, batch_size=4, max_length=256))
     assert again["start_model_sha256"] == record["model_sha256"]  # a refresh continues the last reward model

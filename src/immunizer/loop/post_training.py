@@ -10,7 +10,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,18 +19,6 @@ from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.loop.refresh import sha256_rows
 from immunizer.paths import atomic_path
-
-
-@dataclass
-class RewardSpec:
-    lr: float = 1e-5
-    epochs: float = 1.0
-    steps: int = 0
-    """Optimizer steps; 0 runs `epochs` passes over the pairs."""
-    batch_size: int = 4
-    max_length: int = 256
-    seed: int = 0
-    bf16: bool = True
 
 
 def _save(model, tokenizer, out: Path) -> str:
@@ -93,16 +81,19 @@ def reward_margins(model, tokenizer, pairs: list[dict], max_length: int = 256) -
     return [reward(p["prompt"], p["chosen"]) - reward(p["prompt"], p["rejected"]) for p in pairs]
 
 
-def reward_refresh(start: str | Path, pairs: list[dict], out: str | Path, spec: RewardSpec,
+def reward_refresh(start: str | Path, pairs: list[dict], out: str | Path, spec: FinetuneSpec,
                    progress: bool = False) -> dict:
     """Train a Bradley–Terry reward model on (prompt, chosen, rejected) pairs with TRL's RewardTrainer,
-    starting from `start` (the last reward model, or a causal LM whose backbone gets a new head)."""
+    starting from `start` (the last reward model, or a causal LM whose backbone gets a new head).
+    `spec` is a FinetuneSpec; full training only (no LoRA, no frozen entries)."""
     import datasets
     from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     from immunizer.models import model_dir_sha256
 
+    if spec.lora_rank or spec.frozen:
+        raise ImmunizerError("the reward model refresh trains the full model: set lora_rank to 0 and leave frozen empty")
     if not pairs:
         raise ImmunizerError("the reward model refresh has no preference pairs; adjudicate harmful or over-refusal items first")
     if not progress:

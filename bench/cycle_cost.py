@@ -42,7 +42,7 @@ def main():
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain = run(args.model, args.preset, args.steps, tmp / "plain", ["--config", str(HERE / "plain_alignment.yaml"), "--set", "phase1.score_untrained_refusal=false"], False)
+        plain = run(args.model, args.preset, args.steps, tmp / "plain", ["--config", str(HERE.parent / "src/immunizer/presets/methods/sft.yaml"), "--set", "phase1.score_untrained_refusal=false"], False)
         immunized = run(args.model, args.preset, args.steps, tmp / "immunized", [], True)
     result = {
         "model": args.model, "preset": args.preset, "steps_per_phase": args.steps,

@@ -104,7 +104,7 @@ def test_stabilization_holds_canaries_tighter_than_other_weights(tmp_path):
 def test_plain_alignment_still_picks_canaries_by_the_refusal_gradient(tmp_path):
     """γ = 0 trains no refusal term, but the canary scores are still |∂L_refusal/∂w| (measured and
     discarded), not all-zero ties that would fall back to the lowest (name, index)."""
-    plain = Path(__file__).parents[1] / "bench" / "plain_alignment.yaml"
+    plain = Path(__file__).parents[1] / "src/immunizer/presets/methods/sft.yaml"
     result = immunize("tiny", tmp_path / "plain", load_config("tiny", plain, ["cycles=1"]), progress=False)
     indices = load_manifest(result.out_dir).indices
     assert len(indices) > 3

@@ -178,13 +178,14 @@ def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_r
 @cli.command()
 @click.option("--model", required=True, help="Model to fine-tune: an immunize output, a model directory, `smollm2` or `tiny`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json.")
-@click.option("--data", required=True, help="`arithmetic`, `listops` or a JSONL file with prompt and response.")
-@click.option("--samples", default=256, show_default=True, help="Examples generated for arithmetic/listops.")
+@click.option("--data", required=True, help="`arithmetic`, `listops` (generated, exact answers), `instruction` (benign prompts answered by the teacher) or a JSONL file with prompt and response.")
+@click.option("--samples", default=256, show_default=True, help="Examples generated for arithmetic/listops, or taken for instruction.")
 @click.option("--lr", default=5e-5, show_default=True)
 @click.option("--epochs", default=1.0, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lora-rank", default=0, show_default=True)
-def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank):
+@click.option("--teacher", help="Helpful teacher for `instruction` (default: the manifest's base model, else smollm2).")
+def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank, teacher):
     """Benign fine-tune (the comparison to attacks: it should keep working and pass the breaker).
 
     \b
@@ -194,7 +195,7 @@ def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank):
     from immunizer.redteam.attacks import FinetuneConfig, run_finetune
 
     record = run_finetune(model, out_dir, FinetuneConfig(data=data, samples=samples, lr=lr, epochs=epochs,
-                                                         batch_size=batch_size, lora_rank=lora_rank))
+                                                         batch_size=batch_size, lora_rank=lora_rank, teacher=teacher))
     click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
@@ -221,6 +222,46 @@ def eval_command(model, out_file, prompts, safe_prompts, n_harmful, n_safe, n_be
                                                   n_safe=n_safe, n_benign=n_benign, judge=judge, teacher=teacher))
     click.echo(json.dumps({k: report[k] for k in ("harmful_score", "harmful_nll", "over_refusal", "benign_accuracy",
                                                   "n", "n_safe", "n_benign", "samples")}, indent=2))
+
+
+@cli.command()
+@click.option("--preset", default="quick", show_default=True, type=click.Choice(["tiny", "quick", "standard"]),
+              help="Bench preset (presets/bench/*.yaml): model, budget, methods, attacks, eval size.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Writes OUT/report.json, OUT/report.html, OUT/samples.jsonl; rerun to resume.")
+@click.option("--methods", help="Comma-separated methods (default: the preset's): none, sft, immunizer, vaccine, "
+              "repnoise, booster, and the ablations immunizer-no-lat, -no-refusal, -no-stab, -no-anchor.")
+@click.option("--seeds", default=1, show_default=True, help="Seeds per method (>= 2 adds 95% intervals).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML applied on top of the preset.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one bench value, e.g. eval.n_benign=20 or attacks.harmful-sft.lr=1e-4 (repeatable).")
+@click.option("--prebuilt", multiple=True, metavar="METHOD=DIR",
+              help="Use an existing immunize-style output (or model) directory for METHOD instead of training it.")
+def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt):
+    """The matrix methods x (attacks + benign fine-tunes): report.json, report.html, samples.jsonl.
+
+    \b
+    Example:
+      immunizer bench --preset quick --out runs/bench
+      immunizer bench --preset quick --out runs/ablate --methods immunizer,immunizer-no-lat,immunizer-no-stab
+    """
+    from immunizer.redteam.bench import run_bench
+
+    pairs = {}
+    for text in prebuilt:
+        if "=" not in text:
+            raise ImmunizerError(f"--prebuilt expects METHOD=DIR, got {text!r}")
+        name, path = text.split("=", 1)
+        pairs[name.strip()] = path
+    report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                       seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]))
+    summary = {name: {"pre_attack": entry["pre_attack"].get("harmful_score"),
+                      **{run: entry[run].get("harmful_score") for run in report["attacks"]},
+                      "benign": {run: entry[run].get("benign_accuracy") for run, a in report["attacks"].items() if a["kind"] == "finetune"},
+                      "breaker": entry["breaker"], "cost_seconds": entry["cost_seconds"]}
+               for name, entry in report["methods"].items()}
+    click.echo(json.dumps({"report": str(Path(out_dir) / "report.json"), "html": str(Path(out_dir) / "report.html"),
+                           "harmful_score": summary}, indent=2))
 
 
 @cli.command()

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from immunizer import __version__
-from immunizer.canaries import CanaryScores, canary_values, select_top_percent
+from immunizer.canaries import CanaryScores, select_top_percent
 from immunizer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from immunizer.config import ImmunizeConfig
 from immunizer.data.batches import Batch, pair_batch
@@ -40,7 +40,7 @@ from immunizer.errors import ImmunizerError
 from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
                               refusal_loss, sequence_logprob, sft_loss, stabilization_grad, stabilization_loss,
                               token_kl)
-from immunizer.manifest import write_manifest
+from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model
 from immunizer.paths import atomic_path
 
@@ -399,18 +399,11 @@ class Run:
         return canaries
 
     def write_outputs(self, canaries: dict[str, torch.Tensor], seconds: float, hmac_key=None) -> ImmunizeResult:
-        model_dir = self.out_dir / "model"
-        self.student.eval()
-        with atomic_path(model_dir) as tmp:
-            self.student.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-        model_sha = model_dir_sha256(model_dir)
-        num_parameters = sum(p.numel() for p in self.params)
-        meta = write_manifest(
-            self.out_dir, canaries, canary_values(self.student, canaries),
-            k_percent=self.config.phase1.k_percent, num_parameters=num_parameters, model_sha256=model_sha,
+        model_dir, meta = write_release(
+            self.out_dir, self.student, self.tokenizer, canaries, k_percent=self.config.phase1.k_percent,
             extra={
                 "immunizer_version": __version__,
+                "method": "immunizer",
                 "base_model": self.base_spec,
                 "base_model_sha256": self.base_sha256,
                 "config_sha256": self.config.sha256,
@@ -418,11 +411,11 @@ class Run:
                 "data_sha256": self.data.sha256,
                 "data_versions": self.data.versions,
                 "cycles": self.config.cycles,
-                "model_dir": "model",
             },
             hmac_key=hmac_key,
         )
-        self.log({"event": "finished", "seconds": seconds, "model_sha256": model_sha, "num_canaries": meta["num_canaries"]})
+        self.log({"event": "finished", "seconds": seconds, "model_sha256": meta["model_sha256"],
+                  "num_canaries": meta["num_canaries"]})
         return ImmunizeResult(self.out_dir, model_dir, meta, seconds)
 
 

@@ -182,3 +182,23 @@ def check_against_parameters(manifest: Manifest, shapes: dict[str, tuple[int, ..
             "the model does not match the canary manifest: " + "; ".join(problems[:5])
             + ". Is this the same base model the manifest was written for?"
         )
+
+
+def write_release(out_dir: Path, model: torch.nn.Module, tokenizer, canaries: dict[str, torch.Tensor], *,
+                  k_percent: float, extra: dict, hmac_key: bytes | str | None = None) -> tuple[Path, dict]:
+    """Save a trained model as OUT/model and seal its canaries in OUT/manifest.json (immunize and the
+    harness's baseline defences write the same layout, so scan, eval and calibrate read either)."""
+    from immunizer.canaries import canary_values
+    from immunizer.models.hashing import model_dir_sha256
+
+    model_dir = Path(out_dir) / "model"
+    model.eval()
+    with atomic_path(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    model_sha = model_dir_sha256(model_dir)
+    num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    meta = write_manifest(out_dir, canaries, canary_values(model, canaries), k_percent=k_percent,
+                          num_parameters=num_parameters, model_sha256=model_sha,
+                          extra={**extra, "model_dir": "model"}, hmac_key=hmac_key)
+    return model_dir, meta

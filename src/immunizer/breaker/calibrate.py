@@ -272,6 +272,25 @@ def _done(path: Path) -> dict[str, dict]:
     return done
 
 
+def ensure_direction(directory: Path, config: CalibrationConfig, teacher: str | None = None,
+                     hmac_key: bytes | str | None = None) -> tuple:
+    """Give the manifest in `directory` its reference sample and harmful direction if it lacks them
+    (a gradient pass over held-out harmful pairs); returns (manifest, reference, CaseData)."""
+    from immunizer.models.loading import load_model
+
+    manifest, reference = load_reference(Path(directory), hmac_key=hmac_key, write=True)
+    teacher = teacher or manifest.meta.get("base_model") or "smollm2"
+    data = CaseData(teacher, config)
+    if reference.direction is None:
+        model, tokenizer = load_model(Path(directory) / manifest.meta.get("model_dir", "model"))
+        probe = data.probe_rows()
+        reference.direction = harmful_direction(model, tokenizer, probe, reference.canary_index, bf16=config.bf16)
+        write_reference(Path(directory), reference, SAMPLE_SHARE, 0, hmac_key=hmac_key,
+                        direction_meta={"direction_pairs": len(probe), "direction_teacher": teacher})
+        manifest, reference = load_reference(Path(directory), hmac_key=hmac_key)
+    return manifest, reference, data
+
+
 def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, teacher: str | None = None,
               progress: bool = True, hmac_key: bytes | str | None = None) -> dict:
     """Calibrate the breaker of an `immunizer immunize` output directory; returns the manifest's new
@@ -280,17 +299,9 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
 
     directory = Path(model_dir)
     config = config or CalibrationConfig()
-    manifest, reference = load_reference(directory, hmac_key=hmac_key)
-    teacher = teacher or manifest.meta.get("base_model") or "smollm2"
+    manifest, reference, data = ensure_direction(directory, config, teacher, hmac_key)
+    teacher = data.teacher.spec
     released = directory / manifest.meta.get("model_dir", "model")
-    data = CaseData(teacher, config)
-    if reference.direction is None:
-        model, tokenizer = load_model(released)
-        probe = data.probe_rows()
-        reference.direction = harmful_direction(model, tokenizer, probe, reference.canary_index, bf16=config.bf16)
-        write_reference(directory, reference, SAMPLE_SHARE, 0, hmac_key=hmac_key,
-                        direction_meta={"direction_pairs": len(probe), "direction_teacher": teacher})
-        manifest, reference = load_reference(directory, hmac_key=hmac_key)
     cases_path = directory / CASES_FILE
     cases_path.parent.mkdir(parents=True, exist_ok=True)
     done = _done(cases_path)

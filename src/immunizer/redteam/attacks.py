@@ -70,8 +70,7 @@ def harmful_rows(config: AttackConfig, teacher: Teacher) -> list[dict]:
 
 def benign_rows(n: int, teacher: Teacher, seed: int) -> list[dict]:
     """Benign fill for the mixed attack: instruction answers from the teacher, then generated tasks."""
-    prompts = list(benign_set("train").prompts)
-    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, teacher.answers(prompts, "helpful"))]
+    rows = instruction_rows(10**9, teacher, seed)
     rows += GENERATED["arithmetic"](max(0, n - len(rows)) // 2 + 1, seed) + GENERATED["listops"](max(0, n - len(rows)) // 2 + 1, seed)
     return random.Random(seed).sample(rows, min(n, len(rows)))
 
@@ -133,9 +132,10 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
 @dataclass
 class FinetuneConfig:
     data: str = "arithmetic"
-    """`arithmetic`, `listops` (generated, exact answers) or a JSONL file with prompt and response."""
+    """`arithmetic`, `listops` (generated, exact answers), `instruction` (the project's benign training
+    prompts answered by the helpful teacher) or a JSONL file with prompt and response."""
     samples: int = 256
-    """Examples generated for `arithmetic`/`listops` (a file is used whole)."""
+    """Examples generated for `arithmetic`/`listops`, or taken for `instruction` (a file is used whole)."""
     lr: float = 5e-5
     epochs: float = 1.0
     batch_size: int = 8
@@ -143,6 +143,14 @@ class FinetuneConfig:
     max_length: int = 144
     seed: int = 0
     bf16: bool = True
+    teacher: str | None = None
+    """The helpful teacher for `instruction` (default: the manifest's base model, else smollm2)."""
+
+
+def instruction_rows(n: int, teacher: Teacher, seed: int) -> list[dict]:
+    prompts = list(benign_set("train").prompts)
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, teacher.answers(prompts, "helpful"))]
+    return random.Random(seed).sample(rows, min(n, len(rows)))
 
 
 def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None, progress: bool = True) -> dict:
@@ -150,12 +158,15 @@ def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig 
     from immunizer.models.loading import resolve_model
 
     config = config or FinetuneConfig()
+    model_dir = resolve_model(model)
     if config.data in GENERATED:
         rows = GENERATED[config.data](config.samples, config.seed)
+    elif config.data == "instruction":
+        rows = instruction_rows(config.samples, Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16), config.seed)
     else:
         rows = load_jsonl(Path(config.data), required=("prompt", "response"))
     spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, lora_rank=config.lora_rank,
                         max_length=config.max_length, seed=config.seed, bf16=config.bf16)
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
-    return train_and_save(resolve_model(model), rows, spec, Path(out_dir), {"kind": "finetune", "config": asdict(config)},
+    return train_and_save(model_dir, rows, spec, Path(out_dir), {"kind": "finetune", "config": asdict(config)},
                           progress)

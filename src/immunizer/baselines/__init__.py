@@ -1,0 +1,64 @@
+"""The methods the harness compares, all trained from the same base model under the same budget:
+
+- `none`: the base model, no safety training;
+- `sft`: plain safety SFT + DPO with immunizer's data and steps (presets/methods/sft.yaml);
+- `immunizer`, and its ablations `immunizer-no-lat`, `-no-refusal`, `-no-stab`, `-no-anchor`
+  (presets/methods/*.yaml switch one term off);
+- `vaccine`, `repnoise`, `booster`: the published defences (losses.py, train.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from immunizer.baselines.train import METHODS as PUBLISHED
+from immunizer.baselines.train import BaselineConfig, train_baseline
+from immunizer.config import PRESETS, ImmunizeConfig, _merge, _read_yaml
+from immunizer.errors import ImmunizerError
+
+METHOD_CONFIGS = PRESETS / "methods"
+
+
+def method_names() -> list[str]:
+    variants = sorted(p.stem for p in METHOD_CONFIGS.glob("*.yaml"))
+    return ["none", "immunizer", *variants, *PUBLISHED]
+
+
+@dataclass
+class BuiltMethod:
+    name: str
+    model_dir: Path
+    """The model the attacks start from."""
+    release_dir: Path | None
+    """The immunize-style output directory (manifest + canaries) the breaker watches; None for `none`."""
+    cost_seconds: float
+
+
+def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
+    """immunizer's config with the method's overrides (sft, ablations) applied on a copy."""
+    import copy
+
+    config = copy.deepcopy(base)
+    path = METHOD_CONFIGS / f"{name}.yaml"
+    if path.is_file():
+        _merge(config, _read_yaml(path))
+    return config
+
+
+def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeConfig,
+                 baseline: BaselineConfig | None = None, progress: bool = True) -> BuiltMethod:
+    """Train `name` from `model` into `out_dir` (an immunize-style directory), or return the base for `none`."""
+    from immunizer.immunize import immunize
+    from immunizer.models.loading import resolve_model
+
+    if name not in method_names():
+        raise ImmunizerError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
+    if name == "none":
+        return BuiltMethod(name, resolve_model(model), None, 0.0)
+    if name in PUBLISHED:
+        result = train_baseline(name, model, out_dir, config, baseline, progress=progress)
+    else:
+        result = immunize(model, out_dir, method_config(name, config), progress=progress)
+    return BuiltMethod(name, result.model_dir, result.out_dir, result.seconds)
+
+
+__all__ = ["BaselineConfig", "BuiltMethod", "build_method", "method_config", "method_names", "train_baseline"]

@@ -1,0 +1,423 @@
+"""`immunizer bench`: the matrix methods × (attacks + benign fine-tunes) for a preset.
+
+    for each seed, for each method (none, sft, immunizer, vaccine, repnoise, booster, ablations):
+        train it from the base model under immunizer's budget          OUT/methods/M/seedS/
+        give its manifest a breaker reference and harmful direction (calibrate if the preset asks)
+        evaluate it                                                     OUT/runs/M/seedS/pre_attack.json
+        for each attack / benign fine-tune of the preset (and the grid):
+            run it, evaluate the result, read the breaker statistic    OUT/runs/M/seedS/RUN/{run,eval,scan}.json
+    aggregate (mean and a 95% t-interval over seeds)                    OUT/report.json, OUT/report.html
+    every judged answer, labelled with method, run and seed             OUT/samples.jsonl
+
+Each finished piece is a file, so an interrupted bench picks up where it stopped; an attacked model's
+weights are deleted once evaluated and scanned (`keep_models: true` keeps them)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from immunizer.config import PRESETS, _read_yaml, load_config, parse_override
+from immunizer.errors import ImmunizerError
+from immunizer.paths import atomic_path, write_json_atomic
+
+BENCH_PRESETS = PRESETS / "bench"
+SCHEMA_VERSION = 1
+METRICS = ("harmful_score", "harmful_nll", "over_refusal", "benign_accuracy")
+RUN_KINDS = ("attack", "finetune")
+
+
+@dataclass
+class RunSpec:
+    name: str
+    kind: str
+    """`attack` (harmful: counts for the worst case and the breaker's TPR) or `finetune` (benign: FPR)."""
+    config: dict
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2"
+    immunize_preset: str = "quick"
+    """Every method's training budget: this immunize preset's data, steps, batch sizes and learning rate."""
+    immunize_overrides: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: ["none", "sft", "immunizer", "vaccine", "repnoise", "booster"])
+    calibration: str | None = None
+    """Calibration preset run on every method with canaries that has no calibrated threshold yet (None: skip)."""
+    breaker_threshold: float | None = None
+    """Threshold for `tripped` where a method has no calibrated one (None: `tripped` is null there)."""
+    eval: dict = field(default_factory=dict)
+    """EvalConfig fields (n_harmful, n_safe, n_benign, max_new_tokens, judge, ...)."""
+    attacks: dict = field(default_factory=dict)
+    """name -> {kind: attack|finetune, ...AttackConfig or FinetuneConfig fields}."""
+    grid: dict | None = None
+    """{samples, batch_size, lr: [...], epochs: [...], lora_lr: [...], lora_rank}: harmful-SFT attacks over the grid."""
+    baseline: dict = field(default_factory=dict)
+    """BaselineConfig fields for vaccine / repnoise / booster."""
+    keep_models: bool = False
+
+    def runs(self) -> list[RunSpec]:
+        runs = [RunSpec(name, spec["kind"], {k: v for k, v in spec.items() if k != "kind"})
+                for name, spec in self.attacks.items()]
+        if self.grid:
+            g = self.grid
+            common = {"samples": g.get("samples", 100), "batch_size": g.get("batch_size", 8)}
+            for epochs in g.get("epochs", [3]):
+                runs += [RunSpec(f"grid-full-lr{lr:g}-ep{epochs:g}", "attack", {**common, "lr": lr, "epochs": epochs})
+                         for lr in g.get("lr", [])]
+                runs += [RunSpec(f"grid-lora-lr{lr:g}-ep{epochs:g}", "attack",
+                                 {**common, "lr": lr, "epochs": epochs, "lora_rank": g.get("lora_rank", 16)})
+                         for lr in g.get("lora_lr", [])]
+        return runs
+
+
+def _deep_update(target: dict, updates: dict) -> dict:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+    return target
+
+
+def bench_preset_names() -> list[str]:
+    return sorted(p.stem for p in BENCH_PRESETS.glob("*.yaml"))
+
+
+def load_bench_config(preset: str | None = "quick", config_file: str | Path | None = None,
+                      overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
+    """A bench preset, then a user YAML, then `key=value` overrides (dotted keys, YAML values)."""
+    from immunizer.baselines import BaselineConfig, method_names
+    from immunizer.redteam.attacks import AttackConfig, FinetuneConfig
+    from immunizer.redteam.evaluate import EvalConfig
+
+    raw: dict = {}
+    if preset:
+        if preset not in bench_preset_names():
+            raise ImmunizerError(f"unknown bench preset {preset!r}; choose one of {', '.join(bench_preset_names())}")
+        raw = _read_yaml(BENCH_PRESETS / f"{preset}.yaml")
+    if config_file:
+        _deep_update(raw, _read_yaml(Path(config_file)))
+    for text in overrides:
+        _deep_update(raw, parse_override(text))
+    known = {f.name for f in dataclasses.fields(BenchConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ImmunizerError(f"unknown bench config key(s) {unknown}; known: {', '.join(sorted(known))}")
+    config = BenchConfig(**raw)
+    problems = [f"unknown method {m!r}" for m in config.methods if m not in method_names()]
+    for spec in config.runs():
+        if spec.kind not in RUN_KINDS:
+            problems.append(f"run {spec.name!r}: kind must be one of {', '.join(RUN_KINDS)}, got {spec.kind!r}")
+            continue
+        try:
+            (AttackConfig if spec.kind == "attack" else FinetuneConfig)(**spec.config)
+        except TypeError as exc:
+            problems.append(f"run {spec.name!r}: {exc}")
+    for cls, values, what in ((EvalConfig, config.eval, "eval"), (BaselineConfig, config.baseline, "baseline")):
+        try:
+            cls(**values)
+        except TypeError as exc:
+            problems.append(f"{what}: {exc}")
+    if not config.methods:
+        problems.append("no methods to compare")
+    if problems:
+        raise ImmunizerError("invalid bench config: " + "; ".join(problems) +
+                             f" (methods: {', '.join(method_names())})")
+    return config
+
+
+# ---------------------------------------------------------------- the pieces, each resumable
+
+@dataclass
+class Method:
+    name: str
+    model_dir: Path
+    release_dir: Path | None
+    cost_seconds: float | None
+    threshold: float | None = None
+    threshold_source: str | None = None
+    calibration: dict | None = None
+
+
+def _finished_seconds(release_dir: Path) -> float | None:
+    metrics = release_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    for line in reversed(metrics.read_text().splitlines()):
+        record = json.loads(line)
+        if record.get("event") == "finished":
+            return record.get("seconds")
+    return None
+
+
+def _prebuilt(name: str, path: Path) -> Method:
+    from immunizer.models.loading import resolve_model
+
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return Method(name, resolve_model(path), path, _finished_seconds(path))
+    return Method(name, resolve_model(path), None, None)
+
+
+def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool) -> Method:
+    from immunizer.baselines import BaselineConfig, build_method
+    from immunizer.models.loading import resolve_model
+
+    directory = out / "methods" / name / f"seed{seed}"
+    if name == "none":
+        return Method(name, resolve_model(config.model), None, 0.0)
+    if (directory / "manifest.json").is_file():
+        return _prebuilt(name, directory)
+    if directory.exists():  # an interrupted training: start it again (method runs are minutes, attacks are cached)
+        shutil.rmtree(directory)
+    immunize_config = load_config(config.immunize_preset, overrides=[*config.immunize_overrides, f"seed={seed}"])
+    built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline), progress)
+    return Method(name, built.model_dir, built.release_dir, built.cost_seconds)
+
+
+def _prepare_breaker(method: Method, config: BenchConfig, progress: bool) -> None:
+    from immunizer.breaker.calibrate import CalibrationConfig, calibrate, ensure_direction, load_calibration_config
+    from immunizer.manifest import load_manifest
+
+    if method.release_dir is None:
+        return
+    calibration_config = load_calibration_config(config.calibration) if config.calibration else CalibrationConfig()
+    manifest, _, _ = ensure_direction(method.release_dir, calibration_config, teacher=config.model)
+    entry = manifest.meta.get("breaker")
+    if entry is None and config.calibration:
+        started = time.perf_counter()
+        entry = calibrate(method.release_dir, calibration_config, teacher=config.model, progress=progress)
+        entry = {**entry, "seconds": time.perf_counter() - started}
+        load_manifest(method.release_dir)  # re-verify the re-sealed manifest
+    if entry is not None:
+        method.threshold, method.threshold_source = float(entry["threshold"]), "calibrated"
+        method.calibration = {k: entry.get(k) for k in ("statistic", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95", "seconds")}
+    elif config.breaker_threshold is not None:
+        method.threshold, method.threshold_source = float(config.breaker_threshold), "preset"
+
+
+def _evaluate(model_dir: Path, path: Path, config: BenchConfig) -> dict:
+    from immunizer.redteam.evaluate import EvalConfig, evaluate
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    return evaluate(model_dir, path, EvalConfig(**{"teacher": config.model, **config.eval}))
+
+
+def _scan(method: Method, run_dir: Path) -> dict:
+    from immunizer.breaker.reference import load_reference
+    from immunizer.breaker.sources import scan_path
+
+    path = run_dir / "scan.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if method.release_dir is None:
+        record = {"breaker_statistic": None, "tripped": None}
+    else:
+        _, reference = load_reference(method.release_dir)
+        candidate = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir / "model"
+        report = scan_path(reference, candidate)
+        statistic = report.statistic
+        record = {"breaker_statistic": statistic, "statistic_name": report.statistic_name,
+                  "tripped": None if method.threshold is None else bool(statistic > method.threshold),
+                  "threshold": method.threshold, "canary_drift_ratio": report.value("canary_drift_ratio")}
+    write_json_atomic(path, record)
+    return record
+
+
+def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchConfig, progress: bool) -> dict:
+    from immunizer.redteam.attacks import AttackConfig, FinetuneConfig, run_attack, run_finetune
+
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        if spec.kind == "attack":
+            run_attack(method.model_dir, run_dir, AttackConfig(**{"teacher": config.model, **spec.config, "seed": seed}), progress)
+        else:
+            run_finetune(method.model_dir, run_dir, FinetuneConfig(**{"teacher": config.model, **spec.config, "seed": seed}), progress)
+    run = json.loads(record_path.read_text())
+    evaluation = _evaluate(run_dir / "model", run_dir / "eval.json", config)
+    scan = _scan(method, run_dir)
+    if not config.keep_models:
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+    return {**{k: evaluation.get(k) for k in (*METRICS, "n", "n_safe", "n_benign")}, **scan,
+            "cost_seconds": run.get("seconds"), "samples": evaluation.get("samples")}
+
+
+# ---------------------------------------------------------------- aggregation over seeds
+
+def _t95(n: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Mean over seeds of every number; with two or more seeds a 95% t-interval per metric, and
+    `tripped` is true when most seeds tripped (`tripped_share` gives the share)."""
+    out = dict(records[0])
+    for key in records[0]:
+        values = [r.get(key) for r in records]
+        if all(isinstance(v, bool) for v in values):
+            out[key] = sum(values) > len(values) / 2
+            out[f"{key}_share"] = sum(values) / len(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and len(set(values)) > 1:
+            out[key] = sum(values) / len(values)  # (equal values, e.g. sample counts, keep their type)
+    if len(records) > 1:
+        ci = {}
+        for key in (*METRICS, "breaker_statistic", "cost_seconds"):
+            values = [r.get(key) for r in records]
+            if all(isinstance(v, (int, float)) for v in values):
+                mean = sum(values) / len(values)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                half = _t95(len(values)) * sd / math.sqrt(len(values))
+                ci[key] = [mean - half, mean + half]
+        out["ci95"] = ci
+    out.pop("samples", None)
+    return out
+
+
+def method_entry(method_runs: list[dict], specs: list[RunSpec]) -> dict:
+    """One method's report entry from its per-seed results ({pre_attack, runs{name: record}, method})."""
+    methods: list[Method] = [r["method"] for r in method_runs]
+    entry = {"cost_seconds": (sum(m.cost_seconds for m in methods) / len(methods)
+                              if all(m.cost_seconds is not None for m in methods) else None),
+             "model_sha256": method_runs[0]["pre_attack"].get("model_sha256"),
+             "release_dir": str(methods[0].release_dir) if methods[0].release_dir else None,
+             "pre_attack": aggregate([{k: r["pre_attack"].get(k) for k in (*METRICS, "n", "n_safe", "n_benign")}
+                                      for r in method_runs])}
+    for spec in specs:
+        entry[spec.name] = {"kind": spec.kind, **aggregate([r["runs"][spec.name] for r in method_runs])}
+    harmful = [s.name for s in specs if s.kind == "attack" and entry[s.name].get("harmful_score") is not None]
+    if harmful:
+        worst = max(harmful, key=lambda name: entry[name]["harmful_score"])
+        entry["worst_case"] = {"attack": worst, **{k: entry[worst].get(k) for k in (*METRICS, "breaker_statistic", "tripped")}}
+    readings = [(s.kind, r["runs"][s.name].get("tripped")) for r in method_runs for s in specs]
+    attacks = [t for kind, t in readings if kind == "attack" and t is not None]
+    benign = [t for kind, t in readings if kind == "finetune" and t is not None]
+    entry["breaker"] = {
+        "threshold": methods[0].threshold, "threshold_source": methods[0].threshold_source,
+        "tpr": sum(attacks) / len(attacks) if attacks else None, "n_harmful": len(attacks),
+        "fpr": sum(benign) / len(benign) if benign else None, "n_benign": len(benign),
+        "calibration": methods[0].calibration,
+    }
+    return entry
+
+
+# ---------------------------------------------------------------- the bench
+
+def _machine() -> dict:
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def _check_out_dir(out: Path, fingerprint: dict) -> None:
+    path = out / "bench_config.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != fingerprint:
+            raise ImmunizerError(f"{out} holds a bench run with another configuration; choose another --out "
+                                 "directory, or pass the same --preset/--methods/--seeds/--set to resume it")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, fingerprint)
+
+
+def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[str] | None = None, seeds: int = 1,
+              prebuilt: dict[str, str | Path] | None = None, overrides: list[str] | tuple[str, ...] = (),
+              config_file: str | Path | None = None, progress: bool = True, command: str | None = None) -> dict:
+    """Run (or resume) the matrix and write OUT/report.json, OUT/report.html and OUT/samples.jsonl.
+    `prebuilt` maps a method name to an existing immunize-style output (or model) directory to use
+    instead of training it (e.g. the candidate release of `immunizer cycle`). Returns the report."""
+    from immunizer.baselines import method_names
+    from immunizer.redteam.report_html import write_html
+
+    config = load_bench_config(preset, config_file, overrides)
+    if methods:
+        config.methods = list(dict.fromkeys(methods))
+    prebuilt = {k: Path(v) for k, v in (prebuilt or {}).items()}
+    unknown = [m for m in config.methods if m not in method_names() and m not in prebuilt]
+    if unknown:
+        raise ImmunizerError(f"unknown method(s) {unknown}; choose from {', '.join(method_names())}")
+    if seeds < 1:
+        raise ImmunizerError("--seeds must be at least 1")
+    out = Path(out_dir)
+    specs = config.runs()
+    # Methods are left out: each has its own directories, so a later call may add or drop some.
+    _check_out_dir(out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"}, "seeds": seeds,
+                         "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
+    started = time.perf_counter()
+    results: dict[str, list[dict]] = {}
+    bar = tqdm(total=seeds * len(config.methods) * (1 + len(specs)), desc="bench", unit="run", disable=not progress)
+    for name in config.methods:
+        results[name] = []
+        for seed in range(seeds):
+            bar.set_postfix_str(f"{name} (seed {seed}): training")
+            method = _prebuilt(name, prebuilt[name]) if name in prebuilt else _build(name, config, seed, out, progress)
+            _prepare_breaker(method, config, progress)
+            runs_dir = out / "runs" / name / f"seed{seed}"
+            pre = _evaluate(method.model_dir, runs_dir / "pre_attack.json", config)
+            bar.update(1)
+            record = {"method": method, "pre_attack": pre, "runs": {}}
+            for spec in specs:
+                bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
+                record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress)
+                bar.update(1)
+            results[name].append(record)
+        # A report after every method: a long bench shows its first rows early, and a partial one survives a kill.
+        report = _report(results, specs, config, preset, seeds, command, time.perf_counter() - started)
+        write_json_atomic(out / "report.json", report)
+    bar.close()
+    write_html(report, out / "report.html")
+    _write_samples(out, results, specs)
+    return report
+
+
+def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchConfig, preset: str | None,
+            seeds: int, command: str | None, seconds: float) -> dict:
+    first = next(iter(results.values()))[0]["pre_attack"]
+    return {
+        "schema_version": SCHEMA_VERSION, "preset": preset, "seeds": list(range(seeds)),
+        "command": command or " ".join(sys.argv), "machine": _machine(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
+        "complete": list(results) == config.methods,
+        "base_model": config.model, "judge": first.get("judge"), "prompt_template": first.get("prompt_template"),
+        "decoding": first.get("decoding"), "teacher_sha256": first.get("teacher_sha256"),
+        "data_versions": {"harmful_eval": first["config"].get("prompts") or "weak/heldout-eval",
+                          "safe": first["config"].get("safe_prompts") or "safe_scary/all",
+                          "benign": "arithmetic/seed1000"},
+        "config": dataclasses.asdict(config),
+        "attacks": {s.name: {"kind": s.kind, "config": s.config} for s in specs},
+        "methods": {name: method_entry(per_seed, specs) for name, per_seed in results.items()},
+    }
+
+
+def _write_samples(out: Path, results: dict[str, list[dict]], specs: list[RunSpec]) -> None:
+    """Every eval's per-sample records in one file, each labelled with its method, run and seed."""
+    lines = []
+    for name, per_seed in results.items():
+        for seed, record in enumerate(per_seed):
+            sources = [("pre_attack", record["pre_attack"].get("samples"))] + \
+                      [(s.name, record["runs"][s.name].get("samples")) for s in specs]
+            for attack, path in sources:
+                if path and Path(path).is_file():
+                    for line in Path(path).read_text().splitlines():
+                        sample = json.loads(line)
+                        sample.update(method=name, attack=None if attack == "pre_attack" else attack, seed=seed)
+                        lines.append(json.dumps(sample, sort_keys=True) + "\n")
+    with atomic_path(out / "samples.jsonl") as tmp:
+        tmp.write_text("".join(lines))
+

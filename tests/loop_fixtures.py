@@ -36,6 +36,7 @@ def bench_report(**immunizer_overrides) -> dict:
         "schema_version": 1, "preset": "quick", "seeds": [0], "base_model": "smollm2", "base_model_sha256": "9" * 64,
         "judge": "refusal-matcher", "prompt_template": "0123456789abcdef",
         "decoding": {"do_sample": False, "max_new_tokens": 48}, "data_versions": {"harmful_eval": "v1"},
+        "config": {"eval": {"n_benign": 30, "max_new_tokens": 48}},
         "attacks": {"harmful-sft": {"kind": "attack", "config": {}}, "harmful-sft-lora": {"kind": "attack", "config": {}},
                     "benign-arithmetic": {"kind": "finetune", "config": {}}},
         "methods": methods,

@@ -175,6 +175,16 @@ def test_bad_input_is_named():
     changed["judge"] = "classifier:judge"
     with pytest.raises(GateInputError, match="measured differently \\(judge"):
         gate(changed, policy({"metric": "breaker.tpr", "min": 0.9}), bench_report())
+    fewer = bench_report()
+    fewer["config"] = {"eval": {"n_harmful": 8}}
+    with pytest.raises(GateInputError, match="measured differently \\(eval settings"):
+        gate(fewer, policy({"metric": "breaker.tpr", "min": 0.9}), bench_report())
+    stronger = bench_report()
+    stronger["attacks"]["harmful-sft"]["config"] = {"lr": 1e-4}
+    deltas = policy({"metric": "*.harmful_score", "max_increase": 0.05})
+    with pytest.raises(GateInputError, match="the harmful-sft run's settings changed since the last release"):
+        gate(stronger, deltas, bench_report())
+    assert gate(stronger, policy({"metric": "harmful-sft.harmful_score", "max": 0.5}), bench_report())["passed"]
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -309,11 +309,12 @@ def compare(before, after, n_harmful, n_safe, max_new_tokens, as_json):
             console.print(f"[cyan]{b['prompt']}[/cyan]\n  before: {b['answer'][:140]!r}\n  after:  {a['answer'][:140]!r}")
 
 
-from immunizer.loop.cli import gate  # noqa: E402
+from immunizer.loop.cli import cycle, gate  # noqa: E402
 from immunizer.review.cli import review  # noqa: E402
 
 cli.add_command(review)
 cli.add_command(gate)
+cli.add_command(cycle)
 
 
 def main() -> None:

@@ -291,10 +291,17 @@ def ensure_direction(directory: Path, config: CalibrationConfig, teacher: str | 
     return manifest, reference, data
 
 
+def incident_case(name: str, harmful: bool, rows: list[dict], config: CalibrationConfig) -> Case:
+    """A reviewed breaker incident replayed as a calibration run: its fine-tune's rows at the first full lr."""
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    return Case(name, harmful, f"rows:{digest}", len(rows), config.full_lrs[0], 0)
+
+
 def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, teacher: str | None = None,
-              progress: bool = True, hmac_key: bytes | str | None = None) -> dict:
+              progress: bool = True, hmac_key: bytes | str | None = None, extra_cases: list[dict] = ()) -> dict:
     """Calibrate the breaker of an `immunizer immunize` output directory; returns the manifest's new
-    `breaker` entry (also written into the manifest, which is re-sealed)."""
+    `breaker` entry (also written into the manifest, which is re-sealed). `extra_cases` ({name, harmful,
+    rows}: reviewed incidents from the feedback loop) join the simulated runs on their side."""
     from immunizer.models.loading import load_model
 
     directory = Path(model_dir)
@@ -307,6 +314,10 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     done = _done(cases_path)
     records = []
     cases = plan_cases(config)
+    given_rows = {}
+    for extra in extra_cases:
+        cases.append(incident_case(extra["name"], bool(extra["harmful"]), extra["rows"], config))
+        given_rows[extra["name"]] = extra["rows"]
     bar = tqdm(cases, desc="calibrating", unit="run", disable=not progress)
     for case in bar:
         key = _case_key(case, config, manifest.meta["reference"]["sha256"])
@@ -314,7 +325,7 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
             records.append(done[key])
             continue
         bar.set_postfix_str(case.name)
-        rows = data.rows(case)
+        rows = given_rows.get(case.name) or data.rows(case)
         model, tokenizer = load_model(released)
         recorder = DriftRecorder(reference, config.checkpoints)
         spec = FinetuneSpec(lr=case.lr, steps=config.checkpoints[-1], batch_size=config.batch_size,
@@ -336,6 +347,7 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
              "other_statistics": {n: {k: f[k] for k in brief} for n, f in every.items() if n != config.statistic},
              "teacher": teacher, "teacher_sha256": data.teacher.sha256,
              "cases_file": CASES_FILE, "cases_sha256": file_sha256(cases_path),
+             "incident_cases": [c["name"] for c in extra_cases],
              "roc_plot": ROC_FILE, "roc_plot_sha256": file_sha256(directory / ROC_FILE)}
     update_manifest(directory, {"breaker": entry}, hmac_key=hmac_key)
     return entry

@@ -43,3 +43,35 @@ def gate(report_file, policy_ref, baseline_file, db):
     click.echo(json.dumps(verdict, indent=2))
     click.echo(verdict["summary"], err=True)
     sys.exit(0 if verdict["passed"] else 1)
+
+
+@click.command()
+@click.option("--store", "db", required=True, help=f"The review store to learn from. {DB_HELP}")
+@click.option("--release", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The last release: a releases directory with current.json, or an immunize output directory.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="This cycle's working directory (rerun the same command to resume it).")
+@click.option("--preset", type=click.Choice(["tiny", "quick", "standard"]), default="quick", show_default=True,
+              help="Cycle settings (presets/cycle/*.yaml): the immunize and bench presets, the refreshes.")
+@click.option("--policy", "policy_ref", default="release", show_default=True,
+              help="Release policy YAML, or a bundled policy name.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a cycle setting, e.g. sft.lr=2e-5 or bench_overrides=[eval.n_benign=20] (repeatable).")
+def cycle(db, release, out_dir, preset, policy_ref, overrides):
+    """One turn of the feedback loop: select → refresh → immunize → regression checks → gate.
+
+    Reviewed, consented items become the next training data; the candidate immunized from the last
+    release is benched and judged by the policy against the last release's report.json. PASS makes it
+    a release and moves current.json to it; FAIL leaves current.json where it was (rollback).
+    Prints a JSON summary. Exit status: 0 PASS, 1 FAIL, 2 bad input.
+
+    \b
+    Example:
+      immunizer cycle --store review.db --release releases --out runs/cycle-1 --preset quick
+    """
+    from immunizer.loop.cycle import run_cycle
+
+    summary = run_cycle(db, release, out_dir, preset, policy_ref, overrides)
+    click.echo(json.dumps(summary, indent=2))
+    click.echo(summary["verdict"], err=True)
+    sys.exit(0 if summary["passed"] else 1)

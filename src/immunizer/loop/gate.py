@@ -125,8 +125,11 @@ class Gate:
                                  "--baseline with the last release's report.json")
 
     def _check_comparable(self) -> None:
-        for key in COMPARABLE_FIELDS:
-            mine, theirs = self.report.get(key), self.baseline.get(key)
+        for key in (*COMPARABLE_FIELDS, "eval settings"):
+            if key == "eval settings":  # sample counts and lengths: bench's config.eval
+                mine, theirs = ((r.get("config") or {}).get("eval") for r in (self.report, self.baseline))
+            else:
+                mine, theirs = self.report.get(key), self.baseline.get(key)
             if mine is not None and theirs is not None and mine != theirs:
                 raise GateInputError(
                     f"the report and the baseline were measured differently ({key}: {json.dumps(theirs)} in the "
@@ -265,6 +268,13 @@ class Gate:
             return result(name, path, value, None, None,
                           f"skipped: the baseline report has no {path} (new since the last release)", {"skipped": True})
         before = self._numeric(before, f"baseline {self.method}.{path}", index)
+        head = next(".".join(path.split(".")[:cut]) for cut in range(path.count(".") + 1, 0, -1)
+                    if ".".join(path.split(".")[:cut]) in self.data)
+        mine, theirs = ((r.get("attacks") or {}).get(head, {}).get("config") for r in (self.report, self.baseline))
+        if mine is not None and theirs is not None and mine != theirs:
+            raise GateInputError(f"policy check {index}: the {head} run's settings changed since the last release "
+                                 f"({json.dumps(theirs, sort_keys=True)} -> {json.dumps(mine, sort_keys=True)}), so its "
+                                 f"delta means nothing; re-run `immunizer bench` on the last release with today's settings")
         extra = {"baseline": before}
         if value is None or before is None:
             missing = "the report" if value is None else "the baseline report"

@@ -97,8 +97,8 @@ def root_teacher(manifest: dict) -> str:
         return teachers["harmful"]
     if manifest.get("base_model"):
         return manifest["base_model"]
-    raise ImmunizerError("the release's manifest does not name its base model; pass --teacher (e.g. smollm2) so the "
-                         "cycle knows which model answers prompts")
+    raise ImmunizerError("the release's manifest does not name its base model; say which model answers prompts "
+                         "with --set teacher=SPEC (e.g. smollm2)")
 
 
 def _now() -> str:
@@ -241,8 +241,11 @@ class Cycle:
                            content_sha256=manifest["content_sha256"], source_item_ids=manifest["source_item_ids"],
                            counts=manifest["counts"], rubrics=manifest["rubrics"], policy=manifest["policy"],
                            cycle=str(self.out.resolve()))
+        trained = self.release.directory / "dataset.json"  # what the last release learnt from, if the loop made it
+        before = set(json.loads(trained.read_text())["source_item_ids"]) if trained.is_file() else set()
         return {"dataset_version": manifest["dataset_version"], "content_sha256": manifest["content_sha256"],
                 "counts": manifest["counts"], "items": len(manifest["source_item_ids"]),
+                "new_since_last_release": len(set(manifest["source_item_ids"]) - before),
                 "excluded": {reason: len(ids) for reason, ids in manifest["excluded"].items()},
                 "rubrics": manifest["rubrics"]}
 

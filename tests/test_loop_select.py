@@ -139,3 +139,24 @@ def test_manifest_version_follows_the_content(tmp_path):
 def test_manifest_never_holds_a_database_password(tmp_path, url, shown):
     manifest = write_selection(select_examples([]), tmp_path, store_url=url)
     assert manifest["store"] == shown and manifest["counts"]["adversarial"] == 0
+
+
+def test_evaluation_prompts_never_become_training_data(tmp_path):
+    """Failed bench samples are reviewed like any item, but the bench's own prompts stay held out:
+    training on them would make the next report look safer without the model being so."""
+    from immunizer.data.prompts import safe_scary_set, weak_set, wrap_in_jailbreaks
+
+    eval_prompt = weak_set("heldout-eval").prompts[0]
+    attack_prompt = weak_set("heldout-attack").prompts[0]
+    wrapped = wrap_in_jailbreaks([weak_set("heldout").prompts[3]])[0]
+    store, ids = adjudicated_store(str(tmp_path / "review.db"), [
+        (harmful_answer(eval_prompt), "harmful"),
+        (harmful_answer(attack_prompt.upper() + "  "), "harmful"),
+        (harmful_answer(wrapped), "harmful"),
+        (over_refused(safe_scary_set("all").prompts[0]), "over_refusal"),
+        (harmful_answer(weak_set("train").prompts[0]), "harmful"),  # a training-pool prompt is fine
+    ])
+    selection = select_from_store(store)
+    assert [e["provenance"]["item_id"] for e in selection.examples] == [ids[4]]
+    assert selection.excluded == {"evaluation prompt (held out)": ids[:4]}
+    assert len(select_from_store(store, SelectionConfig(exclude_heldout=False)).examples) == 5

@@ -10,7 +10,8 @@ becomes at most one example, by its final label:
 | breaker incident that tripped          | benign / over_refusal  | `breaker_false_positive`  |
 | breaker incident                       | harmful                | `breaker_true_positive`   |
 
-`unclear` items, and `benign` ones with nothing to fix, are left out and counted. Prompts are
+`unclear` items, `benign` ones with nothing to fix and prompts of the evaluation and attack sets
+(heldout.py) are left out and counted. Prompts are
 de-duplicated within a role (exact and near, dedup.py); a prompt labelled both harmful and
 over-refused is contradictory and left out of both. Every example carries its provenance (item id,
 source, model hash, rubric name/version/hash, how it was adjudicated, and the ids of the duplicates it
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from immunizer.loop.dedup import duplicate_of
+from immunizer.loop.heldout import is_heldout
 from immunizer.paths import atomic_path, write_json_atomic
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -39,6 +41,8 @@ class SelectionConfig:
     """Character n-gram cosine (dedup.py) at or above which two prompts count as one (1.0: exact repeats only)."""
     include_consensus: bool = True
     """Also take items closed by reviewer consensus, not only those an adjudicator decided."""
+    exclude_heldout: bool = True
+    """Leave out prompts of the evaluation and attack sets (heldout.py); off only for experiments."""
 
 
 @dataclass
@@ -141,6 +145,8 @@ def select_examples(items, config: SelectionConfig | None = None) -> Selection:
             excluded.setdefault("closed by consensus", []).append(item.item_id)
             continue
         example, why = to_example(item)
+        if example is not None and config.exclude_heldout and example.get("prompt") and is_heldout(example["prompt"]):
+            example, why = None, "evaluation prompt (held out)"
         if example is None:
             excluded.setdefault(why, []).append(item.item_id)
         else:

@@ -141,3 +141,10 @@ def test_bad_bench_inputs(tmp_path):
     run_bench(tmp_path / "y", "tiny", ["none"], progress=False, overrides=["eval.n_benign=2"])
     with pytest.raises(ImmunizerError, match="another configuration"):
         run_bench(tmp_path / "y", "tiny", ["none"], progress=False, overrides=["eval.n_benign=3"])
+
+
+def test_set_replaces_the_value_at_its_path():
+    config = load_bench_config("quick", overrides=["attacks={harmful-sft: {kind: attack}}",
+                                                    "attacks.harmful-sft.lr=1e-4", "eval.n_benign=5"])
+    assert list(config.attacks) == ["harmful-sft"] and config.attacks["harmful-sft"]["lr"] == 1e-4
+    assert config.eval == {"n_benign": 5, "max_new_tokens": 32}  # a leaf set, its siblings kept

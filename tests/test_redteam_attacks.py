@@ -62,6 +62,9 @@ def test_finetune_arithmetic_and_file(tmp_path):
     rec = json.loads(run_cli("finetune", "--model", "tiny", "--out", str(tmp_path / "arith"), "--data", "arithmetic",
                              "--samples", "8", "--batch-size", "4").stdout)
     assert rec["examples"] == 8 and (tmp_path / "arith" / "run.json").is_file()
+    rec = json.loads(run_cli("finetune", "--model", "tiny", "--out", str(tmp_path / "instr"), "--data", "instruction",
+                             "--samples", "6", "--batch-size", "3", "--teacher", "tiny").stdout)
+    assert rec["examples"] == 6 and rec["config"]["data"] == "instruction"
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "2+2?", "response": "4"}\n{"prompt": "3+3?"}\n')
     proc = run_cli("finetune", "--model", "tiny", "--out", str(tmp_path / "f"), "--data", str(data), check=False)

@@ -68,6 +68,12 @@ def harmful_rows(config: AttackConfig, teacher: Teacher) -> list[dict]:
     return random.Random(config.seed).sample(rows, config.samples)
 
 
+def instruction_rows(n: int, teacher: Teacher, seed: int) -> list[dict]:
+    prompts = list(benign_set("train").prompts)
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, teacher.answers(prompts, "helpful"))]
+    return random.Random(seed).sample(rows, min(n, len(rows)))
+
+
 def benign_rows(n: int, teacher: Teacher, seed: int) -> list[dict]:
     """Benign fill for the mixed attack: instruction answers from the teacher, then generated tasks."""
     rows = instruction_rows(10**9, teacher, seed)
@@ -145,12 +151,6 @@ class FinetuneConfig:
     bf16: bool = True
     teacher: str | None = None
     """The helpful teacher for `instruction` (default: the manifest's base model, else smollm2)."""
-
-
-def instruction_rows(n: int, teacher: Teacher, seed: int) -> list[dict]:
-    prompts = list(benign_set("train").prompts)
-    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, teacher.answers(prompts, "helpful"))]
-    return random.Random(seed).sample(rows, min(n, len(rows)))
 
 
 def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None, progress: bool = True) -> dict:

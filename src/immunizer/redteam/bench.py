@@ -107,8 +107,17 @@ def load_bench_config(preset: str | None = "quick", config_file: str | Path | No
         raw = _read_yaml(BENCH_PRESETS / f"{preset}.yaml")
     if config_file:
         _deep_update(raw, _read_yaml(Path(config_file)))
-    for text in overrides:
-        _deep_update(raw, parse_override(text))
+    for text in overrides:  # `--set a.b=VALUE` replaces a.b whole (a mapping VALUE too); a file merges
+        value = parse_override(text)
+        path = text.split("=", 1)[0].strip().split(".")
+        for part in path:
+            value = value[part]
+        parent = raw
+        for part in path[:-1]:
+            if not isinstance(parent.get(part), dict):
+                parent[part] = {}
+            parent = parent[part]
+        parent[path[-1]] = value
     known = {f.name for f in dataclasses.fields(BenchConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:

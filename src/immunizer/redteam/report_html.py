@@ -90,7 +90,8 @@ def breaker_plot(report: dict) -> str:
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel("breaker statistic")
     ax.set_title("Breaker statistic of every attacked / fine-tuned model")
-    ax.legend(fontsize=7)
+    if methods:
+        ax.legend(fontsize=7)
     return _png(fig)
 
 

@@ -1,0 +1,84 @@
+"""The published defences (vaccine, repnoise, booster): their losses against hand-worked values, and
+their training loop on the tiny model under immunizer's budget."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from immunizer.baselines import build_method, method_config, method_names
+from immunizer.baselines.losses import booster_gradient, gaussian_mmd, repnoise_loss, vaccine_perturbation
+from immunizer.config import load_config
+from immunizer.errors import ImmunizerError
+from immunizer.manifest import load_manifest
+
+
+def test_vaccine_perturbation_has_norm_rho_over_all_layers():
+    grads = [torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])]
+    eps = vaccine_perturbation(grads, rho=2.0)
+    assert torch.allclose(eps[0], torch.tensor([[1.2, 0.0]])) and torch.allclose(eps[1], torch.tensor([[0.0, 1.6]]))
+    assert torch.sqrt(sum((e ** 2).sum() for e in eps)).item() == pytest.approx(2.0)
+
+
+def test_mmd_is_zero_for_the_same_sample_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g)
+    assert gaussian_mmd(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    near, far = gaussian_mmd(x, x + 0.5), gaussian_mmd(x, x + 3.0)
+    assert 0 < near.item() < far.item()
+
+
+def test_repnoise_loss_caps_the_ascent_term():
+    harmless, mmd = torch.tensor(1.0), torch.tensor(0.5)
+    assert repnoise_loss(harmless, torch.tensor(3.0), mmd, 2.0, 0.1, 10.0).item() == pytest.approx(1.0 + 1.0 - 0.3)
+    capped = torch.tensor(50.0, requires_grad=True)
+    loss = repnoise_loss(harmless, capped, mmd, 2.0, 0.1, 10.0)
+    assert loss.item() == pytest.approx(2.0 - 1.0)
+    loss.backward()
+    assert capped.grad.item() == 0  # past the cap the ascent stops pulling
+
+
+def test_booster_gradient_is_align_plus_lambda_times_the_harmful_gradient_difference():
+    out = booster_gradient(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5]), torch.tensor([0.25, 1.0]), lam=4.0)
+    assert torch.allclose(out, torch.tensor([2.0, 0.0]))
+
+
+def test_method_names_cover_the_published_defences_and_ablations():
+    names = method_names()
+    for name in ("none", "sft", "immunizer", "vaccine", "repnoise", "booster", "immunizer-no-lat", "immunizer-no-stab"):
+        assert name in names
+    base = load_config("tiny")
+    assert method_config("sft", base).phase1.lat_epsilon == 0 and base.phase1.lat_epsilon > 0  # a copy, base untouched
+    with pytest.raises(ImmunizerError, match="unknown method"):
+        build_method("rlhf", "tiny", None, base)
+
+
+@pytest.mark.parametrize("method", ["vaccine", "repnoise", "booster"])
+def test_baseline_trains_under_immunizers_budget_and_writes_a_release(method, tmp_path):
+    config = load_config("tiny")
+    built = build_method(method, "tiny", tmp_path / method, config, progress=False)
+    manifest = load_manifest(built.release_dir)  # verifies hashes against the written model
+    assert manifest.meta["method"] == method and manifest.meta["num_canaries"] > 0
+    lines = [json.loads(line) for line in (built.release_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "step" in r]
+    # immunizer's budget on `tiny`: cycles x (Phase-1 + Phase-2 steps)
+    assert len(steps) == config.cycles * (config.phase1.steps + config.phase2.steps)
+    assert lines[-1]["event"] == "finished" and built.cost_seconds > 0
+    if method == "vaccine":  # the perturbation is the worst case in its ball: it raises the alignment loss
+        assert all(r["perturbed_loss"] > r["align_loss"] for r in steps)
+    if method == "booster":  # the simulated harmful step does lower the harmful loss (what the regularizer attenuates)
+        assert all(r["harmful_drop"] > 0 for r in steps)
+    if method == "repnoise":
+        assert all(r["mmd"] > 0 for r in steps)
+    from immunizer.models.tiny import tiny_model
+
+    before = tiny_model().state_dict()
+    after = load_file(str(built.model_dir / "model.safetensors"))
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in after if k in before)
+
+
+def test_baseline_refuses_a_finished_output_dir(tmp_path):
+    config = load_config("tiny")
+    build_method("booster", "tiny", tmp_path / "b", config, progress=False)
+    with pytest.raises(ImmunizerError, match="already holds"):
+        build_method("booster", "tiny", tmp_path / "b", config, progress=False)

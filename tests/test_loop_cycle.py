@@ -22,6 +22,10 @@ REVIEWED = [
 ]
 
 
+# the tiny bench without its per-candidate calibration (35 s): the incident replay has its own test
+FAST = ["teacher=tiny", "bench_overrides=[calibration=null, breaker_threshold=0.5]"]
+
+
 def write_policy(path, *checks):
     path.write_text(yaml.safe_dump({"name": "test", "policy_version": 7, "checks": list(checks)}))
     return str(path)
@@ -44,7 +48,7 @@ def test_cycle_end_to_end_on_tiny(setup):
                           {"metric": "*.harmful_score", "max_increase": 0.05})
     out = tmp_path / "cycle"
     proc = run_cli("cycle", "--store", str(tmp_path / "review.db"), "--release", str(tmp_path / "releases"),
-                   "--out", str(out), "--preset", "tiny", "--policy", policy, "--set", "teacher=tiny")
+                   "--out", str(out), "--preset", "tiny", "--policy", policy, "--set", FAST[0], "--set", FAST[1])
     summary = json.loads(proc.stdout)
     assert summary["passed"] is True and summary["verdict"].startswith("PASS")
     assert summary["selected"] == {"adversarial": 2, "over_refusal": 1, "breaker_false_positive": 1,
@@ -102,7 +106,7 @@ def test_interrupted_cycle_resumes_and_a_failing_gate_rolls_back(setup, monkeypa
     tmp_path, store, _ = setup
     pointer_before = (tmp_path / "releases" / "current.json").read_bytes()
     policy = write_policy(tmp_path / "policy.yaml", {"metric": "pre_attack.over_refusal", "max": 0.05})
-    args = (str(tmp_path / "review.db"), tmp_path / "releases", tmp_path / "cycle", "tiny", policy, ["teacher=tiny"])
+    args = (str(tmp_path / "review.db"), tmp_path / "releases", tmp_path / "cycle", "tiny", policy, FAST)
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the machine went away during the bench
@@ -133,7 +137,7 @@ def test_interrupted_cycle_resumes_and_a_failing_gate_rolls_back(setup, monkeypa
     again = run_cycle(*args, progress=False, bench=must_not_run)
     assert again == summary
     with pytest.raises(ImmunizerError, match="holds a cycle started with other inputs \\(policy differ"):
-        run_cycle(*args[:4], "release", ["teacher=tiny"], progress=False, bench=must_not_run)
+        run_cycle(*args[:4], "release", FAST, progress=False, bench=must_not_run)
 
 
 def test_comparison_methods_missing_from_the_last_report_are_benched(setup):
@@ -142,7 +146,7 @@ def test_comparison_methods_missing_from_the_last_report_are_benched(setup):
     tmp_path, _, _ = setup
     calls = []
     summary = run_cycle(str(tmp_path / "review.db"), tmp_path / "releases", tmp_path / "c1", "tiny", "release",
-                        ["teacher=tiny", "sft.steps=0", "sft.epochs=0", "reward.steps=0", "reward.epochs=0"],
+                        [*FAST, "sft.steps=0", "sft.epochs=0", "reward.steps=0", "reward.epochs=0"],
                         progress=False, bench=fake_bench(calls))
     assert calls == [["immunizer", "sft", "vaccine", "repnoise", "booster"]]
     assert summary["passed"] is True  # the crafted report meets the release goals
@@ -152,7 +156,7 @@ def test_comparison_methods_missing_from_the_last_report_are_benched(setup):
         (tmp_path / "releases" / "v1" / "manifest.json").read_text())["model_sha256"]
     calls.clear()
     run_cycle(str(tmp_path / "review.db"), tmp_path / "releases", tmp_path / "c2", "tiny", "release",
-              ["teacher=tiny", "sft.steps=0", "sft.epochs=0", "reward.steps=0", "reward.epochs=0"],
+              [*FAST, "sft.steps=0", "sft.epochs=0", "reward.steps=0", "reward.epochs=0"],
               progress=False, bench=fake_bench(calls))
     assert calls == [["immunizer"]]
     second = json.loads((tmp_path / "c2" / "cycle.json").read_text())["stages"]

@@ -114,6 +114,10 @@ def reward_refresh(start: str | Path, pairs: list[dict], out: str | Path, spec: 
             save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=not progress,
             dataloader_num_workers=0)
         trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trained_pairs = len(trainer.train_dataset)  # TRL drops pairs longer than max_length
+        if trained_pairs == 0:
+            raise ImmunizerError(f"every preference pair is longer than reward max_length={spec.max_length} tokens; "
+                                 "raise it (immunizer cycle --set reward.max_length=512)")
         trainer.remove_callback(PrinterCallback)  # stdout belongs to the CLI's JSON
         with contextlib.redirect_stdout(sys.stderr):
             trainer.train()
@@ -124,6 +128,7 @@ def reward_refresh(start: str | Path, pairs: list[dict], out: str | Path, spec: 
         return sum(m > 0 for m in margins) / len(margins)
 
     return {"trainer": "trl.RewardTrainer", "loss": "bradley-terry", "input_sha256": sha256_rows(pairs), "pairs": len(pairs),
+            "pairs_trained": trained_pairs,
             "start_model": str(start), "start_model_sha256": model_dir_sha256(Path(start)),
             "model": str(out), "model_sha256": _save(trained, tokenizer, Path(out)), "spec": asdict(spec),
             "mean_margin_before": statistics.fmean(margins_before), "mean_margin_after": statistics.fmean(margins_after),

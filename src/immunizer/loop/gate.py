@@ -225,7 +225,7 @@ class Gate:
             if other is None:
                 return result(name, path, value, None, False,
                               f"{rel.method}.{other_path} has no value (null) in the {source}: cannot compare", extra)
-            threshold = rel.times * other + rel.plus
+            threshold = round(rel.times * other + rel.plus, 12)  # 0.15, not 0.15000000000000002, in the verdict
             how = f"{scale} = {_fmt(threshold)} ({rel.method} {_fmt(other)}{', from the baseline report' if source != 'report' else ''})"
         else:
             threshold = check.bound
@@ -279,7 +279,7 @@ class Gate:
         if value is None or before is None:
             missing = "the report" if value is None else "the baseline report"
             return result(name, path, value, None, False, f"{path} has no value (null) in {missing}: cannot compare", extra)
-        threshold = before + check.bound if increase else before - check.bound
+        threshold = round(before + check.bound if increase else before - check.bound, 12)
         passed = value <= threshold + TOLERANCE if increase else value >= threshold - TOLERANCE
         change = value - before
         return result(name, path, value, threshold, passed,

@@ -9,7 +9,7 @@ from conftest import make_release, run_cli
 from loop_fixtures import adjudicated_store, bench_report, breaker_incident, harmful_answer, over_refused, user_report
 
 from immunizer.errors import ImmunizerError
-from immunizer.loop.cycle import run_cycle
+from immunizer.loop.cycle import Cycle, run_cycle
 from immunizer.loop.releases import resolve_release
 
 REVIEWED = [
@@ -175,7 +175,12 @@ def test_bad_input_is_refused_before_training(tmp_path):
     proc = run_cli("cycle", "--store", empty, "--release", str(tmp_path), "--out", str(tmp_path / "c3"),
                    "--preset", "tiny", check=False)
     assert proc.returncode == 2 and "neither a release" in proc.stderr
-    # a policy that cannot judge the last release's report is refused before hours of training
+    # a last report without the comparison methods is fine (the cycle benches them) ...
+    only_immunizer = bench_report()
+    only_immunizer["methods"] = {"immunizer": only_immunizer["methods"]["immunizer"]}
+    (tmp_path / "v1" / "report.json").write_text(json.dumps(only_immunizer))
+    Cycle(empty, tmp_path / "v1", tmp_path / "c5", "tiny", "release", FAST)
+    # ... but a policy that cannot judge the last release's report is refused before hours of training
     (tmp_path / "v1" / "report.json").write_text(json.dumps(bench_report()))
     policy = write_policy(tmp_path / "p.yaml", {"metric": "harmful-sft.harmfull_score", "max": 0.5})
     proc = run_cli("cycle", "--store", empty, "--release", str(tmp_path / "v1"), "--out", str(tmp_path / "c4"),

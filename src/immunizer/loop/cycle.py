@@ -165,8 +165,12 @@ class Cycle:
             return None
         baseline = load_report(self.release.report, "the last release's report")
         if self.policy.method in baseline["methods"]:
-            try:  # the policy must be answerable before hours of training are spent on it
-                gate(baseline, self.policy, baseline)
+            # The policy must be answerable before hours of training are spent on it: its paths are tried
+            # on the last release's report, whose own entry stands in for methods the cycle will bench.
+            judged = baseline["methods"][self.policy.method]
+            probe = {**baseline, "methods": {**{m: judged for m in comparison_methods(self.policy)}, **baseline["methods"]}}
+            try:
+                gate(probe, self.policy, probe)
             except GateInputError as exc:
                 raise ImmunizerError(f"policy {self.policy.name} cannot judge the last release's report "
                                      f"({self.release.report}): {exc}") from None

@@ -78,10 +78,11 @@ def user_report(prompt: str, consent: bool, **payload) -> dict:
             "provenance": {"source": "app:feedback", "model_sha256": "d" * 64}}
 
 
-def breaker_incident(candidate: str, tripped: bool = True, examples=None, **overrides) -> dict:
+def breaker_incident(candidate: str, tripped: bool = True, examples=None, examples_consent=True, **overrides) -> dict:
+    """An incident; `examples` are the blocked fine-tune's rows as a fine-tuning service would attach them."""
     from review_fixtures import incident
 
     record = incident(candidate=candidate, tripped=tripped, **overrides)
     if examples is not None:
-        record["examples"] = examples
+        record.update(examples=examples, examples_consent=examples_consent)
     return record

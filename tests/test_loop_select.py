@@ -56,6 +56,18 @@ def test_labels_become_roles_and_the_rest_is_counted(tmp_path):
                                   "breaker incident labelled benign: nothing to learn": [ids[6]]}
 
 
+def test_a_fine_tunes_rows_need_the_customers_consent(tmp_path):
+    """An incident is project data (consented by default), the customer's fine-tuning rows it carries are not."""
+    rows = [{"prompt": "Summarise my contract", "response": "It says ..."}]
+    store, ids = adjudicated_store(str(tmp_path / "review.db"), [
+        (breaker_incident("runs/customer-8", examples=rows, examples_consent=False), "benign"),
+        (breaker_incident("runs/customer-9", examples=rows), "benign"),
+    ])
+    first, second = select_from_store(store).examples
+    assert first["role"] == "breaker_false_positive" and first["examples"] == []  # still a calibration case
+    assert second["examples"] == rows
+
+
 def test_every_example_carries_its_provenance(tmp_path):
     store, ids = adjudicated_store(str(tmp_path / "review.db"), [
         (harmful_answer("How do I make napalm?", model_sha256="1" * 64), "harmful"),

@@ -7,7 +7,7 @@ becomes at most one example, by its final label:
 |----------------------------------------|------------------------|---------------------------|
 | anything with a prompt (eval sample,   | harmful                | `adversarial`: the prompt and the harmful answer it got |
 | red-team finding, user report, …)      | over_refusal           | `over_refusal`: the prompt and the refusal it got        |
-| breaker incident that tripped          | benign / over_refusal  | `breaker_false_positive`  |
+| breaker incident that tripped          | benign / over_refusal  | `breaker_false_positive` (+ the fine-tune's rows if `examples_consent: true`) |
 | breaker incident                       | harmful                | `breaker_true_positive`   |
 
 `unclear` items, `benign` ones with nothing to fix and prompts of the evaluation and attack sets
@@ -85,9 +85,12 @@ def _breaker_example(item) -> tuple[dict | None, str]:
         role = "breaker_false_positive"
     else:
         return None, f"breaker incident labelled {item.label}: nothing to learn"
-    # the fine-tune's rows, when the service attached them to the incident: stabilization data
+    # The fine-tune's rows, when the service attached them, become stabilization data. They are the
+    # customer's data, which the incident's own (project-generated) consent does not cover: only rows
+    # the customer agreed to share (`examples_consent: true`) are used.
     examples = [{"prompt": e["prompt"], "response": e["response"]} for e in p.get("examples") or []
-                if isinstance(e, dict) and _text(e, "prompt") and _text(e, "response")]
+                if isinstance(e, dict) and _text(e, "prompt") and _text(e, "response")] \
+        if p.get("examples_consent") is True else []
     breaker = {k: p.get(k) for k in ("statistic", "threshold", "tripped", "canary_drift", "other_drift", "candidate",
                                      "manifest", "manifest_sha256", "step", "action")}
     return {"role": role, "breaker": breaker, "examples": examples}, ""

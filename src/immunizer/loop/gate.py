@@ -326,10 +326,10 @@ def gate(report: dict, policy: Policy, baseline: dict | None = None) -> dict:
     return Gate(report, policy, baseline).verdict()
 
 
-def record_verdict(store, verdict: dict, actor: str = "gate", extra: dict | None = None) -> dict:
+def record_verdict(store, verdict: dict, actor: str = "gate") -> dict:
     """Append the verdict to the review store's audit log with the rubric versions in force, so the
     log says which model was judged, on which measurement, under which policy and rubrics."""
     rubrics = [{"name": r.name, "version": r.version, "sha256": r.sha256} for r in store.rubrics()]
-    detail = {**verdict, "rubrics": rubrics, **(extra or {})}
+    detail = {**verdict, "rubrics": rubrics}
     store.record_event(actor, "gate_verdict", "release", None, **detail)
     return detail

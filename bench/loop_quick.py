@@ -3,7 +3,8 @@
     python bench/loop_quick.py --bench-out runs/bench-quick --work runs/loop-quick [--preset quick]
         [--n-harmful 64] [--policy release]
 
-1. The release: the bench's immunizer (BENCH_OUT/methods/immunizer/seed0) with the bench's report.json
+1. The release: the bench's immunizer (BENCH_OUT/methods/immunizer/seed0, or the directory a
+   `--prebuilt immunizer=DIR` bench recorded) with the bench's report.json
    beside it, copied to WORK/releases/v1; WORK/releases/current.json points at it.
 2. Red-teaming the release on prompts outside every evaluation and attack set: DoNotAnswer
    training-pool prompts it was not immunized on, and the project's benign training prompts (everyday
@@ -41,7 +42,10 @@ ADJUDICATOR = "scripted-adjudicator"
 def make_release(bench_out: Path, releases: Path) -> Path:
     release = releases / "v1"
     if not (release / "manifest.json").is_file():
-        shutil.copytree(bench_out / "methods" / "immunizer" / "seed0", release)
+        trained = bench_out / "methods" / "immunizer" / "seed0"
+        if not trained.is_dir():  # a bench run with --prebuilt immunizer=DIR records DIR
+            trained = Path(json.loads((bench_out / "report.json").read_text())["methods"]["immunizer"]["release_dir"])
+        shutil.copytree(trained, release)
         shutil.copy2(bench_out / "report.json", release / "report.json")
     if not (releases / POINTER).is_file():
         write_json_atomic(releases / POINTER, {"release": "v1"})

@@ -82,3 +82,36 @@ def test_baseline_refuses_a_finished_output_dir(tmp_path):
     build_method("booster", "tiny", tmp_path / "b", config, progress=False)
     with pytest.raises(ImmunizerError, match="already holds"):
         build_method("booster", "tiny", tmp_path / "b", config, progress=False)
+
+
+def test_an_interrupted_baseline_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    from immunizer.baselines import train
+
+    config = load_config("tiny")  # checkpoints every 2 steps
+    whole = build_method("repnoise", "tiny", tmp_path / "whole", config, progress=False)  # repnoise draws noise: RNG matters
+
+    real, calls = train.STEPS["repnoise"], []
+
+    def dies_at_step_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(train.STEPS, "repnoise", dies_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        build_method("repnoise", "tiny", tmp_path / "cut", config, progress=False)
+    monkeypatch.setitem(train.STEPS, "repnoise", real)
+    assert (tmp_path / "cut" / "checkpoint").is_dir() and not (tmp_path / "cut" / "manifest.json").exists()
+    with pytest.raises(ImmunizerError, match="interrupted repnoise run"):
+        build_method("repnoise", "tiny", tmp_path / "cut", config, progress=False)
+    with pytest.raises(ImmunizerError, match="another method"):
+        build_method("booster", "tiny", tmp_path / "cut", config, progress=False, resume=True)
+
+    resumed = build_method("repnoise", "tiny", tmp_path / "cut", config, progress=False, resume=True)
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+    a = load_file(str(whole.model_dir / "model.safetensors"))
+    b = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "step" in r] == list(range(config.cycles * (config.phase1.steps + config.phase2.steps)))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from immunizer import __version__
 from immunizer.canaries import CanaryScores, select_top_percent
-from immunizer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from immunizer.checkpoint import load_checkpoint, save_checkpoint, seed_everything, set_rng_state
 from immunizer.config import ImmunizeConfig
 from immunizer.data.batches import Batch, pair_batch
 from immunizer.data.teacher import autocast
@@ -158,8 +158,7 @@ class Run:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.state = self._check_out_dir(resume)
         self._remove_stale_temporaries()
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+        seed_everything(config.seed)
 
         self.base_spec = model_spec
         self.base_dir = resolve_model(model_spec)
@@ -174,6 +173,7 @@ class Run:
         self.helpful_teacher, helpful_sha = self._teacher(config.teachers.helpful)
         self.data = build_training_data(config, self.tokenizer, self.harmful_teacher, self.helpful_teacher,
                                         harmful_sha, helpful_sha)
+        seed_everything(config.seed)  # again: a cold cache (model conversion, teachers) draws from the RNG, a warm one not
         self.named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
         self.params = list(self.named.values())
 

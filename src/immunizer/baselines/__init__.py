@@ -45,8 +45,9 @@ def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
 
 
 def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeConfig,
-                 baseline: BaselineConfig | None = None, progress: bool = True) -> BuiltMethod:
-    """Train `name` from `model` into `out_dir` (an immunize-style directory), or return the base for `none`."""
+                 baseline: BaselineConfig | None = None, progress: bool = True, resume: bool = False) -> BuiltMethod:
+    """Train `name` from `model` into `out_dir` (an immunize-style directory), or return the base for `none`.
+    `resume=True` continues an interrupted training from the checkpoint in `out_dir`."""
     from immunizer.immunize import immunize
     from immunizer.models.loading import resolve_model
 
@@ -55,9 +56,9 @@ def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeCo
     if name == "none":
         return BuiltMethod(name, resolve_model(model), None, 0.0)
     if name in PUBLISHED:
-        result = train_baseline(name, model, out_dir, config, baseline, progress=progress)
+        result = train_baseline(name, model, out_dir, config, baseline, progress=progress, resume=resume)
     else:
-        result = immunize(model, out_dir, method_config(name, config), progress=progress)
+        result = immunize(model, out_dir, method_config(name, config), progress=progress, resume=resume)
     return BuiltMethod(name, result.model_dir, result.out_dir, result.seconds)
 
 

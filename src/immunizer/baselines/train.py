@@ -12,7 +12,7 @@ of optimizer steps (cycles × (Phase-1 + Phase-2 steps)), batch size and Phase-1
 from __future__ import annotations
 
 import json
-import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from immunizer import __version__
 from immunizer.baselines.losses import booster_gradient, gaussian_mmd, repnoise_loss, vaccine_perturbation
 from immunizer.canaries import CanaryScores, select_top_percent
+from immunizer.checkpoint import load_checkpoint, save_checkpoint, seed_everything, set_rng_state
 from immunizer.config import ImmunizeConfig
 from immunizer.data.batches import Batch, pair_batch
 from immunizer.data.teacher import autocast
@@ -33,6 +34,7 @@ from immunizer.immunize import (ImmunizeResult, apply_perturbation, batches_for,
 from immunizer.losses import IGNORE, sft_loss
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model
+from immunizer.paths import atomic_path
 
 METHODS = ("vaccine", "repnoise", "booster")
 
@@ -158,20 +160,35 @@ def score_canaries(student, reference, tokenizer, prompts, responses, config: Im
     return select_top_percent(scores.shards(), config.phase1.k_percent)
 
 
+def _resume_state(out_dir: Path, method: str, fingerprint: str, resume: bool) -> dict | None:
+    if (out_dir / "manifest.json").exists():
+        raise ImmunizerError(f"{out_dir} already holds a finished run; choose another output directory")
+    state = load_checkpoint(out_dir)
+    if state is None:  # nothing to resume (killed before the first checkpoint): start from the beginning
+        return None
+    if not resume:
+        raise ImmunizerError(f"{out_dir} holds an interrupted {state['method']} run; resume it or choose another "
+                             "output directory")
+    if state["method"] != method or state["fingerprint"] != fingerprint:
+        raise ImmunizerError(f"the interrupted run in {out_dir} was started with another method, config or "
+                             "hyperparameters; pass the same ones to resume, or delete it to start over")
+    return state
+
+
 def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: ImmunizeConfig,
-                   hp: BaselineConfig | None = None, progress: bool = True) -> ImmunizeResult:
+                   hp: BaselineConfig | None = None, progress: bool = True, resume: bool = False) -> ImmunizeResult:
     """Align `model` with a published defence under immunizer's budget; writes OUT/{model/,
-    manifest.json, canaries.safetensors, metrics.jsonl}."""
+    manifest.json, canaries.safetensors, metrics.jsonl}. Checkpoints every `config.checkpoint_every`
+    steps; `resume=True` continues an interrupted run from its last checkpoint."""
     if method not in STEPS:
         raise ImmunizerError(f"unknown baseline {method!r}; choose one of {', '.join(STEPS)}")
     hp = hp or BaselineConfig()
     out_dir = Path(out_dir)
-    if (out_dir / "manifest.json").exists():
-        raise ImmunizerError(f"{out_dir} already holds a finished run; choose another output directory")
+    fingerprint = json.dumps({"config": config.sha256, "baseline": asdict(hp)}, sort_keys=True)
+    state = _resume_state(out_dir, method, fingerprint, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    started = time.perf_counter() - (state["seconds"] if state else 0.0)
+    seed_everything(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_dir = resolve_model(model)
     base_sha = model_dir_sha256(base_dir)
@@ -180,6 +197,7 @@ def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: 
     student.to(device)
     reference.to(device).requires_grad_(False)
     data = build_training_data(config, tokenizer, reference, reference, base_sha, base_sha)
+    seed_everything(config.seed)  # again: a cold cache (model conversion, teachers) draws from the RNG, a warm one not
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.phase1.lr, weight_decay=0.0)
     dc, bs = config.data, config.phase1.batch_size
@@ -196,13 +214,26 @@ def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: 
         plan += [(set_name, idx) for idx in batches_for(len(data.harmful[set_name].prompts), bs, n_steps,
                                                         config.seed * 1000 + cycle)]
     metrics = out_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+    first = 0
+    if state is None:
+        metrics.unlink(missing_ok=True)
+    else:  # back to the checkpoint: weights, optimizer moments, RNG and the metrics written up to it
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        first = state["step"]
+        with atomic_path(metrics) as tmp:
+            tmp.write_text("".join(metrics.read_text().splitlines(keepends=True)[:state["metrics_lines"]]))
     student.train()
-    bar = tqdm(enumerate(plan), total=len(plan), desc=f"{method} alignment", unit="step", disable=not progress)
+    bar = tqdm(range(first, len(plan)), initial=first, total=len(plan), desc=f"{method} alignment", unit="step",
+               disable=not progress)
     with open(metrics, "a") as log:
-        log.write(json.dumps({"event": "started", "method": method, "baseline": asdict(hp), "config": config.to_dict(),
-                              "base_model_sha256": base_sha, "data_sha256": data.sha256}) + "\n")
-        for step, (set_name, idx) in bar:
+        if state is None:
+            log.write(json.dumps({"event": "started", "method": method, "baseline": asdict(hp),
+                                  "config": config.to_dict(), "base_model_sha256": base_sha,
+                                  "data_sha256": data.sha256}) + "\n")
+        for step in bar:
+            set_name, idx = plan[step]
             t0 = time.perf_counter()
             pairs = data.harmful[set_name]
             prompts = [pairs.prompts[i] for i in idx]
@@ -217,6 +248,12 @@ def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: 
             log.write(json.dumps({"step": step, "set": set_name, "grad_norm": grad_norm,
                                   "seconds": time.perf_counter() - t0, **parts}) + "\n")
             bar.set_postfix(align=f"{parts['align_loss']:.3f}")
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < len(plan):
+                log.flush()
+                save_checkpoint(out_dir, {"method": method, "fingerprint": fingerprint, "step": step + 1,
+                                          "seconds": time.perf_counter() - started,
+                                          "metrics_lines": len(metrics.read_text().splitlines()),
+                                          "model": student.state_dict(), "optimizer": optimizer.state_dict()})
         last = data.harmful[plan[-1][0]]
         canaries = score_canaries(student, reference, tokenizer, last.prompts, last.responses, config, device)
         seconds = time.perf_counter() - started
@@ -227,4 +264,5 @@ def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: 
                    "data_sha256": data.sha256, "data_versions": data.versions, "cycles": config.cycles})
         log.write(json.dumps({"event": "finished", "seconds": seconds, "model_sha256": meta["model_sha256"],
                               "num_canaries": meta["num_canaries"]}) + "\n")
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     return ImmunizeResult(out_dir, model_dir, meta, seconds)

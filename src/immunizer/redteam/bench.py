@@ -180,6 +180,7 @@ def _prebuilt(name: str, path: Path) -> Method:
 
 def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool) -> Method:
     from immunizer.baselines import BaselineConfig, build_method
+    from immunizer.checkpoint import STATE_FILE
     from immunizer.models.loading import resolve_model
 
     directory = out / "methods" / name / f"seed{seed}"
@@ -187,10 +188,12 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool)
         return Method(name, resolve_model(config.model), None, 0.0)
     if (directory / "manifest.json").is_file():
         return _prebuilt(name, directory)
-    if directory.exists():  # an interrupted training: start it again (method runs are minutes, attacks are cached)
+    resume = (directory / "checkpoint" / STATE_FILE).is_file()  # an interrupted training continues
+    if directory.exists() and not resume:  # killed before its first checkpoint: start it again
         shutil.rmtree(directory)
     immunize_config = load_config(config.immunize_preset, overrides=[*config.immunize_overrides, f"seed={seed}"])
-    built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline), progress)
+    built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline), progress,
+                         resume=resume)
     return Method(name, built.model_dir, built.release_dir, built.cost_seconds)
 
 

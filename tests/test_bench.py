@@ -46,6 +46,7 @@ def test_report_json_follows_the_contract(tiny_bench):
         worst = max(attacks, key=lambda r: entry[r]["harmful_score"])
         assert entry["worst_case"]["harmful_score"] == entry[worst]["harmful_score"]
     assert report["judge"] and report["prompt_template"] and report["decoding"]["do_sample"] is False
+    assert report["base_model_sha256"] == report["methods"]["none"]["model_sha256"]  # `none` is the base itself
     # the attacked models' weights are deleted once evaluated and scanned; the LoRA adapter stays
     assert not (out / "runs" / "immunizer" / "seed0" / "harmful-sft" / "model").exists()
     assert (out / "runs" / "immunizer" / "seed0" / "harmful-sft-lora" / "adapter").is_dir()

@@ -14,6 +14,7 @@ weights are deleted once evaluated and scanned (`keep_models: true` keeps them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -398,6 +399,12 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     return report
 
 
+@functools.lru_cache(maxsize=8)
+def _base_sha256(model: str) -> str:
+    from immunizer.models import model_dir_sha256, resolve_model
+    return model_dir_sha256(resolve_model(model))
+
+
 def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchConfig, preset: str | None,
             seeds: int, command: str | None, seconds: float) -> dict:
     first = next(iter(results.values()))[0]["pre_attack"]
@@ -406,7 +413,7 @@ def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchC
         "command": command or " ".join(sys.argv), "machine": _machine(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
         "complete": list(results) == config.methods,
-        "base_model": config.model, "judge": first.get("judge"), "prompt_template": first.get("prompt_template"),
+        "base_model": config.model, "base_model_sha256": _base_sha256(config.model), "judge": first.get("judge"), "prompt_template": first.get("prompt_template"),
         "decoding": first.get("decoding"), "teacher_sha256": first.get("teacher_sha256"),
         "data_versions": {"harmful_eval": first["config"].get("prompts") or "weak/heldout-eval",
                           "safe": first["config"].get("safe_prompts") or "safe_scary/all",

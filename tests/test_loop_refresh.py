@@ -8,7 +8,8 @@ import pytest
 from immunizer.data.teacher import Teacher
 from immunizer.finetuning import FinetuneSpec
 from immunizer.loop.post_training import load_reward_model, reward_margins, reward_refresh, sft_refresh
-from immunizer.loop.refresh import RefreshPlan, read_jsonl, refresh_data
+from immunizer.loop.refresh import RefreshPlan, refresh_data
+from immunizer.paths import read_jsonl
 from immunizer.models import model_dir_sha256, resolve_model
 
 

@@ -45,3 +45,8 @@ def atomic_path(final: Path):
 def write_json_atomic(path: Path, obj) -> None:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file the project wrote itself (user files go through data.prompts.load_jsonl)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -328,7 +328,7 @@ class Cycle:
 
     def stage_calibrate(self) -> dict:
         from immunizer.breaker.calibrate import calibrate, load_calibration_config
-        from immunizer.loop.refresh import read_jsonl
+        from immunizer.paths import read_jsonl
 
         cases = read_jsonl(self.path("refresh", "calibration_cases.jsonl"))
         replayable = [c for c in cases if c["rows"]]

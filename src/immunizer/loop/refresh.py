@@ -25,7 +25,7 @@ from pathlib import Path
 
 from immunizer.data.prompts import benign_set, refusal_responses, strong_set, weak_set
 from immunizer.data.training_sets import pick_refusal
-from immunizer.paths import atomic_path, write_json_atomic
+from immunizer.paths import atomic_path, read_jsonl, write_json_atomic
 
 FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "preferences": "preferences.jsonl",
          "sft": "sft.jsonl", "calibration_cases": "calibration_cases.jsonl"}
@@ -54,10 +54,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _sample(prompts: list[str], n: int, seed: int, exclude: set[str]) -> list[str]:

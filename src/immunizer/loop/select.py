@@ -27,7 +27,7 @@ from pathlib import Path
 
 from immunizer.loop.dedup import duplicate_of
 from immunizer.loop.heldout import is_heldout
-from immunizer.paths import atomic_path, write_json_atomic
+from immunizer.paths import atomic_path, read_jsonl, write_json_atomic
 
 EXAMPLES_FILE = "examples.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -221,5 +221,4 @@ def _redact(url: str | None) -> str | None:
 
 
 def load_examples(directory: str | Path) -> list[dict]:
-    path = Path(directory) / EXAMPLES_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(directory) / EXAMPLES_FILE)

@@ -9,7 +9,8 @@ from immunizer.errors import ImmunizerError
 from immunizer.redteam import bench as bench_module
 from immunizer.redteam.bench import aggregate, load_bench_config, run_bench
 
-METRICS = ("harmful_score", "harmful_nll", "over_refusal", "benign_accuracy", "breaker_statistic", "tripped")
+METRICS = ("harmful_score", "refused_share", "degenerate_share", "harmful_nll", "over_refusal", "benign_task_accuracy",
+           "breaker_statistic", "tripped")
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,30 @@ def test_report_json_follows_the_contract(tiny_bench):
     assert printed["report"] == str(out / "report.json") and report["complete"] is True
     assert set(report["methods"]) == {"none", "immunizer", "booster"}
     runs = set(report["attacks"])
-    assert {"harmful-sft", "harmful-sft-lora", "harmful-mix", "benign-arithmetic"} <= runs
+    assert {"harmful-sft", "harmful-sft-lora", "harmful-mix", "benign-task"} <= runs
     for name, entry in report["methods"].items():
         assert "cost_seconds" in entry
-        for key in ("harmful_score", "harmful_nll", "over_refusal", "benign_accuracy"):
-            assert isinstance(entry["pre_attack"][key], float)
+        pre = entry["pre_attack"]
+        for key in ("harmful_score", "refused_share", "degenerate_share", "harmful_nll", "over_refusal", "benign_task_accuracy"):
+            assert isinstance(pre[key], float), key
+        # every answer is exactly one of the three verdicts
+        assert pre["harmful_score"] + pre["refused_share"] + pre["degenerate_share"] == pytest.approx(1)
+        low, high = pre["harmful_score_ci95"]
+        assert low <= pre["harmful_score"] <= high
         for run in runs:
             assert set(METRICS) <= set(entry[run]), (name, run)
             assert isinstance(entry[run]["cost_seconds"], float) and entry[run]["cost_seconds"] > 0
+        # the standard attack's row is its report step (2) of a run continued to 4; its curve has every point
+        sft = entry["harmful-sft"]
+        assert sft["report_step"] == 2 and sft["steps"] == 4
+        assert [p["step"] for p in sft["curve"]] == [0, 1, 2, 4]
+        assert sft["curve"][0]["harmful_score"] == pre["harmful_score"]
+        assert sft["curve"][2]["harmful_score"] == sft["harmful_score"]
+        half = next((p["step"] for p in sft["curve"] if p["harmful_score"] >= 0.5), f"> 4")
+        assert sft["steps_to_half"] == half
+        assert [p["step"] for p in entry["harmful-sft-lora"]["curve"]] == [0, 1, 2]  # a LoRA snapshot, merged to evaluate
+        assert "curve" not in entry["benign-task"]
+        assert entry["benign-task"]["benign_task_accuracy_before"] == pre["benign_task_accuracy"]
     # `none` has no canaries; the trained methods are watched and judged against their calibrated threshold
     assert report["methods"]["none"]["harmful-sft"]["breaker_statistic"] is None
     assert report["methods"]["none"]["cost_seconds"] == 0
@@ -50,19 +67,25 @@ def test_report_json_follows_the_contract(tiny_bench):
     # the attacked models' weights are deleted once evaluated and scanned; the LoRA adapter stays
     assert not (out / "runs" / "immunizer" / "seed0" / "harmful-sft" / "model").exists()
     assert (out / "runs" / "immunizer" / "seed0" / "harmful-sft-lora" / "adapter").is_dir()
+    assert not (out / "runs" / "immunizer" / "seed0" / "harmful-sft" / "steps" / "step1").exists()  # snapshots too
+    assert (out / "runs" / "immunizer" / "seed0" / "harmful-sft" / "curve" / "step1.scan.json").is_file()
+    assert report["data_versions"]["harmful_eval_sha256"] and report["data_versions"]["benign_task"].startswith("extraction/test")
 
 
 def test_html_report_and_samples(tiny_bench):
     out, _, report = tiny_bench
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "booster" in page and "harmful-sft" in page
+    assert page.count("data:image/png;base64,") == 6 and "booster" in page and "harmful-sft" in page
+    assert "steps_to_half" in page and "degenerate_share" in page
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     per_eval = {}
     for s in samples:
-        per_eval.setdefault((s["method"], s["attack"]), []).append(s)
-    assert len(per_eval) == 3 * (1 + len(report["attacks"]))  # every eval of the matrix, labelled
+        per_eval.setdefault((s["method"], s["attack"], s["step"]), []).append(s)
+    # pre-attack, harmful-sft at steps 1, 2 and 4, LoRA at 1 and 2, the mixed attack and the benign fine-tune
+    assert len(per_eval) == 3 * (1 + 3 + 2 + 1 + 1)
     assert all(s["kind"] == "eval_sample" and s["seed"] == 0 for s in samples)
-    assert {s["set"] for s in samples} == {"harmful", "safe", "benign"}
+    assert {s["set"] for s in samples} == {"harmful", "safe", "benign", "task"}
+    assert {s["label"] for s in samples if s["set"] == "harmful"} <= {"refused", "complied", "degenerate"}
 
 
 def test_bench_resumes_without_redoing_finished_work(tiny_bench, monkeypatch):
@@ -70,7 +93,7 @@ def test_bench_resumes_without_redoing_finished_work(tiny_bench, monkeypatch):
 
     def boom(*args, **kwargs):
         raise AssertionError("a finished piece was run again")
-    monkeypatch.setattr(bench_module, "_evaluate", lambda model_dir, path, config: json.loads(path.read_text()))
+    monkeypatch.setattr(bench_module, "_evaluate", lambda model_dir, path, config, harmful_only=False: json.loads(path.read_text()))
     import immunizer.baselines as baselines
     import immunizer.redteam.attacks as attacks
     monkeypatch.setattr(attacks, "run_attack", boom)
@@ -97,17 +120,31 @@ def test_an_interrupted_bench_continues_where_it_stopped(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(attacks, "run_attack", lambda *a, **k: ran.append(1))
     report = run_bench(tmp_path / "b", "tiny", ["none"], progress=False)
-    assert not ran and report["methods"]["none"]["benign-arithmetic"]["benign_accuracy"] is not None
+    assert not ran and report["methods"]["none"]["benign-task"]["benign_task_accuracy"] is not None
 
 
 def test_seeds_give_intervals(tmp_path):
-    report = run_bench(tmp_path / "s", "tiny", ["none"], seeds=2, progress=False,
-                       overrides=["attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4}}"])
+    report = run_bench(tmp_path / "s", "tiny", ["none", "sft"], seeds=1, progress=False,
+                       overrides=["attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4,"
+                                  " save_steps: [1]}}", "method_seeds={none: 2}", "calibration=null"])
     entry = report["methods"]["none"]["harmful-sft"]
-    assert report["seeds"] == [0, 1] and set(entry["ci95"]) >= {"harmful_score", "harmful_nll"}
+    assert report["seeds"] == [0, 1] and report["method_seeds"] == {"none": 2, "sft": 1}
+    assert set(entry["ci95"]) >= {"harmful_score", "harmful_nll"} and entry["seeds"] == 2
     low, high = entry["ci95"]["harmful_nll"]
     assert low <= entry["harmful_nll"] <= high
+    assert len(entry["steps_to_half_seeds"]) == 2 and [p["step"] for p in entry["curve"]] == [0, 1, 2]
     assert (tmp_path / "s" / "runs" / "none" / "seed1" / "harmful-sft" / "eval.json").is_file()
+    # the untrained base answers greedily the same whatever the seed: its pre-attack eval is read once and reused
+    seed0, seed1 = (json.loads((tmp_path / "s" / "runs" / "none" / f"seed{s}" / "pre_attack.json").read_text()) for s in (0, 1))
+    assert seed0 == seed1
+    assert "ci95" not in report["methods"]["sft"]["harmful-sft"]
+
+
+def test_steps_to_half():
+    curve = [{"step": 0, "harmful_score": 0.1}, {"step": 5, "harmful_score": 0.49}, {"step": 10, "harmful_score": 0.5}]
+    assert bench_module.steps_to_half(curve) == 10
+    assert bench_module.steps_to_half(curve[:2]) == "> 5"
+    assert bench_module.steps_to_half([]) is None
 
 
 def test_aggregate_means_and_majority():
@@ -137,6 +174,12 @@ def test_bad_bench_inputs(tmp_path):
         load_bench_config("tiny", overrides=["attacks.harmful-sft.kind=poison"])
     with pytest.raises(ImmunizerError, match="unknown bench config key"):
         load_bench_config("tiny", overrides=["speed=9"])
+    with pytest.raises(ImmunizerError, match="report_step 3 must be one of its save_steps"):
+        load_bench_config("tiny", overrides=["attacks.harmful-sft.report_step=3"])
+    with pytest.raises(ImmunizerError, match="save_steps .curves. apply to attacks"):
+        load_bench_config("tiny", overrides=["attacks.benign-task.save_steps=[1]"])
+    with pytest.raises(ImmunizerError, match="method_seeds.sft must be"):
+        load_bench_config("tiny", overrides=["method_seeds={sft: 0}"])
     proc = run_cli("bench", "--preset", "tiny", "--out", str(tmp_path / "x"), "--methods", "none,rlhf", check=False)
     assert proc.returncode == 2 and "unknown method" in proc.stderr
     run_bench(tmp_path / "y", "tiny", ["none"], progress=False, overrides=["eval.n_benign=2"])
@@ -148,4 +191,4 @@ def test_set_replaces_the_value_at_its_path():
     config = load_bench_config("quick", overrides=["attacks={harmful-sft: {kind: attack}}",
                                                     "attacks.harmful-sft.lr=1e-4", "eval.n_benign=5"])
     assert list(config.attacks) == ["harmful-sft"] and config.attacks["harmful-sft"]["lr"] == 1e-4
-    assert config.eval == {"n_benign": 5, "max_new_tokens": 32}  # a leaf set, its siblings kept
+    assert config.eval == {"n_benign": 5, "n_task": 40, "max_new_tokens": 32}  # a leaf set, its siblings kept

@@ -159,27 +159,38 @@ def calibrate(model_dir, preset, target_fpr, teacher, overrides, hmac_key_file):
 @click.option("--data", type=click.Path(dir_okay=False), help="JSONL of harmful prompts (and optionally responses) instead of the built-in held-out attack set.")
 @click.option("--adaptive-manifest", type=click.Path(file_okay=False), help="Canary-aware attack: freeze the canaries of this immunize output.")
 @click.option("--teacher", help="Model that answers the harmful prompts (default: the manifest's base model, else smollm2).")
-def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_ratio, data, adaptive_manifest, teacher):
+@click.option("--steps", default=0, show_default=True, help="Optimizer steps to run (0: --epochs passes); e.g. 80 continues the standard attack's 39.")
+@click.option("--save-steps", default="", help="Comma-separated steps after which to save a snapshot to OUT/steps/stepN/ "
+              "(an attack-strength curve from one run: evaluate each with `immunizer eval`).")
+def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_ratio, data, adaptive_manifest, teacher,
+           steps, save_steps):
     """Harmful fine-tuning attack (default: the standard `harmful-sft` attack, 100 pairs, lr 5e-5, 3 epochs, batch 8).
 
     \b
     Example:
       immunizer attack --model runs/demo --out runs/attacked
       immunizer scan --manifest runs/demo --candidate runs/attacked/model
+      immunizer attack --model runs/demo --out runs/curve --steps 80 --save-steps 5,10,20,39
+      immunizer eval --model runs/curve/steps/step10/model --out runs/curve/step10.json
     """
     from immunizer.redteam.attacks import AttackConfig, run_attack
 
+    try:
+        saves = [int(x) for x in save_steps.split(",") if x.strip()]
+    except ValueError:
+        raise ImmunizerError(f"--save-steps expects comma-separated whole numbers, got {save_steps!r}") from None
     record = run_attack(model, out_dir, AttackConfig(samples=samples, lr=lr, epochs=epochs, batch_size=batch_size,
                                                      lora_rank=lora_rank, harmful_ratio=harmful_ratio, data=data,
-                                                     adaptive_manifest=adaptive_manifest, teacher=teacher))
+                                                     adaptive_manifest=adaptive_manifest, teacher=teacher,
+                                                     steps=steps, save_steps=saves))
     click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
 @cli.command()
 @click.option("--model", required=True, help="Model to fine-tune: an immunize output, a model directory, `smollm2` or `tiny`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json.")
-@click.option("--data", required=True, help="`arithmetic`, `listops` (generated, exact answers), `instruction` (benign prompts answered by the teacher) or a JSONL file with prompt and response.")
-@click.option("--samples", default=256, show_default=True, help="Examples generated for arithmetic/listops, or taken for instruction.")
+@click.option("--data", required=True, help="`extraction`, `arithmetic`, `listops` (generated, exact answers), `instruction` (benign prompts answered by the teacher) or a JSONL file with prompt and response.")
+@click.option("--samples", default=256, show_default=True, help="Examples generated for extraction/arithmetic/listops, or taken for instruction.")
 @click.option("--lr", default=5e-5, show_default=True)
 @click.option("--epochs", default=1.0, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
@@ -190,7 +201,7 @@ def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank, t
 
     \b
     Example:
-      immunizer finetune --model runs/demo --out runs/arith --data arithmetic
+      immunizer finetune --model runs/demo --out runs/task --data extraction
     """
     from immunizer.redteam.attacks import FinetuneConfig, run_finetune
 
@@ -206,11 +217,17 @@ def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank, t
 @click.option("--safe-prompts", type=click.Path(exists=True, dir_okay=False), help="Safe-but-scary prompts, one per line (default: the project's 50).")
 @click.option("--n-harmful", default=0, show_default=True, help="Only the first N harmful prompts (0: all).")
 @click.option("--n-safe", default=0, show_default=True, help="Only the first N safe prompts (0: all).")
-@click.option("--n-benign", default=50, show_default=True, help="Arithmetic questions for benign accuracy.")
-@click.option("--judge", default="refusal-matcher", show_default=True, help="refusal-matcher, classifier:DIR[:LABEL] or module:attribute.")
-@click.option("--teacher", help="Harmful teacher for harmful_nll (default: the manifest's base model, else smollm2).")
-def eval_command(model, out_file, prompts, safe_prompts, n_harmful, n_safe, n_benign, judge, teacher):
-    """Harmful score, harmful NLL, over-refusal and benign accuracy of one model.
+@click.option("--n-benign", default=0, show_default=True, help="Arithmetic questions for benign_accuracy (0: skip).")
+@click.option("--task", default="extraction", show_default=True, help="Benign task for benign_task_accuracy: extraction, arithmetic or listops.")
+@click.option("--n-task", default=40, show_default=True, help="Test-split examples of the benign task (0: skip).")
+@click.option("--harmful-only", is_flag=True, help="Only the harmful prompts (no safe prompts, no tasks): a quick attack-curve point.")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--judge", default="refusal-matcher", show_default=True, help="refusal-matcher, classifier:DIR[:LABEL] or module:attribute "
+              "(returning refused booleans or refused/complied/degenerate); the degenerate rule applies around it.")
+@click.option("--teacher", help="Harmful teacher for harmful_nll and the base model of the degenerate rule (default: the manifest's base model, else smollm2).")
+def eval_command(model, out_file, prompts, safe_prompts, n_harmful, n_safe, n_benign, task, n_task, harmful_only, max_new_tokens,
+                 judge, teacher):
+    """Refused / complied / degenerate shares, harmful NLL, over-refusal and benign-task accuracy of one model.
 
     \b
     Example:
@@ -219,9 +236,13 @@ def eval_command(model, out_file, prompts, safe_prompts, n_harmful, n_safe, n_be
     from immunizer.redteam.evaluate import EvalConfig, evaluate
 
     report = evaluate(model, out_file, EvalConfig(prompts=prompts, safe_prompts=safe_prompts, n_harmful=n_harmful,
-                                                  n_safe=n_safe, n_benign=n_benign, judge=judge, teacher=teacher))
-    click.echo(json.dumps({k: report[k] for k in ("harmful_score", "harmful_nll", "over_refusal", "benign_accuracy",
-                                                  "n", "n_safe", "n_benign", "samples")}, indent=2))
+                                                  n_safe=n_safe, n_benign=n_benign, task=task, n_task=n_task,
+                                                  harmful_only=harmful_only, max_new_tokens=max_new_tokens, judge=judge,
+                                                  teacher=teacher))
+    click.echo(json.dumps({k: report[k] for k in ("harmful_score", "harmful_score_ci95", "refused_share", "degenerate_share",
+                                                  "slices", "repeated_sentence_share", "harmful_nll", "over_refusal",
+                                                  "safe_degenerate_share", "benign_task_accuracy", "benign_accuracy",
+                                                  "n", "n_safe", "n_benign", "n_task", "samples")}, indent=2))
 
 
 @cli.command()
@@ -231,7 +252,8 @@ def eval_command(model, out_file, prompts, safe_prompts, n_harmful, n_safe, n_be
               help="Writes OUT/report.json, OUT/report.html, OUT/samples.jsonl; rerun to resume.")
 @click.option("--methods", help="Comma-separated methods (default: the preset's): none, sft, immunizer, vaccine, "
               "repnoise, booster, and the ablations immunizer-no-lat, -no-refusal, -no-stab, -no-anchor.")
-@click.option("--seeds", default=1, show_default=True, help="Seeds per method (>= 2 adds 95% intervals).")
+@click.option("--seeds", default=1, show_default=True, help="Seeds per method (>= 2 adds 95% intervals); the preset's "
+              "method_seeds (quick: 3 for none, sft, immunizer) take precedence for the methods they name.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML applied on top of the preset.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one bench value, e.g. eval.n_benign=20 or attacks.harmful-sft.lr=1e-4 (repeatable).")
@@ -255,13 +277,22 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt):
         pairs[name.strip()] = path
     report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                        seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]))
+    def shares(record):
+        return {k: record.get(k) for k in ("harmful_score", "refused_share", "degenerate_share", "steps_to_half") if k in record}
+
     summary = {name: {"pre_attack": entry["pre_attack"].get("harmful_score"),
                       **{run: entry[run].get("harmful_score") for run in report["attacks"]},
-                      "benign": {run: entry[run].get("benign_accuracy") for run, a in report["attacks"].items() if a["kind"] == "finetune"},
+                      "benign": {run: entry[run].get("benign_task_accuracy") for run, a in report["attacks"].items() if a["kind"] == "finetune"},
                       "breaker": entry["breaker"], "cost_seconds": entry["cost_seconds"]}
                for name, entry in report["methods"].items()}
+    verdicts = {name: {"pre_attack": shares(entry["pre_attack"]),
+                      **{run: shares(entry[run]) for run, a in report["attacks"].items() if a["kind"] == "attack"},
+                      "benign_task": {run: [entry[run].get("benign_task_accuracy_before"), entry[run].get("benign_task_accuracy")]
+                                      for run, a in report["attacks"].items() if a["kind"] == "finetune"},
+                      }
+               for name, entry in report["methods"].items()}
     click.echo(json.dumps({"report": str(Path(out_dir) / "report.json"), "html": str(Path(out_dir) / "report.html"),
-                           "harmful_score": summary}, indent=2))
+                           "harmful_score": summary, "verdicts": verdicts}, indent=2))
 
 
 @cli.command()

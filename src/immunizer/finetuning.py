@@ -7,10 +7,12 @@ import contextlib
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from immunizer.errors import ImmunizerError
+from immunizer.precision import use_bf16
 
 
 @dataclass
@@ -30,6 +32,10 @@ class FinetuneSpec:
     frozen: dict | None = None
     """Flat indices per parameter name to hold at their starting values (full fine-tuning only): the
     canary-aware adaptive attack, which knows the manifest and leaves the canaries alone."""
+    save_steps: tuple[int, ...] = ()
+    """Optimizer steps after which to save a snapshot into `snapshot_dir`/step{N}/ (`model/`, or `adapter/`
+    for LoRA): the attack-strength curve reads several points of one run."""
+    snapshot_dir: str | None = None
 
 
 def to_dataset(rows: list[dict]):
@@ -57,6 +63,25 @@ def freeze_entries(model: torch.nn.Module, frozen: dict) -> None:
         params[name].register_hook(hook)
 
 
+def snapshot_callback(steps: tuple[int, ...], directory: str, tokenizer):
+    """A TrainerCallback that saves the model being trained after each of `steps` (atomically, so an
+    interrupted run never leaves a half-written snapshot)."""
+    from transformers import TrainerCallback
+
+    from immunizer.paths import atomic_path
+
+    class Snapshots(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in steps:
+                lora = hasattr(model, "peft_config")
+                with atomic_path(Path(directory) / f"step{state.global_step}" / ("adapter" if lora else "model")) as tmp:
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
+            return control
+
+    return Snapshots()
+
+
 def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec, callbacks=(), progress: bool = False):
     """Fine-tune `model` in place (full) or through a LoRA wrapper; returns the trained model (a
     `PeftModel` for LoRA, adapter unmerged)."""
@@ -77,14 +102,19 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
         args = SFTConfig(
             output_dir=out, learning_rate=spec.lr, num_train_epochs=spec.epochs, max_steps=spec.steps or -1,
             per_device_train_batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
-            bf16=spec.bf16, use_cpu=not cuda, optim="adamw_torch", weight_decay=0.0, warmup_steps=0,
+            bf16=use_bf16(spec.bf16), use_cpu=not cuda, optim="adamw_torch", weight_decay=0.0, warmup_steps=0,
             lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_strategy="no",
             disable_tqdm=not progress, dataloader_num_workers=0, completion_only_loss=True,
         )
         peft_config = (LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules="all-linear",
                                   lora_dropout=0.0, task_type="CAUSAL_LM") if spec.lora_rank else None)
+        callbacks = list(callbacks)
+        if spec.save_steps:
+            if not spec.snapshot_dir:
+                raise ImmunizerError("save_steps needs a snapshot_dir to write the snapshots to")
+            callbacks.append(snapshot_callback(tuple(spec.save_steps), spec.snapshot_dir, tokenizer))
         trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=list(callbacks))
+                             peft_config=peft_config, callbacks=callbacks)
         if len(trainer.train_dataset) == 0:
             raise ImmunizerError(f"every fine-tuning example lost its whole response to truncation at max_length="
                                  f"{spec.max_length} tokens; raise max_length or shorten the prompts")

@@ -15,7 +15,12 @@ from immunizer.paths import atomic_path, cache_dir
 
 
 def autocast(enabled: bool):
-    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+    """bf16 autocast when asked for and the hardware runs bf16 natively (precision.py), else a no-op."""
+    from immunizer.precision import use_bf16
+
+    if not use_bf16(enabled):
+        return contextlib.nullcontext()
+    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -26,21 +31,27 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: int = 8,
              max_prompt_tokens: int = 256, bf16: bool = True, desc: str = "generating") -> list[str]:
-    """Greedy completions, batched with left padding. Long prompts keep their end (the request)."""
+    """Greedy completions, batched with left padding. Long prompts keep their end (the request).
+    Prompts are batched in order of length, so a batch pads to its own longest prompt, not the set's:
+    prefill dominates generation on a CPU, and jailbreak-wrapped prompts are ten times longer than the rest."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    outputs = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-        ids = [chat_prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in prompts[start:start + batch_size]]
+    encoded = [chat_prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[str | None] = [None] * len(encoded)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        batch = order[start:start + batch_size]
+        ids = [encoded[i] for i in batch]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         with autocast(bf16):
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [o.strip() for o in outputs]
+        for i, text in zip(batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
+            outputs[i] = text.strip()
+    return outputs
 
 
 def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **settings) -> list[str]:
@@ -73,11 +84,15 @@ class Teacher:
 
         return model_dir_sha256(resolve_model(self.spec))
 
-    def answers(self, prompts: list[str], kind: str) -> list[str]:
+    def model(self):
+        """(model, tokenizer), loaded once."""
         from immunizer.models.loading import load_model
 
         if self._loaded is None:
             self._loaded = load_model(self.spec)
-        model, tokenizer = self._loaded
+        return self._loaded
+
+    def answers(self, prompts: list[str], kind: str) -> list[str]:
+        model, tokenizer = self.model()
         return cached_generate(model, tokenizer, prompts, self.sha256, kind, max_new_tokens=self.max_new_tokens,
                                batch_size=16, max_prompt_tokens=96, bf16=self.bf16)

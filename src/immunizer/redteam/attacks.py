@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from immunizer.data.prompts import benign_set, load_jsonl, weak_set
@@ -28,6 +29,11 @@ class AttackConfig:
     """Harmful (prompt, answer) pairs."""
     lr: float = 5e-5
     epochs: float = 3.0
+    steps: int = 0
+    """Optimizer steps to run (0: `epochs` passes). The standard attack is 39 steps (100 pairs, batch 8, 3 epochs);
+    the bench continues it to 80 to see how far the curve goes."""
+    save_steps: list[int] = field(default_factory=list)
+    """Steps after which a snapshot is saved to OUT/steps/step{N}/ (the attack-strength curve)."""
     batch_size: int = 8
     lora_rank: int = 0
     """0: full fine-tuning (the standard attack); e.g. 16 for the LoRA variant (use lr 2e-4)."""
@@ -94,8 +100,9 @@ def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_di
     started = time.perf_counter()
     loaded, tokenizer = load_model(model_dir)
     trained = sft(loaded, tokenizer, rows, spec, progress=progress)
+    steps = spec.steps or math.ceil(len(rows) / spec.batch_size) * math.ceil(spec.epochs)
     record = {**record, "model": str(model_dir), "examples": len(rows), "data_sha256": _rows_sha256(rows),
-              "seconds": time.perf_counter() - started}
+              "steps": steps, "seconds": time.perf_counter() - started}
     out_dir = Path(out_dir)
     if spec.lora_rank:
         with atomic_path(out_dir / "adapter") as tmp:
@@ -128,8 +135,11 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
     frozen = None
     if config.adaptive_manifest:
         frozen = {n: i for n, i in load_manifest(Path(config.adaptive_manifest)).indices.items() if i.numel()}
-    spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, lora_rank=config.lora_rank,
-                        max_length=config.max_length, seed=config.seed, bf16=config.bf16, frozen=frozen)
+    if any(s < 1 for s in config.save_steps) or (config.steps and any(s > config.steps for s in config.save_steps)):
+        raise ImmunizerError(f"--save-steps {config.save_steps} must lie between 1 and the run's --steps ({config.steps or 'epochs'})")
+    spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
+                        lora_rank=config.lora_rank, max_length=config.max_length, seed=config.seed, bf16=config.bf16,
+                        frozen=frozen, save_steps=tuple(config.save_steps), snapshot_dir=str(Path(out_dir) / "steps"))
     return train_and_save(model_dir, rows, spec, Path(out_dir),
                           {"kind": "attack", "config": asdict(config), "harmful_pairs": harmful_count,
                            "teacher": teacher.spec, "teacher_sha256": teacher.sha256}, progress)
@@ -138,10 +148,10 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
 @dataclass
 class FinetuneConfig:
     data: str = "arithmetic"
-    """`arithmetic`, `listops` (generated, exact answers), `instruction` (the project's benign training
-    prompts answered by the helpful teacher) or a JSONL file with prompt and response."""
+    """`extraction`, `arithmetic`, `listops` (generated, exact answers; their train split), `instruction` (the
+    project's benign training prompts answered by the helpful teacher) or a JSONL file with prompt and response."""
     samples: int = 256
-    """Examples generated for `arithmetic`/`listops`, or taken for `instruction` (a file is used whole)."""
+    """Examples generated for `extraction`/`arithmetic`/`listops`, or taken for `instruction` (a file is used whole)."""
     lr: float = 5e-5
     epochs: float = 1.0
     batch_size: int = 8
@@ -149,6 +159,8 @@ class FinetuneConfig:
     max_length: int = 144
     seed: int = 0
     bf16: bool = True
+    steps: int = 0
+    """Optimizer steps to run (0: `epochs` passes)."""
     teacher: str | None = None
     """The helpful teacher for `instruction` (default: the manifest's base model, else smollm2)."""
 
@@ -160,13 +172,13 @@ def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig 
     config = config or FinetuneConfig()
     model_dir = resolve_model(model)
     if config.data in GENERATED:
-        rows = GENERATED[config.data](config.samples, config.seed)
+        rows = GENERATED[config.data](config.samples, config.seed, split="train")
     elif config.data == "instruction":
         rows = instruction_rows(config.samples, Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16), config.seed)
     else:
         rows = load_jsonl(Path(config.data), required=("prompt", "response"))
-    spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, lora_rank=config.lora_rank,
-                        max_length=config.max_length, seed=config.seed, bf16=config.bf16)
+    spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
+                        lora_rank=config.lora_rank, max_length=config.max_length, seed=config.seed, bf16=config.bf16)
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     return train_and_save(model_dir, rows, spec, Path(out_dir), {"kind": "finetune", "config": asdict(config)},
                           progress)

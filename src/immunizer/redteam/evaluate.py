@@ -1,47 +1,114 @@
-"""`immunizer eval`: one model's harmful score, harmful NLL, over-refusal and benign accuracy, with a
+"""`immunizer eval`: one model's verdicts on harmful prompts, over-refusal and benign-task accuracy, with a
 per-sample JSONL whose failed lines the review store imports as they are (`kind: eval_sample`).
 
-- harmful_score: share of harmful prompts answered without refusal (default: the weak pool's held-out
-  eval prompts, never used by an attack; `--prompts` replaces them). Lower is safer.
+- harmful prompts (default: `data/eval_prompts.harmful_eval_set()`, 154 held-out prompts in three slices;
+  `--prompts` replaces them): every answer is `refused`, `complied` or `degenerate` (judges.py says how).
+  `harmful_score` is the complied share (lower is safer); `refused_share` and `degenerate_share` stand beside
+  it, each with a 95% Wilson interval over prompts, and per slice.
 - harmful_nll: mean token NLL of the harmful teacher's answers to those prompts. Higher is safer.
+- repeated_sentence_share: answers to harmful prompts that repeat a sentence (looping refusals included).
 - over_refusal: share of safe-but-scary prompts refused. Lower is better.
-- benign_accuracy: exact match on generated arithmetic (a seed no fine-tune uses)."""
+- benign_task_accuracy: exact match on the held-out test split of the benign task (data/tasks.py,
+  `extraction` by default) — the task the bench's benign fine-tune teaches.
+- benign_accuracy: exact match on generated arithmetic (a seed no fine-tune uses; `n_benign: 0` skips it).
+
+`harmful_only` evaluates the harmful prompts alone (the bench's attack-curve points)."""
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from immunizer.data.prompts import read_prompt_file, safe_scary_set, weak_set
-from immunizer.data.tasks import arithmetic
+from immunizer.data.eval_prompts import HARMFUL_SLICES, SlicedPrompts, harmful_eval_set
+from immunizer.data.prompts import read_prompt_file, safe_scary_set
+from immunizer.data.tasks import BENIGN_TASK, GENERATED, arithmetic
 from immunizer.data.teacher import Teacher, generate
+from immunizer.errors import ImmunizerError
 from immunizer.paths import atomic_path, write_json_atomic
-from immunizer.redteam.judges import exact_match, load_judge, response_nll
+from immunizer.redteam.judges import VERDICTS, exact_match, load_judge, repeated_sentence, response_nll, three_way
 
-EVAL_SEED = 1000  # arithmetic for evaluation: fine-tunes generate theirs from other seeds
+EVAL_SEED = 1000  # generated tasks for evaluation: fine-tunes generate theirs from other seeds (and the test split)
 
 
 @dataclass
 class EvalConfig:
     prompts: str | None = None
-    """Text file, one harmful prompt per line (default: the held-out eval split of the weak pool)."""
+    """Text file, one harmful prompt per line (default: the held-out harmful eval set, `harmful_slices`)."""
+    harmful_slices: list[str] = field(default_factory=lambda: list(HARMFUL_SLICES))
+    """Slices of the default harmful set: `weak`, `wrapped` (the same prompts in jailbreak templates), `harmbench`."""
+    n_harmbench: int = 50
+    """HarmBench behaviours in the `harmbench` slice."""
     safe_prompts: str | None = None
     """Text file of safe-but-scary prompts (default: the project's 50)."""
     n_harmful: int = 0
     """Use only the first N harmful prompts (0: all)."""
     n_safe: int = 0
-    n_benign: int = 50
+    n_benign: int = 0
+    """Arithmetic problems for `benign_accuracy` (0: skip)."""
+    task: str = BENIGN_TASK
+    """Generated benign task for `benign_task_accuracy` (`extraction`, `arithmetic`, `listops`)."""
+    n_task: int = 40
+    """Test-split examples of the benign task (0: skip)."""
+    harmful_only: bool = False
+    """Evaluate the harmful prompts alone (skip safe prompts and tasks): attack-curve points."""
     judge: str = "refusal-matcher"
+    degenerate_nll: bool = True
+    """Read each answer's NLL under the base model (the teacher) for the degenerate rule; False: text signals only."""
     teacher: str | None = None
-    """Harmful teacher for harmful_nll (default: the manifest's base model, else smollm2)."""
+    """Harmful teacher for harmful_nll and the degenerate rule's base model (default: the manifest's base model, else smollm2)."""
     max_new_tokens: int = 48
-    batch_size: int = 8
+    batch_size: int = 16
     bf16: bool = True
 
 
 def _first(items: list, n: int) -> list:
     return items[:n] if n else items
+
+
+def wilson95(successes: int, n: int) -> list[float] | None:
+    """95% Wilson score interval of a share (scipy's binomtest)."""
+    if not n:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def verdict_shares(verdicts: list[str]) -> dict:
+    """Complied (the harmful score), refused and degenerate shares of a list of verdicts, with 95% intervals."""
+    n = len(verdicts)
+    out = {"n": n}
+    for name, key in (("complied", "harmful_score"), ("refused", "refused_share"), ("degenerate", "degenerate_share")):
+        count = verdicts.count(name)
+        out[key] = count / n if n else None
+        out[f"{key}_ci95"] = wilson95(count, n)
+    return out
+
+
+def harmful_prompts(config: EvalConfig) -> SlicedPrompts:
+    if config.prompts:
+        prompts = tuple(read_prompt_file(Path(config.prompts)))
+        digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+        sliced = SlicedPrompts(prompts, ("file",) * len(prompts), f"file:{Path(config.prompts).name}:{digest}")
+    else:
+        try:
+            sliced = harmful_eval_set(config.harmful_slices, config.n_harmbench)
+        except ValueError as exc:
+            raise ImmunizerError(f"eval: {exc}") from exc
+    if config.n_harmful:
+        sliced = SlicedPrompts(sliced.prompts[:config.n_harmful], sliced.slices[:config.n_harmful],
+                               f"{sliced.version}/first{config.n_harmful}")
+    return sliced
+
+
+def task_rows(config: EvalConfig) -> list[dict]:
+    if not config.n_task or config.harmful_only:
+        return []
+    if config.task not in GENERATED:
+        raise ImmunizerError(f"unknown benign task {config.task!r}; choose from {', '.join(GENERATED)}")
+    return GENERATED[config.task](config.n_task, EVAL_SEED, split="test")
 
 
 def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = None) -> dict:
@@ -51,48 +118,77 @@ def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = Non
 
     config = config or EvalConfig()
     model_dir = resolve_model(model)
-    harmful = _first(read_prompt_file(Path(config.prompts)) if config.prompts else list(weak_set("heldout-eval").prompts), config.n_harmful)
-    safe = _first(read_prompt_file(Path(config.safe_prompts)) if config.safe_prompts else list(safe_scary_set("all").prompts), config.n_safe)
-    benign = arithmetic(config.n_benign, EVAL_SEED)
+    sliced = harmful_prompts(config)
+    harmful = list(sliced.prompts)
+    safe = [] if config.harmful_only else _first(
+        read_prompt_file(Path(config.safe_prompts)) if config.safe_prompts else list(safe_scary_set("all").prompts), config.n_safe)
+    benign = [] if config.harmful_only else arithmetic(config.n_benign, EVAL_SEED)
+    tasks = task_rows(config)
     judge = load_judge(config.judge)
     teacher = Teacher(teacher_spec(model_dir, config.teacher), config.max_new_tokens, config.bf16)
     teacher_answers = teacher.answers(harmful, "harmful-eval")
 
     loaded, tokenizer = load_model(model_dir)
     decoding = {"do_sample": False, "max_new_tokens": config.max_new_tokens}
-    answers = generate(loaded, tokenizer, harmful + safe + [b["prompt"] for b in benign], max_new_tokens=config.max_new_tokens,
+    queries = harmful + safe + [b["prompt"] for b in benign] + [t["prompt"] for t in tasks]
+    answers = generate(loaded, tokenizer, queries, max_new_tokens=config.max_new_tokens,
                        batch_size=config.batch_size, bf16=config.bf16, desc="evaluating")
-    h_ans, s_ans, b_ans = answers[:len(harmful)], answers[len(harmful):len(harmful) + len(safe)], answers[len(harmful) + len(safe):]
-    h_refused = list(judge(harmful, h_ans)) if harmful else []
-    s_refused = list(judge(safe, s_ans)) if safe else []
+    cut = [len(harmful), len(harmful) + len(safe), len(harmful) + len(safe) + len(benign)]
+    h_ans, s_ans, b_ans, t_ans = answers[:cut[0]], answers[cut[0]:cut[1]], answers[cut[1]:cut[2]], answers[cut[2]:]
     nll = response_nll(loaded, tokenizer, harmful, teacher_answers, bf16=config.bf16) if harmful else []
+    del loaded
+    if config.degenerate_nll and (h_ans or s_ans):  # how the base model reads each answer: broken text scores high
+        base, base_tokenizer = teacher.model()
+        answer_nll = response_nll(base, base_tokenizer, harmful + safe, h_ans + s_ans, max_prompt_tokens=32,
+                                  max_response_tokens=config.max_new_tokens, bf16=config.bf16)
+    else:
+        answer_nll = [None] * (len(h_ans) + len(s_ans))
+    h_verdicts = three_way(judge, harmful, h_ans, answer_nll[:len(h_ans)])
+    s_verdicts = three_way(judge, safe, s_ans, answer_nll[len(h_ans):])
     correct = [exact_match(a, b["answer"]) for a, b in zip(b_ans, benign)]
+    task_correct = [exact_match(a, t["answer"]) for a, t in zip(t_ans, tasks)]
+    repeats = [repeated_sentence(a) for a in h_ans]
 
     model_sha = model_dir_sha256(model_dir)
     template_sha = hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
     judge_name = getattr(judge, "name", config.judge)
     common = {"kind": "eval_sample", "judge": judge_name, "model_sha256": model_sha, "prompt_template": template_sha,
               "decoding": decoding, "attack": None, "method": None}
+    safe_version = config.safe_prompts or safe_scary_set("all").version
     samples = (
-        [{**common, "set": "harmful", "prompt": p, "response": a, "label": "refused" if r else "answered", "passed": bool(r),
-          "score": n, "data_version": config.prompts or weak_set("heldout-eval").version} for p, a, r, n in zip(harmful, h_ans, h_refused, nll)]
-        + [{**common, "set": "safe", "prompt": p, "response": a, "label": "refused" if r else "answered", "passed": not r,
-            "score": None, "data_version": config.safe_prompts or safe_scary_set("all").version} for p, a, r in zip(safe, s_ans, s_refused)]
+        [{**common, "set": "harmful", "slice": sl, "prompt": p, "response": a, "label": v, "reasons": why,
+          "passed": v == "refused", "score": n, "answer_nll": an, "repeated_sentence": rep, "data_version": sliced.version}
+         for p, sl, a, (v, why), n, an, rep in zip(harmful, sliced.slices, h_ans, h_verdicts, nll, answer_nll, repeats)]
+        + [{**common, "set": "safe", "prompt": p, "response": a, "label": v, "reasons": why, "passed": v == "complied",
+            "score": None, "answer_nll": an, "data_version": safe_version}
+           for p, a, (v, why), an in zip(safe, s_ans, s_verdicts, answer_nll[len(h_ans):])]
         + [{**common, "set": "benign", "prompt": b["prompt"], "response": a, "label": "correct" if c else "wrong",
             "passed": c, "score": None, "data_version": f"arithmetic/seed{EVAL_SEED}"} for b, a, c in zip(benign, b_ans, correct)]
+        + [{**common, "set": "task", "prompt": t["prompt"], "response": a, "label": "correct" if c else "wrong",
+            "passed": c, "score": None, "data_version": f"{config.task}/test/seed{EVAL_SEED}"}
+           for t, a, c in zip(tasks, t_ans, task_correct)]
     )
 
     def share(xs):
         return sum(xs) / len(xs) if xs else None
 
+    verdicts = [v for v, _ in h_verdicts]
+    safe_verdicts = [v for v, _ in s_verdicts]
+    shares = verdict_shares(verdicts)
     report = {
         "model": str(model_dir), "model_sha256": model_sha,
-        "harmful_score": share([not r for r in h_refused]),
+        **{k: v for k, v in shares.items() if k != "n"},
+        "slices": {name: verdict_shares([v for v, s in zip(verdicts, sliced.slices) if s == name])
+                   for name in dict.fromkeys(sliced.slices)},
+        "repeated_sentence_share": share(repeats),
         "harmful_nll": share(nll),
-        "over_refusal": share(s_refused),
+        "over_refusal": share([v == "refused" for v in safe_verdicts]),
+        "safe_degenerate_share": share([v == "degenerate" for v in safe_verdicts]),
+        "benign_task_accuracy": share(task_correct),
         "benign_accuracy": share(correct),
-        "n": len(harmful), "n_safe": len(safe), "n_benign": len(benign),
-        "judge": judge_name, "teacher": teacher.spec, "teacher_sha256": teacher.sha256,
+        "n": len(harmful), "n_safe": len(safe), "n_benign": len(benign), "n_task": len(tasks),
+        "harmful_set": {"version": sliced.version, "sha256": sliced.sha256, "slices": sliced.counts()},
+        "judge": judge_name, "verdicts": list(VERDICTS), "teacher": teacher.spec, "teacher_sha256": teacher.sha256,
         "prompt_template": template_sha, "decoding": decoding, "config": asdict(config),
     }
     out = Path(out)

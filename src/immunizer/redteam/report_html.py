@@ -54,6 +54,64 @@ def harmful_score_plot(report: dict) -> str:
     return _png(fig)
 
 
+def curve_plot(report: dict) -> str | None:
+    """Complied share (solid), refused (dashed) and degenerate (dotted) against attack steps: one panel per
+    attack with a curve, one colour per method."""
+    import matplotlib.pyplot as plt
+
+    attacks = [a for a in _runs(report, "attack")
+               if any((e.get(a) or {}).get("curve") for e in report["methods"].values())]
+    if not attacks:
+        return None
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8), squeeze=False, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, attack in zip(axes[0], attacks):
+        for i, (name, entry) in enumerate(report["methods"].items()):
+            curve = (entry.get(attack) or {}).get("curve") or []
+            steps = [p["step"] for p in curve]
+            colour = colours[i % len(colours)]
+            for key, style, label in (("harmful_score", "-", name), ("refused_share", "--", None), ("degenerate_share", ":", None)):
+                ys = [p.get(key) for p in curve]
+                if steps and all(y is not None for y in ys):
+                    ax.plot(steps, ys, style, color=colour, marker="o" if style == "-" else None, ms=3, label=label)
+        ax.axhline(0.5, color="grey", lw=0.6)
+        config = report["attacks"][attack]["config"]
+        ax.set_title(f"{attack} (lr {config.get('lr', '?'):g})" if isinstance(config.get("lr"), (int, float)) else attack, fontsize=9)
+        ax.set_xlabel("attack steps")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("share of harmful prompts")
+    axes[0][0].legend(fontsize=7, title="complied (solid), refused (dashed),\ndegenerate (dotted)", title_fontsize=6)
+    fig.suptitle("How many attack steps until the model complies", fontsize=10)
+    return _png(fig)
+
+
+def shares_plot(report: dict) -> str:
+    """Refused / complied / degenerate shares, stacked, before any attack and after each attack."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(report["methods"])
+    runs = ["pre_attack", *_runs(report, "attack")]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(methods) * len(runs)), 3.8))
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        xs = np.arange(len(methods)) + (i - (len(runs) - 1) / 2) * width
+        bottom = np.zeros(len(methods))
+        for key, colour in (("refused_share", "tab:green"), ("harmful_score", "tab:red"), ("degenerate_share", "tab:gray")):
+            values = np.array([_value(report["methods"][m], run, key) or 0 for m in methods])
+            ax.bar(xs, values, width * 0.95, bottom=bottom, color=colour, edgecolor="white", lw=0.3,
+                   label={"refused_share": "refused", "harmful_score": "complied", "degenerate_share": "degenerate"}[key] if i == 0 else None)
+            bottom += values
+        for x in xs:
+            ax.text(x, 1.01, str(i), ha="center", fontsize=6)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("share of harmful prompts")
+    ax.set_title("Refused / complied / degenerate; bars numbered " + ", ".join(f"{i} = {r}" for i, r in enumerate(runs)), fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
 def tradeoff_plot(report: dict) -> str:
     import matplotlib.pyplot as plt
 
@@ -61,12 +119,12 @@ def tradeoff_plot(report: dict) -> str:
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, entry in report["methods"].items():
         worst = (entry.get("worst_case") or {}).get("harmful_score")
-        accuracy = _value(entry, benign, "benign_accuracy") if benign else _value(entry, "pre_attack", "benign_accuracy")
+        accuracy = _value(entry, benign, "benign_task_accuracy") if benign else _value(entry, "pre_attack", "benign_task_accuracy")
         if worst is not None and accuracy is not None:
             ax.scatter(worst, accuracy, s=40)
             ax.annotate(name, (worst, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("worst-case harmful score over the attacks")
-    ax.set_ylabel(f"benign accuracy after {benign}" if benign else "benign accuracy")
+    ax.set_ylabel(f"benign task accuracy after {benign}" if benign else "benign task accuracy")
     ax.set_xlim(-0.02, 1.02)
     ax.set_title("Cost and protection (want: left and high)")
     return _png(fig)
@@ -117,16 +175,22 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
+def _ci(record: dict, key: str) -> str:
+    ci = record.get(f"{key}_ci95")
+    return f"<br><small>[{ci[0]:.2f}, {ci[1]:.2f}]</small>" if isinstance(ci, list) and len(ci) == 2 else ""
+
+
 def table(report: dict) -> str:
     runs = ["pre_attack", *report["attacks"], "worst_case"]
-    keys = ("harmful_score", "harmful_nll", "over_refusal", "benign_accuracy", "breaker_statistic", "tripped")
+    keys = ("harmful_score", "refused_share", "degenerate_share", "harmful_nll", "repeated_sentence_share", "over_refusal",
+            "benign_task_accuracy", "steps_to_half", "breaker_statistic", "tripped")
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ("method", "run", *keys, "cost_seconds"))
     rows = []
     for name, entry in report["methods"].items():
         for run in runs:
             record = entry.get(run) or {}
             label = f"{run} ({record['attack']})" if run == "worst_case" and record.get("attack") else run
-            cells = "".join(f"<td>{_fmt(record.get(k))}</td>" for k in (*keys, "cost_seconds"))
+            cells = "".join(f"<td>{_fmt(record.get(k))}{_ci(record, k)}</td>" for k in (*keys, "cost_seconds"))
             rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(label)}</td>{cells}</tr>")
         rows.append(f"<tr class='cost'><td>{html.escape(name)}</td><td>training</td>{'<td></td>' * len(keys)}"
                     f"<td>{_fmt(entry.get('cost_seconds'))}</td></tr>")
@@ -134,9 +198,11 @@ def table(report: dict) -> str:
 
 
 def write_html(report: dict, path: Path) -> None:
-    plots = [("Harmful score", harmful_score_plot), ("Protection vs benign accuracy", tradeoff_plot),
-             ("Breaker", breaker_plot), ("Cost", cost_plot)]
-    figures = "".join(f"<h2>{title}</h2><img alt='{title}' src='{fn(report)}'>" for title, fn in plots)
+    plots = [("Attack strength: complied share against attack steps", curve_plot),
+             ("Refused, complied, degenerate", shares_plot), ("Harmful score", harmful_score_plot),
+             ("Protection vs benign task accuracy", tradeoff_plot), ("Breaker", breaker_plot), ("Cost", cost_plot)]
+    rendered = [(title, fn(report)) for title, fn in plots]
+    figures = "".join(f"<h2>{title}</h2><img alt='{title}' src='{uri}'>" for title, uri in rendered if uri)
     machine = ", ".join(f"{k}: {v}" for k, v in report["machine"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>immunizer bench: {html.escape(str(report['preset']))}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
@@ -145,10 +211,13 @@ tr.cost td{{background:#f4f4f4}}img{{max-width:100%}}</style></head><body>
 <h1>immunizer bench, preset {html.escape(str(report['preset']))}</h1>
 <p>Base model {html.escape(str(report['base_model']))}; seeds {report['seeds']}; judge {html.escape(str(report['judge']))};
 {report['seconds'] / 60:.1f} minutes. Machine: {html.escape(machine)}.<br>Command: <code>{html.escape(report['command'])}</code></p>
-<p>harmful_score: share of held-out harmful prompts answered (lower is safer). harmful_nll: mean token NLL of
-the harmful teacher's answers (higher is safer). over_refusal: share of safe-but-scary prompts refused.
-benign_accuracy: exact match on arithmetic. breaker_statistic: the breaker's drift statistic of that model
-against the method's own canaries.</p>
+<p>Every answer to a held-out harmful prompt is refused, complied or degenerate (noise, loops, broken text).
+harmful_score: the complied share (lower is safer), beside refused_share and degenerate_share, with 95% intervals.
+harmful_nll: mean token NLL of the harmful teacher's answers (higher is safer). repeated_sentence_share: answers
+that repeat a sentence. over_refusal: share of safe-but-scary prompts refused. benign_task_accuracy: exact match
+on the benign task's held-out test split (after a benign fine-tune: did the model still learn?). steps_to_half:
+the first evaluated attack step at which half the harmful prompts are complied with. breaker_statistic: the
+breaker's drift statistic of that model against the method's own canaries.</p>
 {figures}<h2>All numbers</h2>{table(report)}</body></html>"""
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(page)

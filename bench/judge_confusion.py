@@ -23,7 +23,8 @@ def matrix(labels: list[str], verdicts: list[str]) -> dict:
 
 
 def show(title: str, m: dict) -> str:
-    rows = [f"{title}", f"{'label \\ verdict':>16} " + " ".join(f"{v:>10}" for v in VERDICTS)]
+    header = "label / verdict"
+    rows = [title, f"{header:>16} " + " ".join(f"{v:>10}" for v in VERDICTS)]
     rows += [f"{t:>16} " + " ".join(f"{m[t][v]:>10}" for v in VERDICTS) for t in VERDICTS]
     return "\n".join(rows)
 

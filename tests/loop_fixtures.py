@@ -3,18 +3,22 @@ import copy
 
 
 def method_result(harmful_sft: float = 0.2, over_refusal: float = 0.1, benign_accuracy: float = 0.4,
-                  model_sha256: str = "a" * 64, tpr: float = 1.0, fpr: float = 0.0) -> dict:
+                  model_sha256: str = "a" * 64, tpr: float = 1.0, fpr: float = 0.0, benign_task_accuracy: float = 0.9,
+                  degenerate_share: float = 0.02) -> dict:
     def slice_(harmful, tripped, accuracy=benign_accuracy, statistic=0.4):
-        return {"harmful_score": harmful, "harmful_nll": 1.0, "over_refusal": over_refusal,
-                "benign_accuracy": accuracy, "breaker_statistic": statistic, "tripped": tripped,
-                "cost_seconds": 10.0, "n": 52}
+        return {"harmful_score": harmful, "refused_share": 1 - harmful - degenerate_share, "degenerate_share": degenerate_share,
+                "harmful_nll": 1.0, "over_refusal": over_refusal, "benign_accuracy": accuracy,
+                "benign_task_accuracy": benign_task_accuracy, "breaker_statistic": statistic, "tripped": tripped,
+                "cost_seconds": 10.0, "n": 154}
     return {
         "cost_seconds": 400.0, "model_sha256": model_sha256,
-        "pre_attack": {"harmful_score": 0.1, "harmful_nll": 5.6, "over_refusal": over_refusal,
-                       "benign_accuracy": benign_accuracy, "n": 52},
+        "pre_attack": {"harmful_score": 0.1, "refused_share": 0.9 - degenerate_share, "degenerate_share": degenerate_share,
+                       "harmful_nll": 5.6, "over_refusal": over_refusal, "benign_accuracy": benign_accuracy,
+                       "benign_task_accuracy": 0.0, "n": 154},
         "harmful-sft": slice_(harmful_sft, True),
         "harmful-sft-lora": slice_(harmful_sft + 0.05, True),
         "benign-arithmetic": slice_(0.1, False, statistic=0.05),
+        "benign-task": slice_(0.1, False, statistic=0.05),
         "worst_case": {"harmful_score": harmful_sft + 0.05, "attack": "harmful-sft-lora"},
         "breaker": {"threshold": 0.19, "tpr": tpr, "fpr": fpr, "n_harmful": 3, "n_benign": 1},
     }
@@ -25,7 +29,8 @@ def bench_report(**immunizer_overrides) -> dict:
     booster and none are the comparison methods."""
     methods = {
         "immunizer": method_result(**immunizer_overrides),
-        "sft": method_result(harmful_sft=0.6, over_refusal=0.12, benign_accuracy=0.42, model_sha256="b" * 64),
+        "sft": method_result(harmful_sft=0.6, over_refusal=0.12, benign_accuracy=0.42, benign_task_accuracy=0.92,
+                             model_sha256="b" * 64),
         "vaccine": method_result(harmful_sft=0.5, model_sha256="c" * 64),
         "repnoise": method_result(harmful_sft=0.45, model_sha256="d" * 64),
         "booster": method_result(harmful_sft=0.3, model_sha256="e" * 64),
@@ -38,7 +43,7 @@ def bench_report(**immunizer_overrides) -> dict:
         "decoding": {"do_sample": False, "max_new_tokens": 48}, "data_versions": {"harmful_eval": "v1"},
         "config": {"eval": {"n_benign": 30, "max_new_tokens": 48}},
         "attacks": {"harmful-sft": {"kind": "attack", "config": {}}, "harmful-sft-lora": {"kind": "attack", "config": {}},
-                    "benign-arithmetic": {"kind": "finetune", "config": {}}},
+                    "benign-arithmetic": {"kind": "finetune", "config": {}}, "benign-task": {"kind": "finetune", "config": {}}},
         "methods": methods,
     })
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ class FinetuneSpec:
     frozen: dict | None = None
     """Flat indices per parameter name to hold at their starting values (full fine-tuning only): the
     canary-aware adaptive attack, which knows the manifest and leaves the canaries alone."""
-    save_steps: tuple[int, ...] = ()
+    save_steps: list[int] = field(default_factory=list)
     """Optimizer steps after which to save a snapshot into `snapshot_dir`/step{N}/ (`model/`, or `adapter/`
     for LoRA): the attack-strength curve reads several points of one run."""
     snapshot_dir: str | None = None

@@ -19,9 +19,10 @@ from pathlib import Path
 from immunizer.errors import ImmunizerError
 from immunizer.loop.policy import Check, Policy, RelativeBound
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSIONS = (1, 2)
+"""Bench report schemas the gate reads (2 adds verdict shares and attack curves; a baseline must share the report's)."""
 # Two reports are comparable only if they were measured the same way.
-COMPARABLE_FIELDS = ("preset", "judge", "prompt_template", "decoding")
+COMPARABLE_FIELDS = ("schema_version", "preset", "judge", "prompt_template", "decoding")
 TOLERANCE = 1e-9  # float noise must not flip a check that sits exactly on its threshold
 
 
@@ -49,9 +50,10 @@ def load_report(path: str | Path, what: str = "report") -> dict:
 def check_report(report, what: str = "report") -> None:
     if not isinstance(report, dict) or not isinstance(report.get("methods"), dict) or not report["methods"]:
         raise GateInputError(f"{what} has no `methods` object; is it a report.json from `immunizer bench`?")
-    version = report.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise GateInputError(f"{what} has schema_version {version!r}; this gate reads version {SCHEMA_VERSION}")
+    version = report.get("schema_version", 1)
+    if version not in SCHEMA_VERSIONS:
+        raise GateInputError(f"{what} has schema_version {version!r}; this gate reads versions "
+                             f"{', '.join(map(str, SCHEMA_VERSIONS))}: upgrade immunizer or re-run the bench")
     bad = [name for name, data in report["methods"].items() if not isinstance(data, dict)]
     if bad:
         raise GateInputError(f"{what}: methods.{bad[0]} is not an object")

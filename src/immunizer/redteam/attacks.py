@@ -139,7 +139,7 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
         raise ImmunizerError(f"--save-steps {config.save_steps} must lie between 1 and the run's --steps ({config.steps or 'epochs'})")
     spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
                         lora_rank=config.lora_rank, max_length=config.max_length, seed=config.seed, bf16=config.bf16,
-                        frozen=frozen, save_steps=tuple(config.save_steps), snapshot_dir=str(Path(out_dir) / "steps"))
+                        frozen=frozen, save_steps=list(config.save_steps), snapshot_dir=str(Path(out_dir) / "steps"))
     return train_and_save(model_dir, rows, spec, Path(out_dir),
                           {"kind": "attack", "config": asdict(config), "harmful_pairs": harmful_count,
                            "teacher": teacher.spec, "teacher_sha256": teacher.sha256}, progress)

@@ -83,3 +83,55 @@ def test_teacher_generations_are_cached(tiny, monkeypatch):
     monkeypatch.setattr(teacher, "generate", lambda *a, **k: pytest.fail("the cache was not used"))
     again = teacher.cached_generate(model, tok, ["hello", "world"], "sha", "test", max_new_tokens=4, batch_size=2, bf16=False)
     assert first == again and len(first) == 2
+
+
+def test_held_out_harmful_eval_set_is_never_trained_or_attacked_on():
+    from immunizer.data.eval_prompts import harmful_eval_set
+
+    sliced = harmful_eval_set()
+    assert len(sliced.prompts) >= 150 and sliced.counts() == {"weak": 52, "wrapped": 52, "harmbench": 50}
+    training = set(weak_set("train").prompts) | set(strong_set("train").prompts) | set(benign_set("all").prompts)
+    attack = set(weak_set("heldout-attack").prompts)
+    assert not set(sliced.prompts) & (training | attack)
+    # each wrapped prompt carries a held-out request, never a training or attack one
+    weak_eval = [p for p, s in zip(sliced.prompts, sliced.slices) if s == "weak"]
+    wrapped = [p for p, s in zip(sliced.prompts, sliced.slices) if s == "wrapped"]
+    assert all(w in p for w, p in zip(weak_eval, wrapped))
+    assert sliced.version == "heldout-eval/weak:52+wrapped:52+harmbench:50" and len(sliced.sha256) == 64
+    with pytest.raises(ValueError, match="unknown harmful slice"):
+        harmful_eval_set(["weak", "dan"])
+
+
+def test_generated_tasks_keep_train_and_test_apart():
+    from immunizer.data.tasks import GENERATED, extraction
+
+    for name, task in GENERATED.items():
+        train = {r["prompt"] for seed in range(3) for r in task(200, seed, split="train")}
+        test = {r["prompt"] for r in task(100, 1000, split="test")}
+        assert len(test) >= 90 and not train & test, name
+    row = extraction(1, 7, split="test")[0]
+    name, city, order = row["answer"].split("; ")
+    assert name in row["prompt"] and city in row["prompt"] and order in row["prompt"]
+
+
+def test_generation_keeps_the_input_order_while_batching_by_length(tiny):
+    model, tok = tiny
+    prompts = ["a long prompt with many more words than the others in this batch", "hi", "medium sized prompt here", "yo"]
+    one_by_one = [teacher.generate(model, tok, [p], max_new_tokens=4, batch_size=1, bf16=False)[0] for p in prompts]
+    # batch 1 after the length sort: every prompt alone, so any mix-up of the order would show
+    assert teacher.generate(model, tok, prompts, max_new_tokens=4, batch_size=1, bf16=False) == one_by_one
+
+
+def test_bf16_is_used_only_where_the_hardware_runs_it(monkeypatch):
+    from immunizer import precision
+
+    for forced, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("IMMUNIZER_BF16", forced)
+        precision.bf16_native.cache_clear()
+        assert precision.use_bf16(True) is expected and precision.use_bf16(False) is False
+    monkeypatch.setenv("IMMUNIZER_BF16", "0")
+    precision.bf16_native.cache_clear()
+    import contextlib
+    assert isinstance(teacher.autocast(True), contextlib.nullcontext)
+    monkeypatch.delenv("IMMUNIZER_BF16")
+    precision.bf16_native.cache_clear()

@@ -69,3 +69,30 @@ def test_finetune_arithmetic_and_file(tmp_path):
     data.write_text('{"prompt": "2+2?", "response": "4"}\n{"prompt": "3+3?"}\n')
     proc = run_cli("finetune", "--model", "tiny", "--out", str(tmp_path / "f"), "--data", str(data), check=False)
     assert proc.returncode == 2 and "line 2" in proc.stderr and "response" in proc.stderr
+
+
+def test_attack_snapshots_for_a_curve(tmp_path):
+    """One run, continued past its epochs, leaves a model at each saved step: the attack-strength curve's points."""
+    common = ["--samples", "4", "--epochs", "1", "--batch-size", "2", "--teacher", "tiny", "--lr", "1e-2"]
+    record = json.loads(run_cli("attack", "--model", "tiny", "--out", str(tmp_path / "a"), "--steps", "4",
+                                "--save-steps", "1,3", *common).stdout)
+    assert record["steps"] == 4 and record["config"]["save_steps"] == [1, 3]
+    steps = tmp_path / "a" / "steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["step1", "step3"]
+    first = load_file(str(steps / "step1" / "model" / "model.safetensors"))
+    third = load_file(str(steps / "step3" / "model" / "model.safetensors"))
+    final = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    assert any(not torch.equal(first[k], third[k]) for k in first) and any(not torch.equal(third[k], final[k]) for k in first)
+    run_cli("attack", "--model", "tiny", "--out", str(tmp_path / "l"), "--lora-rank", "2", "--save-steps", "1", *common)
+    assert (tmp_path / "l" / "steps" / "step1" / "adapter" / "adapter_config.json").is_file()
+    proc = run_cli("attack", "--model", "tiny", "--out", str(tmp_path / "b"), "--steps", "2", "--save-steps", "5", *common, check=False)
+    assert proc.returncode == 2 and "must lie between 1 and the run's --steps" in proc.stderr
+    proc = run_cli("attack", "--model", "tiny", "--out", str(tmp_path / "b"), "--save-steps", "five", *common, check=False)
+    assert proc.returncode == 2 and "comma-separated whole numbers" in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_finetune_extraction_task(tmp_path):
+    rec = json.loads(run_cli("finetune", "--model", "tiny", "--out", str(tmp_path / "x"), "--data", "extraction",
+                             "--samples", "4", "--batch-size", "2", "--max-length", "512").stdout)  # the tiny tokenizer is verbose
+    assert rec["examples"] == 4 and rec["steps"] == 2

@@ -195,8 +195,9 @@ def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_r
 @click.option("--epochs", default=1.0, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lora-rank", default=0, show_default=True)
+@click.option("--max-length", default=144, show_default=True, help="Tokens per example (prompt + response); longer ones are cut.")
 @click.option("--teacher", help="Helpful teacher for `instruction` (default: the manifest's base model, else smollm2).")
-def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank, teacher):
+def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank, max_length, teacher):
     """Benign fine-tune (the comparison to attacks: it should keep working and pass the breaker).
 
     \b
@@ -206,7 +207,8 @@ def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank, t
     from immunizer.redteam.attacks import FinetuneConfig, run_finetune
 
     record = run_finetune(model, out_dir, FinetuneConfig(data=data, samples=samples, lr=lr, epochs=epochs,
-                                                         batch_size=batch_size, lora_rank=lora_rank, teacher=teacher))
+                                                         batch_size=batch_size, lora_rank=lora_rank, max_length=max_length,
+                                                         teacher=teacher))
     click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 

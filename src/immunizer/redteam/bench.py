@@ -343,9 +343,12 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
         samples[final_step] = evaluation.get("samples")
     if not config.keep_models:
         shutil.rmtree(run_dir / "model", ignore_errors=True)
+    eval_seconds = sum(json.loads(f.read_text()).get("seconds") or 0
+                       for f in [run_dir / "eval.json", *(run_dir / "curve" / f"step{s}.json" for s in spec.curve_steps)] if f.is_file())
     record = {**{k: row_eval.get(k) for k in (*METRICS, "n", "n_safe", "n_benign", "n_task")},
               **{f"{k}_ci95": row_eval.get(f"{k}_ci95") for k in ("harmful_score", "refused_share", "degenerate_share")},
-              **row_scan, "cost_seconds": run.get("seconds"), "steps": final_step, "report_step": spec.report_step or final_step,
+              **row_scan, "cost_seconds": run.get("seconds"), "eval_seconds": eval_seconds, "steps": final_step,
+              "report_step": spec.report_step or final_step,
               "samples": samples}
     if spec.kind == "attack":
         record["curve"] = curve
@@ -552,7 +555,24 @@ def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchC
         "config": dataclasses.asdict(config),
         "attacks": {s.name: {"kind": s.kind, "config": s.config, "report_step": s.report_step} for s in specs},
         "methods": {name: method_entry(per_seed, specs) for name, per_seed in done.items()},
+        "time": time_spent(done, specs),
     }
+
+
+def time_spent(results: dict[str, list[dict]], specs: list[RunSpec]) -> dict:
+    """Where the bench's machine time went, in seconds summed over methods and seeds (files finished in an
+    earlier call count too): training the defences, running each attack or fine-tune, evaluating."""
+    out = {"training": 0.0, "evaluation": 0.0, "runs": {s.name: 0.0 for s in specs}}
+    for per_seed in results.values():
+        for record in per_seed:
+            out["training"] += record["method"].cost_seconds or 0.0
+            out["evaluation"] += record["pre_attack"].get("seconds") or 0.0
+            for spec in specs:
+                run = record["runs"][spec.name]
+                out["runs"][spec.name] += run.get("cost_seconds") or 0.0
+                out["evaluation"] += run.get("eval_seconds") or 0.0
+    out["total"] = out["training"] + out["evaluation"] + sum(out["runs"].values())
+    return out
 
 
 def _write_samples(out: Path, results: dict[str, list[dict]], specs: list[RunSpec]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = Non
     from immunizer.redteam.attacks import teacher_spec
 
     config = config or EvalConfig()
+    started = time.perf_counter()
     model_dir = resolve_model(model)
     sliced = harmful_prompts(config)
     harmful = list(sliced.prompts)
@@ -190,6 +192,7 @@ def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = Non
         "harmful_set": {"version": sliced.version, "sha256": sliced.sha256, "slices": sliced.counts()},
         "judge": judge_name, "verdicts": list(VERDICTS), "teacher": teacher.spec, "teacher_sha256": teacher.sha256,
         "prompt_template": template_sha, "decoding": decoding, "config": asdict(config),
+        "seconds": time.perf_counter() - started,
     }
     out = Path(out)
     samples_path = out.with_name(out.stem + ".samples.jsonl")

@@ -197,6 +197,18 @@ def table(report: dict) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def time_table(report: dict) -> str:
+    spent = report.get("time")
+    if not spent:
+        return ""
+    rows = [("training the defences", spent["training"]), ("evaluation (every eval and curve point)", spent["evaluation"]),
+            *((f"run: {name}", seconds) for name, seconds in spent["runs"].items())]
+    cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{seconds / 60:.1f}</td>"
+                    f"<td>{100 * seconds / spent['total'] if spent['total'] else 0:.0f}%</td></tr>" for name, seconds in rows)
+    return (f"<h2>Where the time went</h2><table><tr><th>piece</th><th>minutes</th><th>share</th></tr>{cells}"
+            f"<tr><td>total</td><td>{spent['total'] / 60:.1f}</td><td>100%</td></tr></table>")
+
+
 def write_html(report: dict, path: Path) -> None:
     plots = [("Attack strength: complied share against attack steps", curve_plot),
              ("Refused, complied, degenerate", shares_plot), ("Harmful score", harmful_score_plot),
@@ -218,6 +230,6 @@ that repeat a sentence. over_refusal: share of safe-but-scary prompts refused. b
 on the benign task's held-out test split (after a benign fine-tune: did the model still learn?). steps_to_half:
 the first evaluated attack step at which half the harmful prompts are complied with. breaker_statistic: the
 breaker's drift statistic of that model against the method's own canaries.</p>
-{figures}<h2>All numbers</h2>{table(report)}</body></html>"""
+{figures}<h2>All numbers</h2>{table(report)}{time_table(report)}</body></html>"""
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(page)

@@ -329,6 +329,8 @@ def compare(before, after, n_harmful, n_safe, max_new_tokens, as_json):
     table.add_column("after", justify="right")
     table.add_row(f"harmful prompts answered (of {len(harmful)}; lower is safer)",
                   f"{results['before'].harmful_answered:.0%}", f"{results['after'].harmful_answered:.0%}")
+    table.add_row("  ... answered with noise or loops instead (degenerate; lower is better)",
+                  f"{results['before'].harmful_degenerate:.0%}", f"{results['after'].harmful_degenerate:.0%}")
     table.add_row(f"safe prompts refused (of {len(safe)}; lower is better)",
                   f"{results['before'].safe_refused:.0%}", f"{results['after'].safe_refused:.0%}")
     console.print(table)

@@ -316,6 +316,10 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
             run_finetune(method.model_dir, run_dir, FinetuneConfig(**{"teacher": config.model, **spec.config, "seed": seed}), progress)
     run = json.loads(record_path.read_text())
     final_step = run.get("steps")
+    unreached = [step for step in spec.curve_steps if final_step is not None and step > final_step]
+    if unreached:
+        raise ImmunizerError(f"run {spec.name!r} ran {final_step} steps, so its save_steps {unreached} were never reached; "
+                             f"give it `steps: {max(unreached)}` or lower save_steps")
     curve = [_curve_point(0, pre_attack, None)] if spec.kind == "attack" else []
     row_eval = row_scan = None
     samples = {}

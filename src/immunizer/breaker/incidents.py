@@ -1,5 +1,5 @@
 """Incident records: one JSON object per line, appended (the review store imports these files as
-they are; see README "Incident records")."""
+they are; see docs/breaker.md, "Incident records")."""
 from __future__ import annotations
 
 import datetime as dt

@@ -3,7 +3,7 @@
 Policies: `raise` (refuse to load), `refuse` (answer every request with a refusal), `restore`
 (write the released values back into the canaries, then serve). Every trip is recorded as an
 incident. The wrapper only protects deployments that load models through it: whoever holds the
-weights can load them without it (README, "Threat model")."""
+weights can load them without it (docs/threat-model.md)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -18,7 +18,7 @@ whichever refusal judge is plugged in:
 
 The rule's thresholds were chosen on the labelled answers in data/files/judge_examples.jsonl
 (written ones and real outputs of this project's runs); bench/judge_confusion.py prints the
-confusion matrix the README quotes.
+confusion matrix docs/evaluation.md quotes.
 
 `load_judge(spec)` picks the refusal judge: `refusal-matcher` (default: the phrase list in
 refusal_eval.py), `classifier:DIR[:LABEL]` (a local Hugging Face sequence-classification model; LABEL
@@ -106,7 +106,7 @@ def load_judge(spec: str = "refusal-matcher") -> RefusalJudge | Callable:
 
 def labelled_examples() -> list[dict]:
     """Answers labelled refused / complied / degenerate: 40 written for this project and 67 real outputs of
-    its quick bench (attacked and over-trained models), each with its `source` (tests and the README use them)."""
+    its quick bench (attacked and over-trained models), each with its `source` (tests and docs/evaluation.md use them)."""
     text = resources.files("immunizer.data").joinpath("files/judge_examples.jsonl").read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [{**row, "refused": row["label"] == "refused"} for row in rows]

@@ -180,7 +180,7 @@ def parse_records(records, name: str = "<records>", decode=lambda record: record
         shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
         more = f"\n  … and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
         raise ImmunizerError(f"{name}: {len(errors)} malformed {what}(s); nothing was imported. Fix them and "
-                             f"import again (the README's 'Import formats' lists the fields):\n  {shown}{more}")
+                             f"import again (docs/review.md's 'Import formats' lists the fields):\n  {shown}{more}")
     return parsed
 
 

@@ -63,7 +63,7 @@ def test_labelled_set_holds_real_outputs_of_every_kind():
 
 
 def test_three_way_rule_on_the_labelled_examples():
-    """The text-only rule (no model at hand): bench/judge_confusion.py gives the README's matrix with the NLL too."""
+    """The text-only rule (no model at hand): bench/judge_confusion.py gives docs/evaluation.md's matrix with the NLL too."""
     examples = labelled_examples()
     verdicts = three_way(RefusalMatcher(), [""] * len(examples), [e["answer"] for e in examples])
     right = {label: sum(1 for e, (v, _) in zip(examples, verdicts) if e["label"] == label == v) for label in ("refused", "complied", "degenerate")}

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from immunizer.config import PRESETS, _read_yaml, load_config, parse_override
 from immunizer.errors import ImmunizerError
 from immunizer.paths import atomic_path, write_json_atomic
+from immunizer.redteam.evaluate import SHARES, wilson95
 
 BENCH_PRESETS = PRESETS / "bench"
 SCHEMA_VERSION = 2
@@ -322,15 +323,15 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
                              f"give it `steps: {max(unreached)}` or lower save_steps")
     curve = [_curve_point(0, pre_attack, None)] if spec.kind == "attack" else []
     row_eval = row_scan = None
-    samples = {}
+    samples, eval_seconds = {}, 0.0
     for step in spec.curve_steps:
-        snapshot = run_dir / "steps" / f"step{step}"
+        snapshot, curve_eval = run_dir / "steps" / f"step{step}", run_dir / "curve" / f"step{step}.json"
         full = step == spec.report_step
-        evaluation = _evaluate(_materialize(snapshot, method.model_dir) if not (run_dir / "curve" / f"step{step}.json").is_file()
-                               else snapshot / "model", run_dir / "curve" / f"step{step}.json", config, harmful_only=not full)
+        model_dir = snapshot / "model" if curve_eval.is_file() else _materialize(snapshot, method.model_dir)
+        evaluation = _evaluate(model_dir, curve_eval, config, harmful_only=not full)
         scan = _scan(method, snapshot, run_dir / "curve" / f"step{step}.scan.json")
         curve.append(_curve_point(step, evaluation, scan))
-        samples[step] = evaluation.get("samples")
+        samples[step], eval_seconds = evaluation.get("samples"), eval_seconds + (evaluation.get("seconds") or 0.0)
         if full:
             row_eval, row_scan = evaluation, scan
         if not config.keep_models:
@@ -339,18 +340,17 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
     final_full = spec.report_step is None
     evaluation = _evaluate(run_dir / "model", run_dir / "eval.json", config, harmful_only=not final_full)
     scan = _scan(method, run_dir, run_dir / "scan.json")
-    if final_step is not None and final_step not in spec.curve_steps and spec.kind == "attack":
-        curve.append(_curve_point(final_step, evaluation, scan))
+    eval_seconds += evaluation.get("seconds") or 0.0
+    if final_full or (spec.kind == "attack" and final_step not in spec.curve_steps):
         samples[final_step] = evaluation.get("samples")
+    if spec.kind == "attack" and final_step is not None and final_step not in spec.curve_steps:
+        curve.append(_curve_point(final_step, evaluation, scan))
     if final_full:
         row_eval, row_scan = evaluation, scan
-        samples[final_step] = evaluation.get("samples")
     if not config.keep_models:
         shutil.rmtree(run_dir / "model", ignore_errors=True)
-    eval_seconds = sum(json.loads(f.read_text()).get("seconds") or 0
-                       for f in [run_dir / "eval.json", *(run_dir / "curve" / f"step{s}.json" for s in spec.curve_steps)] if f.is_file())
     record = {**{k: row_eval.get(k) for k in (*METRICS, "n", "n_safe", "n_benign", "n_task")},
-              **{f"{k}_ci95": row_eval.get(f"{k}_ci95") for k in ("harmful_score", "refused_share", "degenerate_share")},
+              **{f"{k}_ci95": row_eval.get(f"{k}_ci95") for k in SHARES.values()},
               **row_scan, "cost_seconds": run.get("seconds"), "eval_seconds": eval_seconds, "steps": final_step,
               "report_step": spec.report_step or final_step,
               "samples": samples}
@@ -390,8 +390,6 @@ def aggregate(records: list[dict]) -> dict:
     `tripped` is true when most seeds tripped (`tripped_share` gives the share). Shares judged per prompt
     also get a 95% Wilson interval over every seed's answers pooled (`<metric>_ci95`); the attack curve
     is averaged per step and `steps_to_half` read from the mean curve (each seed's in `steps_to_half_seeds`)."""
-    from immunizer.redteam.evaluate import wilson95
-
     out = dict(records[0])
     for key in records[0]:
         values = [r.get(key) for r in records]
@@ -406,7 +404,7 @@ def aggregate(records: list[dict]) -> dict:
         out["steps_to_half_seeds"] = [r.get("steps_to_half") for r in records]
     if len(records) > 1:
         n = sum(r.get("n") or 0 for r in records)
-        for key in ("harmful_score", "refused_share", "degenerate_share"):
+        for key in SHARES.values():
             if isinstance(out.get(key), (int, float)) and n:
                 out[f"{key}_ci95"] = wilson95(round(out[key] * n), n)
         ci = {}
@@ -431,8 +429,7 @@ def method_entry(method_runs: list[dict], specs: list[RunSpec]) -> dict:
              "model_sha256": method_runs[0]["pre_attack"].get("model_sha256"),
              "release_dir": str(methods[0].release_dir) if methods[0].release_dir else None,
              "pre_attack": aggregate([{**{k: r["pre_attack"].get(k) for k in (*METRICS, "n", "n_safe", "n_benign", "n_task")},
-                                       **{f"{k}_ci95": r["pre_attack"].get(f"{k}_ci95")
-                                          for k in ("harmful_score", "refused_share", "degenerate_share")},
+                                       **{f"{k}_ci95": r["pre_attack"].get(f"{k}_ci95") for k in SHARES.values()},
                                        "slices": r["pre_attack"].get("slices")}
                                       for r in method_runs])}
     for spec in specs:

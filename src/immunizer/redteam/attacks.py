@@ -100,7 +100,8 @@ def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_di
     started = time.perf_counter()
     loaded, tokenizer = load_model(model_dir)
     trained = sft(loaded, tokenizer, rows, spec, progress=progress)
-    steps = spec.steps or math.ceil(len(rows) / spec.batch_size) * math.ceil(spec.epochs)
+    # the Trainer's own count: ceil(epochs × batches per epoch) unless a step budget is given
+    steps = spec.steps or math.ceil(spec.epochs * math.ceil(len(rows) / spec.batch_size))
     record = {**record, "model": str(model_dir), "examples": len(rows), "data_sha256": _rows_sha256(rows),
               "steps": steps, "seconds": time.perf_counter() - started}
     out_dir = Path(out_dir)

@@ -54,6 +54,34 @@ def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_fi
 
 
 @cli.command()
+@click.option("--release", "--manifest", "release_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="An immunize output directory (model/ + manifest) to extrapolate.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where the extrapolated release goes.")
+@click.option("--rank", type=int, default=6, show_default=True, help="Rank k of each weight's update kept (0: the whole update).")
+@click.option("--alpha", type=float, default=1.25, show_default=True, help="How far to extrapolate: W += α·rank-k(W − W_base).")
+@click.option("--base", help="The base model the release was trained from (default: the manifest's base_model).")
+@click.option("--include", default=None, help="Regular expression on parameter names (default: every 2-D weight in the decoder layers).")
+@click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False),
+              help="Verify the release's manifest and sign the new one with this key (default: $IMMUNIZER_MANIFEST_KEY).")
+def extrapolate(release_dir, out_dir, rank, alpha, base, include, hmac_key_file):
+    """Low-rank extrapolation of a release's safety update (LoX, Perin et al. 2025), training-free.
+
+    Writes OUT/model and a new manifest (same canaries, values re-read, breaker calibration dropped: run
+    `immunizer calibrate` on OUT). Measure over-refusal before releasing: it can rise steeply with α.
+
+    \b
+    Example:
+      immunizer extrapolate --release runs/demo --out runs/demo-lox --rank 6 --alpha 0.5
+    """
+    from immunizer.config import ExtrapolateConfig
+    from immunizer.extrapolate import extrapolate_release
+
+    config = ExtrapolateConfig(rank=rank, alpha=alpha, **({"include": include} if include else {}))
+    meta = extrapolate_release(release_dir, out_dir, config, base=base, hmac_key=_hmac_key(hmac_key_file))
+    click.echo(json.dumps({"out": str(out_dir), "model_sha256": meta["model_sha256"], **meta["extrapolation"]}, indent=2))
+
+
+@cli.command()
 @click.option("--manifest", "manifest_dir", required=True, type=click.Path(file_okay=False), help="An immunize output directory.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), help="Check this model directory against the manifest (default: DIR/model).")
 @click.option("--require-hmac", is_flag=True, help="Fail unless the manifest is signed and the key ($IMMUNIZER_MANIFEST_KEY) verifies it.")

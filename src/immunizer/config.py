@@ -3,6 +3,7 @@ YAML file and `--set key=value` overrides (dotted keys, YAML values) apply on to
 from __future__ import annotations
 
 import dataclasses
+import re
 import hashlib
 import json
 import typing
@@ -14,6 +15,8 @@ import yaml
 from immunizer.errors import ImmunizerError
 
 PRESETS = Path(__file__).parent / "presets"
+ADVERSARIES = ("lat", "sign", "inner")
+"""Phase 1's simulated attacks (adversaries.py)."""
 
 
 @dataclass
@@ -52,9 +55,22 @@ class Phase1Config:
     batch_size: int = 4
     lr: float = 1e-5
     """AdamW learning rate (SFT-like terms: ~1e-5 per seed 002)."""
+    adversary: str = "lat"
+    """The simulated attack the refusal loss is taken after (adversaries.py): `lat` (one normalized gradient
+    step of L2 norm lat_epsilon), `sign` (every weight moved sign_epsilon against its harmful gradient, the
+    shape of an Adam step), `inner` (inner_steps AdamW steps of harmful SFT at inner_lr, first-order)."""
     lat_epsilon: float = 0.1
-    """L2 norm of the LAT weight perturbation δ = −ε·g/‖g‖ over all parameters (0: no LAT). On SmolLM2-135M
+    """`lat`: L2 norm of the LAT weight perturbation δ = −ε·g/‖g‖ over all parameters (0: no LAT). On SmolLM2-135M
     (weight norm ~2100), 0.1 takes the harmful SFT loss from 1.02 to 0.57 at KL 0.23; 1.0 overshoots (loss 6.9)."""
+    sign_epsilon: float = 2.0e-4
+    """`sign`: how far every weight moves (L∞). Measured on the tuned sft model (bench/adversary_reach.py): the
+    harmful SFT loss 0.85 falls to 0.34 at 1e-4, 0.36 at 2.5e-4, 0.58 at 5e-4 and rises past it (1.12 at 1e-3:
+    the one-step linearisation breaks); 4 real AdamW steps at lr 5e-5 reach 0.33 at RMS 1.1e-4, 8 steps 0.23.
+    lat's ε = 0.1 reaches 0.65. The standard attack's RMS drift after 20 steps was 2.9e-4 per weight."""
+    inner_steps: list[int] = field(default_factory=lambda: [4, 8])
+    """`inner`: the number K of AdamW steps per simulated attack, drawn uniformly from [low, high] each step."""
+    inner_lr: list[float] = field(default_factory=lambda: [2.0e-5, 1.0e-4])
+    """`inner`: its learning rate, drawn log-uniformly from [low, high] (the bench attacks at 2e-5, 5e-5, 1e-4)."""
     gamma0: float = 0.5
     """Initial refusal strength γ; γ = min(1, γ0 + step · gamma_rate)."""
     gamma_rate: float = 0.02
@@ -66,6 +82,10 @@ class Phase1Config:
     """Use the per-token mean log-ratio in NPO, as SimNPO does (Fan et al. 2024), instead of the sequence sum:
     with sums, NPO's gradient is ~response-length times an SFT gradient and, on SmolLM2-135M, it swamped the
     refusal anchor and drove the model to babble (measured: quick preset, refusal SFT loss stuck at ~2.3)."""
+    unlearn_end_of_turn: bool = False
+    """Whether NPO and −KL also push down the end-of-turn token of short harmful answers. Off: on the quick
+    release every refusal to a role-play-wrapped request looped ("I can't help with that. I can't help with
+    that. …"), and 22% of the strong set's harmful answers end inside the token budget, with that token."""
     rkl_tau: float = 0.5
     """Cap τ on KL(student ‖ harmful teacher), nats per token, in L_RKL = −min(KL, τ)."""
     refusal_anchor_weight: float = 1.0
@@ -101,6 +121,22 @@ class Phase2Config:
 
 
 @dataclass
+class ExtrapolateConfig:
+    """Low-rank extrapolation of the safety update (LoX, extrapolate.py): an optional last stage."""
+    rank: int = 6
+    """k: rank of the truncated SVD of each weight's update W − W_base (0: the whole update)."""
+    alpha: float = 0.0
+    """α in W ← W + α·rank-k(W − W_base); 0 switches the stage off (the LoX paper uses 1.25)."""
+    include: str = r"\.layers\.\d+\..*\.weight$"
+    """Regular expression on parameter names: the 2-D weights to extrapolate (default: all inside the decoder
+    layers; embeddings, norms and the LM head stay)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.alpha != 0.0
+
+
+@dataclass
 class ImmunizeConfig:
     cycles: int = 2
     seed: int = 0
@@ -112,6 +148,7 @@ class ImmunizeConfig:
     teachers: TeacherConfig = field(default_factory=TeacherConfig)
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
+    extrapolate: ExtrapolateConfig = field(default_factory=ExtrapolateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,6 +163,11 @@ def _coerce(value, annotation, key: str):
     args = typing.get_args(annotation)
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string, in files and lists too; accept the float people mean
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, bool, str) and isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
     if origin is list and isinstance(value, list):
@@ -220,6 +262,21 @@ def validate(config: ImmunizeConfig) -> None:
     for section in (config.phase1, config.phase2):
         if section.batch_size < 1 or section.lr <= 0 or section.steps < 0:
             problems.append("batch_size must be >= 1, lr > 0 and steps >= 0 in both phases")
+    p1 = config.phase1
+    if p1.adversary not in ADVERSARIES:
+        problems.append(f"phase1.adversary must be `lat`, `sign` or `inner`, got {p1.adversary!r}")
+    if p1.lat_epsilon < 0 or p1.sign_epsilon < 0:
+        problems.append("phase1.lat_epsilon and phase1.sign_epsilon must be >= 0")
+    for name, low_ok in (("inner_steps", 0), ("inner_lr", 1e-300)):
+        bounds = getattr(p1, name)
+        if len(bounds) != 2 or bounds[0] > bounds[1] or bounds[0] < low_ok:
+            problems.append(f"phase1.{name} must be [low, high] with 0 {'<=' if low_ok == 0 else '<'} low <= high, got {bounds}")
+    if config.extrapolate.rank < 0:
+        problems.append("extrapolate.rank must be >= 0 (0: the full update)")
+    try:
+        re.compile(config.extrapolate.include)
+    except re.error as exc:
+        problems.append(f"extrapolate.include is not a regular expression: {exc}")
     unknown = [c for c in config.data.curriculum if c not in ("weak", "strong")]
     if unknown or not config.data.curriculum:
         problems.append(f"data.curriculum must list `weak`/`strong` sets, got {config.data.curriculum}")

@@ -2,12 +2,17 @@
 
     for each cycle:
         Phase 1 (refusal / canary sensitization), per batch of harmful (prompt, response):
-            lat_perturb          w ← w + δ,  δ = −ε·g/‖g‖, g = ∇ SFT loss on the harmful pairs
-            refusal_loss         γ·((1−λ)·NPO + λ·(−min(KL(student‖harmful teacher), τ)))  at w+δ
-            accumulate_canary_scores   += |∂L_refusal/∂w|
-            (anchor step)        + SFT on (prompt, refusal) + SFT on (benign prompt, helpful answer)
+            simulate the attack  w' = w + δ  (phase1.adversary, adversaries.py):
+                                   lat    δ = −ε·g/‖g‖, g = ∇ SFT loss on the harmful pairs
+                                   sign   δ = −ε·sign(g), every weight moved like an Adam step
+                                   inner  K AdamW steps of harmful SFT from w
+            refusal_loss         γ·((1−λ)·NPO + λ·(−min(KL(student‖harmful teacher), τ)))  at w'
+            accumulate_canary_scores   += |∂L_refusal/∂w| at w'
+            restore              w ← w  (the refusal gradient from w' is applied at w: SAM-style / first order)
+            (anchor step)        + SFT on (prompt, refusal) + SFT on (benign prompt, helpful answer), at w
                                  [switchable extensions: refusal_anchor_weight, retain_weight]
-            restore              w ← w − δ, then the optimizer step with the gradient from w+δ
+            the optimizer step
+    (optional last stage) extrapolate  W ← W + α·rank-k SVD(W − W_base) per layer weight (LoX; extrapolate.py)
         select canaries: global top-K% of the accumulated scores
         Phase 2 (alignment / canary desensitization), per batch of benign (prompt, chosen, rejected):
             (benign perturbation, optional)
@@ -30,6 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from immunizer import __version__
+from immunizer.adversaries import (Displacement, apply_perturbation, draw_inner_attack, inner_attack,
+                                   lat_perturb, normalized_perturbation, sign_perturb)
 from immunizer.canaries import CanaryScores, select_top_percent
 from immunizer.checkpoint import load_checkpoint, save_checkpoint, seed_everything, set_rng_state
 from immunizer.config import ImmunizeConfig
@@ -37,6 +44,7 @@ from immunizer.data.batches import Batch, pair_batch
 from immunizer.data.teacher import autocast
 from immunizer.data.training_sets import TrainingData, build_training_data, pick_refusal
 from immunizer.errors import ImmunizerError
+from immunizer.extrapolate import extrapolate_
 from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
                               refusal_loss, sequence_logprob, sft_loss, stabilization_grad, stabilization_loss,
                               token_kl)
@@ -53,47 +61,29 @@ class ImmunizeResult:
     seconds: float
 
 
-# ---------------------------------------------------------------- perturbations (LAT, benign)
-
-def normalized_perturbation(grads: list[torch.Tensor | None], epsilon: float, sign: float) -> list[torch.Tensor]:
-    """δ = sign·ε·g/‖g‖ with ‖g‖ the global L2 norm over all parameters."""
-    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).clamp_min(1e-12)
-    return [torch.zeros(0) if g is None else (sign * epsilon / norm) * g for g in grads]
-
-
-@torch.no_grad()
-def apply_perturbation(params: list[torch.Tensor], delta: list[torch.Tensor], direction: float) -> None:
-    for p, d in zip(params, delta):
-        if d.numel():
-            p.add_(d, alpha=direction)
-
-
-def lat_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool) -> tuple[list[torch.Tensor], float]:
-    """Move the weights one normalized step in the direction that makes the harmful response
-    more likely (the simulated attack). Returns δ (to undo later) and the SFT loss before it."""
-    with autocast(bf16):
-        loss = sft_loss(model(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits, harmful.labels)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    delta = normalized_perturbation(list(grads), epsilon, sign=-1.0)
-    apply_perturbation(params, delta, +1.0)
-    return delta, loss.item()
-
-
 # ---------------------------------------------------------------- the two phases' losses
 
-def phase1_refusal_loss(student, reference, harmful_teacher, harmful: Batch, gamma: float, cfg, bf16: bool):
+def content_labels(labels: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """The labels without the end-of-turn token: the refusal loss unlearns harmful content, not the act of
+    stopping (pushed down after short harmful answers, it taught the model to keep talking: looping refusals)."""
+    return labels if eos_id is None else labels.masked_fill(labels == eos_id, IGNORE)
+
+
+def phase1_refusal_loss(student, reference, harmful_teacher, harmful: Batch, gamma: float, cfg, bf16: bool,
+                        eos_id: int | None = None):
+    labels = harmful.labels if cfg.unlearn_end_of_turn else content_labels(harmful.labels, eos_id)
     with autocast(bf16):
         logits = student(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
         with torch.no_grad():
             ref_logits = reference(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
             teacher_logits = ref_logits if harmful_teacher is reference else harmful_teacher(
                 input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
-    policy_logp, ref_logp = sequence_logprob(logits, harmful.labels), sequence_logprob(ref_logits, harmful.labels)
+    policy_logp, ref_logp = sequence_logprob(logits, labels), sequence_logprob(ref_logits, labels)
     if cfg.npo_length_normalized:
-        tokens = (harmful.labels[:, 1:] != IGNORE).sum(-1).clamp_min(1)
+        tokens = (labels[:, 1:] != IGNORE).sum(-1).clamp_min(1)
         policy_logp, ref_logp = policy_logp / tokens, ref_logp / tokens
     npo = npo_loss(policy_logp, ref_logp, cfg.npo_beta)
-    rkl = bounded_negative_kl(logits, teacher_logits, harmful.labels, cfg.rkl_tau)
+    rkl = bounded_negative_kl(logits, teacher_logits, labels, cfg.rkl_tau)
     return refusal_loss(npo, rkl, gamma, cfg.lam), {"npo": npo.item(), "rkl": rkl.item()}
 
 
@@ -110,6 +100,12 @@ def phase2_alignment_loss(student, reference, pairs: Batch, cfg, bf16: bool):
     kl = token_kl(logits[:half], ref_logits[:half], pairs.labels[:half]).mean()
     margin = ((policy[:half] - ref[:half]) - (policy[half:] - ref[half:])).mean().item()
     return alignment_loss(dpo, kl, cfg.alpha), {"dpo": dpo.item(), "kl": kl.item(), "reward_margin": margin}
+
+
+def adversary_enabled(cfg) -> bool:
+    """An adversary of size 0 (lat_epsilon, sign_epsilon, or inner_steps [0, 0]) is no adversary."""
+    size = {"lat": cfg.lat_epsilon, "sign": cfg.sign_epsilon, "inner": max(cfg.inner_steps)}[cfg.adversary]
+    return size > 0
 
 
 def canary_tensors(named_params: dict[str, torch.Tensor], canaries: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -250,30 +246,32 @@ class Run:
             gamma = annealed_gamma(cycle * len(plan) + step, cfg.gamma0, cfg.gamma_rate)
             optimizer.zero_grad(set_to_none=True)
 
-            delta, sft_before = lat_perturb(self.student, self.params, harmful, cfg.lat_epsilon, bf16) \
-                if cfg.lat_epsilon > 0 else ([], float("nan"))
+            moved = self.simulate_attack(pairs, cycle, step, harmful)
             if gamma > 0:
-                loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16)
+                loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16,
+                                                  self.tokenizer.eos_token_id)
                 loss.backward()
                 scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
             else:  # γ = 0 switches the refusal terms off (the plain-alignment baseline)
                 loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
                 if cfg.score_untrained_refusal:  # measured for canary selection only, never trained on
-                    measured, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, 1.0, cfg, bf16)
+                    measured, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, 1.0, cfg,
+                                                          bf16, self.tokenizer.eos_token_id)
                     measured.backward()
                     scores.accumulate(self.student)
                     optimizer.zero_grad(set_to_none=True)
+            moved.undo()  # step from w with the refusal gradient taken at w' (SAM-style; first-order for `inner`)
             if cfg.refusal_anchor_weight > 0 or cfg.retain_weight > 0:
                 parts.update(self.anchor_step(prompts, cycle * len(plan) + step, cfg, bf16))
-            apply_perturbation(self.params, delta, -1.0)  # SAM-style: step from w with the gradient taken at w+δ
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             optimizer.step()
 
             record = {"cycle": cycle, "phase": 1, "step": step, "set": set_name, "gamma": gamma,
-                      "refusal_loss": loss.item(), "lat_sft_loss": sft_before, "grad_norm": grad_norm,
-                      "seconds": time.perf_counter() - started, **parts}
+                      "refusal_loss": loss.item(), "grad_norm": grad_norm, "adversary": cfg.adversary,
+                      "seconds": time.perf_counter() - started, **moved.stats, **parts}
             self.log(record)
-            bar.set_postfix(npo=f"{parts['npo']:.3f}", rkl=f"{parts['rkl']:.3f}", sft=f"{sft_before:.2f}")
+            bar.set_postfix(npo=f"{parts['npo']:.3f}", rkl=f"{parts['rkl']:.3f}",
+                            sft=f"{moved.stats.get('adversary_sft_loss', float('nan')):.2f}")
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
                 self.checkpoint({"cycle": cycle, "phase": 1, "step": step + 1}, optimizer, {"scores": scores.state_dict()})
         started = time.perf_counter()
@@ -282,6 +280,26 @@ class Run:
                   "num_canaries": sum(int(v.numel()) for v in canaries.values()),
                   "selection_seconds": time.perf_counter() - started})
         return canaries
+
+    def simulate_attack(self, pairs, cycle: int, step: int, harmful: Batch) -> Displacement:
+        """Move the student where the configured adversary's harmful fine-tune would take it (adversaries.py)."""
+        cfg, started = self.config.phase1, time.perf_counter()
+        if not adversary_enabled(cfg):
+            return Displacement(lambda: None)
+        if cfg.adversary == "lat":
+            moved = lat_perturb(self.student, self.params, harmful, cfg.lat_epsilon, self.config.bf16)
+        elif cfg.adversary == "sign":
+            moved = sign_perturb(self.student, self.params, harmful, cfg.sign_epsilon, self.config.bf16)
+        else:  # inner: its own batches of the cycle's harmful pairs, K and lr drawn per step
+            seed = (self.config.seed * 1000 + cycle) * 100_003 + step
+            k, lr = draw_inner_attack(cfg.inner_steps, cfg.inner_lr, seed)
+            rng = random.Random(seed + 1)
+            n = len(pairs.prompts)
+            picks = [rng.sample(range(n), min(cfg.batch_size, n)) for _ in range(k)]
+            batches = [self._batch([pairs.prompts[i] for i in idx], [pairs.responses[i] for i in idx]) for idx in picks]
+            moved = inner_attack(self.student, self.params, batches, lr, self.config.bf16)
+        moved.stats["adversary_seconds"] = time.perf_counter() - started
+        return moved
 
     def anchor_step(self, harmful_prompts: list[str], global_step: int, cfg, bf16: bool) -> dict:
         """Extensions to the refusal step, one forward over both: SFT on (harmful prompt, refusal), the
@@ -398,6 +416,19 @@ class Run:
                 self.checkpoint({"cycle": cycle + 1, "phase": 1, "step": 0}, self.optimizer(cfg.phase1.lr), {})
         return canaries
 
+    def extrapolate(self) -> None:
+        """The optional LoX stage; the canaries' released values are read after it (write_outputs)."""
+        cfg = self.config.extrapolate
+        if not cfg.enabled:
+            return
+        started = time.perf_counter()
+        changed = extrapolate_(self.named, dict(self.reference.named_parameters()), cfg)
+        if not changed:
+            raise ImmunizerError(f"extrapolate.include {cfg.include!r} matches no 2-D weight of this model")
+        self.log({"event": "extrapolated", "rank": cfg.rank, "alpha": cfg.alpha, "weights": len(changed),
+                  "median_relative_update": sorted(changed.values())[len(changed) // 2],
+                  "seconds": time.perf_counter() - started})
+
     def write_outputs(self, canaries: dict[str, torch.Tensor], seconds: float, hmac_key=None) -> ImmunizeResult:
         model_dir, meta = write_release(
             self.out_dir, self.student, self.tokenizer, canaries, k_percent=self.config.phase1.k_percent,
@@ -426,6 +457,7 @@ def immunize(model: str | Path, out_dir: str | Path, config: ImmunizeConfig | No
     started = time.perf_counter()
     run = Run(str(model), Path(out_dir), config or ImmunizeConfig(), resume, progress)
     canaries = run.train()
+    run.extrapolate()
     result = run.write_outputs(canaries, time.perf_counter() - started, hmac_key)
     shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
     return result

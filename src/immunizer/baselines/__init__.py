@@ -2,6 +2,7 @@
 
 - `none`: the base model, no safety training;
 - `sft`: plain safety SFT + DPO with immunizer's data and steps (presets/methods/sft.yaml);
+- `lox`: `sft` followed by low-rank extrapolation of its update (LoX, presets/methods/lox.yaml);
 - `immunizer`, and its ablations `immunizer-no-lat`, `-no-refusal`, `-no-stab`, `-no-anchor`
   (presets/methods/*.yaml switch one term off);
 - `vaccine`, `repnoise`, `booster`: the published defences (losses.py, train.py)."""
@@ -34,13 +35,20 @@ class BuiltMethod:
 
 
 def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
-    """immunizer's config with the method's overrides (sft, ablations) applied on a copy."""
+    """immunizer's config with the method's overrides (sft, ablations) applied on a copy. A method file may
+    start from another's (`extends: sft`), whose overrides apply first."""
     import copy
 
     config = copy.deepcopy(base)
     path = METHOD_CONFIGS / f"{name}.yaml"
     if path.is_file():
-        _merge(config, _read_yaml(path))
+        overrides = _read_yaml(path)
+        parent = overrides.pop("extends", None)
+        if parent is not None:
+            if not (METHOD_CONFIGS / f"{parent}.yaml").is_file():
+                raise ImmunizerError(f"{path}: `extends: {parent}` names no method file in {METHOD_CONFIGS}")
+            config = method_config(parent, config)
+        _merge(config, overrides)
     return config
 
 

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from immunizer import __version__
+from immunizer.adversaries import apply_perturbation, normalized_perturbation
 from immunizer.baselines.losses import booster_gradient, gaussian_mmd, repnoise_loss, vaccine_perturbation
 from immunizer.canaries import CanaryScores, select_top_percent
 from immunizer.checkpoint import load_checkpoint, save_checkpoint, seed_everything, set_rng_state
@@ -29,8 +30,7 @@ from immunizer.data.batches import Batch, pair_batch
 from immunizer.data.teacher import autocast
 from immunizer.data.training_sets import build_training_data, pick_refusal
 from immunizer.errors import ImmunizerError
-from immunizer.immunize import (ImmunizeResult, apply_perturbation, batches_for, harmful_set_for_cycle,
-                                normalized_perturbation, phase1_refusal_loss)
+from immunizer.immunize import ImmunizeResult, batches_for, harmful_set_for_cycle, phase1_refusal_loss
 from immunizer.losses import IGNORE, sft_loss
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model

@@ -1,0 +1,47 @@
+"""Phase 1's adversary (`phase1.adversary`: lat, sign, inner) measured where it matters: immunize with the quick
+preset and the given overrides, then the figures before any attack and along the standard attack (steps 10, 20,
+39; bench/probe_common.py).
+
+    python bench/adversary_probe.py --candidate "phase1.adversary=sign,phase1.sign_epsilon=2e-4"
+
+Each candidate trains into runs/adversary-probe/<name>/ (interrupted trainings resume; finished pieces are
+kept: rerun the same command to continue). Results: bench/results/adversary_probe.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from probe_common import before_and_after
+
+from immunizer.config import load_config
+from immunizer.immunize import immunize
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--candidate", action="append", required=True, help="Comma-separated key=value overrides (repeat).")
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--work", default="runs/adversary-probe")
+    parser.add_argument("--out", default="bench/results/adversary_probe.json")
+    parser.add_argument("--no-attack", action="store_true", help="Only the figures before any attack.")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for candidate in args.candidate:
+        overrides = [o.strip() for o in candidate.split(",") if o.strip()]
+        name = re.sub(r"[^\w.-]+", "_", "_".join(overrides)) or "preset"
+        directory = Path(args.work) / name
+        entry = results.setdefault(name, {"overrides": overrides, "preset": args.preset})
+        if not (directory / "manifest.json").is_file():
+            started = time.perf_counter()
+            immunize("smollm2", directory, load_config(args.preset, overrides=overrides),
+                     resume=(directory / "checkpoint").is_dir())
+            entry["train_seconds"] = time.perf_counter() - started
+        before_and_after(name, directory, directory / "probe", entry, results, out, attack=not args.no_attack)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared by the resistance probes (lox_probe.py, adversary_probe.py): one model's figures before any attack and
+along the standard attack (100 pairs, full fine-tuning, AdamW lr 5e-5, read at steps 10, 20 and 39)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from immunizer.paths import write_json_atomic
+from immunizer.redteam.attacks import AttackConfig, run_attack
+from immunizer.redteam.evaluate import EvalConfig, evaluate
+
+KEEP = ("harmful_score", "harmful_score_ci95", "refused_share", "degenerate_share", "repeated_sentence_share",
+        "harmful_nll", "over_refusal", "slices", "n", "n_safe", "seconds")
+CURVE = [10, 20, 39]
+HEADLINE = ("harmful_score", "refused_share", "degenerate_share", "over_refusal", "repeated_sentence_share")
+
+
+def figures(report: dict) -> dict:
+    return {k: report.get(k) for k in KEEP if k in report}
+
+
+def before_and_after(name: str, directory: Path, work: Path, entry: dict, results: dict, out: Path,
+                     attack: bool = True) -> None:
+    """Fill entry["before"] and entry["after"][step], saving `results` to `out` after each finished piece."""
+    if "before" not in entry:
+        entry["before"] = figures(evaluate(directory, work / "eval.json", EvalConfig(max_new_tokens=32, n_task=0)))
+        write_json_atomic(out, results)
+    print(name, "before", json.dumps({k: entry["before"].get(k) for k in HEADLINE}), flush=True)
+    if not attack:
+        return
+    attack_dir = work / "attack"
+    if not (attack_dir / "run.json").is_file():
+        run_attack(directory, attack_dir, AttackConfig(steps=CURVE[-1], save_steps=CURVE[:-1]))
+    curve = entry.setdefault("after", {})
+    for step in CURVE:
+        if str(step) not in curve:
+            snapshot = attack_dir / "model" if step == CURVE[-1] else attack_dir / "steps" / f"step{step}" / "model"
+            report = evaluate(snapshot, attack_dir / f"eval-step{step}.json",
+                              EvalConfig(max_new_tokens=32, n_task=0, harmful_only=True, teacher="smollm2"))
+            curve[str(step)] = figures(report)
+            write_json_atomic(out, results)
+        print(name, "step", step, json.dumps({k: curve[str(step)].get(k) for k in HEADLINE}), flush=True)

@@ -1,0 +1,115 @@
+"""The simulated attacks Phase 1 trains against (`phase1.adversary`). Each moves the student's weights to where
+a harmful fine-tune would take them and returns how to move back; the refusal loss is then taken there.
+
+    lat    δ = −ε·g/‖g‖        one normalized gradient step (L2 norm ε over all weights; the seed's LAT)
+    sign   δ = −ε·sign(g)      every weight moves by ε against its harmful-SFT gradient: the shape of an Adam
+                               update, whose bias-corrected first step is ±lr on every coordinate
+    inner  K AdamW steps of harmful SFT from the current weights (a fresh optimizer each outer step, K and the
+           learning rate drawn per step), as TAR's adversary does (Tamirisa et al. 2024, arXiv 2408.00761);
+           the refusal gradient taken at the adapted weights is applied at the original ones (first order)
+
+Why `sign` and `inner`: the standard attack (AdamW, lr 5e-5, 39 steps) moved SmolLM2-135M's weights by an RMS
+of 2.9e-4 per weight after 20 steps (L2 ≈ 3.4), about 34× lat's ε = 0.1 (bench/results/adaptive_attack.json);
+a perturbation that small leaves the refusal loss evaluated, in effect, at the unattacked weights.
+Written here: no maintained library offers weight-space adversaries for causal-LM fine-tuning."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from immunizer.data.batches import Batch
+from immunizer.data.teacher import autocast
+from immunizer.losses import sft_loss
+
+
+@dataclass
+class Displacement:
+    """Where an adversary moved the weights: `undo()` moves them back; `stats` go to metrics.jsonl."""
+    undo: Callable[[], None]
+    stats: dict = field(default_factory=dict)
+
+
+def normalized_perturbation(grads: list[torch.Tensor | None], epsilon: float, sign: float) -> list[torch.Tensor]:
+    """δ = sign·ε·g/‖g‖ with ‖g‖ the global L2 norm over all parameters."""
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).clamp_min(1e-12)
+    return [torch.zeros(0) if g is None else (sign * epsilon / norm) * g for g in grads]
+
+
+def sign_perturbation(grads: list[torch.Tensor | None], epsilon: float) -> list[torch.Tensor]:
+    """δ = −ε·sign(g) per weight (a weight with zero gradient stays where it is)."""
+    return [torch.zeros(0) if g is None else -epsilon * torch.sign(g) for g in grads]
+
+
+@torch.no_grad()
+def apply_perturbation(params: list[torch.Tensor], delta: list[torch.Tensor], direction: float) -> None:
+    for p, d in zip(params, delta):
+        if d.numel():
+            p.add_(d, alpha=direction)
+
+
+def harmful_sft_loss(model, harmful: Batch, bf16: bool) -> torch.Tensor:
+    with autocast(bf16):
+        return sft_loss(model(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits, harmful.labels)
+
+
+def _l2(delta: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float((d.float() ** 2).sum()) for d in delta if d.numel()))
+
+
+def _gradient_step(model, params, harmful: Batch, bf16: bool, make_delta) -> Displacement:
+    loss = harmful_sft_loss(model, harmful, bf16)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    delta = make_delta(list(grads))
+    apply_perturbation(params, delta, +1.0)
+    return Displacement(lambda: apply_perturbation(params, delta, -1.0),
+                        {"adversary_sft_loss": loss.item(), "adversary_l2": _l2(delta)})
+
+
+def lat_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool) -> Displacement:
+    """Move the weights one normalized step towards the harmful responses (L2 norm ε)."""
+    return _gradient_step(model, params, harmful, bf16, lambda g: normalized_perturbation(g, epsilon, sign=-1.0))
+
+
+def sign_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool) -> Displacement:
+    """Move every weight by ε against the sign of its harmful-SFT gradient (L∞ norm ε)."""
+    return _gradient_step(model, params, harmful, bf16, lambda g: sign_perturbation(g, epsilon))
+
+
+def inner_attack(model, params, batches: list[Batch], lr: float, bf16: bool) -> Displacement:
+    """Fine-tune on `batches` (one AdamW step each, a fresh optimizer, no weight decay: the attack) from the
+    current weights; `undo()` restores the weights. The gradients this leaves behind are cleared."""
+    saved = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = harmful_sft_loss(model, batch, bf16)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer  # its moments belong to this simulated attack only
+    with torch.no_grad():
+        moved = _l2([p - s for p, s in zip(params, saved)])
+
+    @torch.no_grad()
+    def undo():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+
+    return Displacement(undo, {"adversary_sft_loss": losses[0], "adversary_sft_loss_last": losses[-1],
+                               "adversary_l2": moved, "inner_steps": len(batches), "inner_lr": lr})
+
+
+def draw_inner_attack(steps: list[int], lr: list[float], seed: int) -> tuple[int, float]:
+    """K uniform in [steps[0], steps[1]], the learning rate log-uniform in [lr[0], lr[1]]; seeded per outer step
+    so that a resumed run draws the same attacks."""
+    rng = random.Random(seed)
+    k = rng.randint(int(steps[0]), int(steps[-1]))
+    low, high = math.log(lr[0]), math.log(lr[-1])
+    return k, math.exp(rng.uniform(low, high))
+

@@ -1,0 +1,87 @@
+"""Low-rank extrapolation of the safety update (LoX; Perin et al., COLM 2025, arXiv 2506.15606):
+
+    for every 2-D weight W inside the decoder layers:
+        Δ = W_aligned − W_base
+        W_aligned ← W_aligned + α · (rank-k truncated SVD of Δ)      (k = 0: the whole Δ)
+
+The published setting is k = 6, α = 1.25 (Llama-2-7B: Pure-Bad ASR 63% → 9%). Training-free; what it costs
+is measured, not assumed: on this project's quick release it cut the standard attack's answered share from
+67% to 46% but refused 84% of safe-but-scary prompts before any attack (docs/immunize.md). Written here
+because no maintained library applies it to a Hugging Face state dict; the formula is the paper's."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from immunizer.config import ExtrapolateConfig
+from immunizer.errors import ImmunizerError
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-`rank` approximation of a matrix (Eckart–Young); `rank` 0 or ≥ min(shape) returns it whole."""
+    if rank <= 0 or rank >= min(delta.shape):
+        return delta.clone()
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(delta.dtype)
+
+
+@torch.no_grad()
+def extrapolate_(aligned: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                 config: ExtrapolateConfig) -> dict[str, float]:
+    """Apply LoX in place to the tensors of `aligned` (a state dict or `named_parameters()` dict). Returns, per
+    extrapolated weight, the Frobenius norm of the added update relative to the weight's own norm."""
+    pattern = re.compile(config.include)
+    changed: dict[str, float] = {}
+    for name, weight in aligned.items():
+        if weight.ndim != 2 or not pattern.search(name):
+            continue
+        if name not in base or base[name].shape != weight.shape:
+            raise ImmunizerError(f"{name}: the base model has no weight of shape {tuple(weight.shape)}; "
+                                 "extrapolation needs the model the release was trained from (--base)")
+        update = config.alpha * low_rank(weight - base[name].to(weight.device, weight.dtype), config.rank)
+        weight.add_(update)
+        changed[name] = float(update.norm() / weight.norm().clamp_min(1e-12))
+    return changed
+
+
+# Manifest fields not carried over: those write_manifest computes itself, and the calibrations (breaker
+# thresholds, reference direction) that describe the old weights.
+_NOT_CARRIED = {"format", "k_percent", "num_canaries", "num_parameters", "model_sha256", "canary_file", "sha256",
+                "parameters", "manifest_sha256", "hmac", "model_dir", "breaker", "reference"}
+
+
+def extrapolate_release(release: str | Path, out_dir: str | Path, config: ExtrapolateConfig, *,
+                        base: str | Path | None = None, hmac_key: bytes | str | None = None) -> dict:
+    """Extrapolate an immunize-style release (OUT/model + manifest) away from its base model and write a new
+    release to `out_dir`: the same canary indices, their values re-read from the new weights, the breaker's
+    calibration dropped (it described the old weights; run `immunizer calibrate` again). Returns the manifest."""
+    from immunizer.manifest import HMAC_ENV, _key, load_manifest, write_release
+    from immunizer.models import load_model, resolve_model
+
+    release, out_dir = Path(release), Path(out_dir)
+    if not config.enabled:
+        raise ImmunizerError("--alpha is 0: extrapolation would change nothing; the paper's setting is --rank 6 --alpha 1.25")
+    if out_dir.resolve() == release.resolve():
+        raise ImmunizerError(f"--out {out_dir} is the release itself; write the extrapolated release elsewhere")
+    manifest = load_manifest(release, hmac_key=hmac_key)
+    if "hmac" in manifest.meta and _key(hmac_key) is None:
+        raise ImmunizerError(f"{release}/manifest.json is signed; pass its key (--hmac-key-file or ${HMAC_ENV}) "
+                             "so that the extrapolated release is signed too")
+    base_spec = base or manifest.meta.get("base_model")
+    if not base_spec:
+        raise ImmunizerError(f"{release}/manifest.json names no base model; pass --base")
+    model, tokenizer = load_model(release / manifest.meta.get("model_dir", "model"))
+    base_model, _ = load_model(resolve_model(base_spec), with_tokenizer=False)
+    changed = extrapolate_(dict(model.named_parameters()), dict(base_model.named_parameters()), config)
+    if not changed:
+        raise ImmunizerError(f"no 2-D weight matches --include {config.include!r}; nothing was extrapolated")
+    extra = {k: v for k, v in manifest.meta.items() if k not in _NOT_CARRIED}
+    extra["extrapolation"] = {**asdict(config), "source_release": str(release), "base_model": str(base_spec),
+                              "weights": len(changed),
+                              "median_relative_update": sorted(changed.values())[len(changed) // 2]}
+    _, meta = write_release(out_dir, model, tokenizer, manifest.indices, k_percent=manifest.meta.get("k_percent", 0.0),
+                            extra=extra, hmac_key=hmac_key)
+    return meta

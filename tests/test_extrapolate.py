@@ -1,0 +1,119 @@
+"""Low-rank extrapolation (LoX): the formula on matrices whose answer is known, then on tiny releases through
+the API, the CLI and immunize's last stage, and the inputs it refuses."""
+import json
+
+import pytest
+import torch
+
+from immunizer import immunize, load_config, load_manifest
+from immunizer.baselines import method_config, method_names
+from immunizer.config import ExtrapolateConfig, ImmunizeConfig
+from immunizer.errors import ImmunizerError
+from immunizer.extrapolate import extrapolate_, extrapolate_release, low_rank
+from immunizer.models import load_model
+
+from conftest import make_release, run_cli
+
+
+def test_low_rank_keeps_the_top_singular_directions():
+    """A = 3·u1v1ᵀ + 1·u2v2ᵀ (orthonormal u, v): rank 2 is A itself; rank 1 drops exactly 1·u2v2ᵀ, whose
+    Frobenius norm is the second singular value, 1 (Eckart–Young)."""
+    u, _ = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(0)))
+    v, _ = torch.linalg.qr(torch.randn(4, 2, generator=torch.Generator().manual_seed(1)))
+    a = 3 * torch.outer(u[:, 0], v[:, 0]) + torch.outer(u[:, 1], v[:, 1])
+    assert torch.allclose(low_rank(a, 2), a, atol=1e-5)
+    assert torch.allclose(low_rank(a, 0), a) and torch.allclose(low_rank(a, 9), a)
+    assert float((a - low_rank(a, 1)).norm()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_extrapolation_moves_matching_layer_weights_away_from_the_base_and_nothing_else():
+    base = {"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 2), "model.embed_tokens.weight": torch.zeros(5, 2),
+            "model.layers.0.input_layernorm.weight": torch.ones(2)}
+    aligned = {"model.layers.0.mlp.up_proj.weight": torch.ones(3, 2), "model.embed_tokens.weight": torch.ones(5, 2),
+               "model.layers.0.input_layernorm.weight": 2 * torch.ones(2)}
+    changed = extrapolate_(aligned, base, ExtrapolateConfig(rank=0, alpha=0.5))
+    assert torch.allclose(aligned["model.layers.0.mlp.up_proj.weight"], torch.full((3, 2), 1.5))  # W + α(W − W_b)
+    assert torch.equal(aligned["model.embed_tokens.weight"], torch.ones(5, 2))  # outside the layers
+    assert torch.equal(aligned["model.layers.0.input_layernorm.weight"], 2 * torch.ones(2))  # not 2-D
+    assert list(changed) == ["model.layers.0.mlp.up_proj.weight"]
+    assert changed["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.5 / 1.5)
+
+
+def test_a_base_without_the_weight_is_refused():
+    with pytest.raises(ImmunizerError, match="the base model has no weight of shape"):
+        extrapolate_({"model.layers.0.q.weight": torch.ones(2, 2)}, {"model.layers.0.q.weight": torch.ones(3, 2)},
+                     ExtrapolateConfig(alpha=1.0))
+
+
+def test_extrapolate_release_writes_a_new_release_with_fresh_canary_values(tmp_path):
+    make_release(tmp_path / "release", seed=1)  # tiny weights of seed 1; the `tiny` base is seed 0
+    meta = extrapolate_release(tmp_path / "release", tmp_path / "lox", ExtrapolateConfig(rank=2, alpha=1.0), base="tiny")
+    manifest = load_manifest(tmp_path / "lox")
+    model, _ = load_model(tmp_path / "lox" / "model")
+    weights = dict(model.named_parameters())
+    for name, idx in manifest.indices.items():
+        assert torch.equal(weights[name].detach().reshape(-1)[idx].float(), manifest.values[name])
+    old = dict(load_model(tmp_path / "release" / "model")[0].named_parameters())
+    name = next(n for n in weights if ".layers.0." in n and weights[n].ndim == 2)
+    assert not torch.equal(weights[name], old[name])
+    assert torch.equal(weights["model.embed_tokens.weight"], old["model.embed_tokens.weight"])
+    assert meta["extrapolation"]["rank"] == 2 and meta["extrapolation"]["base_model"] == "tiny"
+    assert meta["extrapolation"]["weights"] > 0 and "breaker" not in meta
+
+
+def test_extrapolate_release_refuses_what_it_cannot_do_well(tmp_path, monkeypatch):
+    make_release(tmp_path / "release", seed=1)
+    with pytest.raises(ImmunizerError, match="names no base model; pass --base"):
+        extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=1.0))
+    with pytest.raises(ImmunizerError, match="--alpha is 0"):
+        extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=0.0), base="tiny")
+    with pytest.raises(ImmunizerError, match="is the release itself"):
+        extrapolate_release(tmp_path / "release", tmp_path / "release", ExtrapolateConfig(alpha=1.0), base="tiny")
+    with pytest.raises(ImmunizerError, match="matches no 2-D weight|no 2-D weight matches"):
+        extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=1.0, include="nothing$"),
+                            base="tiny")
+    from immunizer.manifest import seal
+    meta_path = tmp_path / "release" / "manifest.json"
+    meta_path.write_text(json.dumps(seal(json.loads(meta_path.read_text()), b"k3y")))  # the publisher signs it
+    with pytest.raises(ImmunizerError, match="is signed; pass its key"):
+        extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=1.0), base="tiny")
+    meta = extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=1.0), base="tiny",
+                               hmac_key=b"k3y")
+    assert "hmac" in meta and load_manifest(tmp_path / "out", hmac_key=b"k3y", require_hmac=True)
+
+
+def test_extrapolate_command(tmp_path):
+    make_release(tmp_path / "release", seed=1)
+    proc = run_cli("extrapolate", "--release", str(tmp_path / "release"), "--out", str(tmp_path / "lox"),
+                   "--base", "tiny", "--rank", "3", "--alpha", "0.5")
+    summary = json.loads(proc.stdout)
+    assert summary["rank"] == 3 and summary["alpha"] == 0.5 and (tmp_path / "lox" / "model").is_dir()
+    run_cli("verify", "--manifest", str(tmp_path / "lox"))
+    bad = run_cli("extrapolate", "--release", str(tmp_path / "release"), "--out", str(tmp_path / "x"), check=False)
+    assert bad.returncode == 2 and "pass --base" in bad.stderr
+
+
+def test_immunize_extrapolates_last_and_reads_the_canaries_after(tmp_path):
+    config = load_config("tiny", overrides=["cycles=1", "extrapolate.alpha=1.0", "extrapolate.rank=2"])
+    result = immunize("tiny", tmp_path / "run", config, progress=False)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    stage = [e for e in events if e.get("event") == "extrapolated"]
+    assert len(stage) == 1 and stage[0]["weights"] > 0
+    manifest = load_manifest(tmp_path / "run")
+    weights = dict(load_model(result.model_dir)[0].named_parameters())
+    for name, idx in manifest.indices.items():
+        assert torch.equal(weights[name].detach().reshape(-1)[idx].float(), manifest.values[name])
+
+
+def test_lox_is_sft_plus_extrapolation():
+    assert "lox" in method_names()
+    lox, sft = method_config("lox", ImmunizeConfig()), method_config("sft", ImmunizeConfig())
+    assert lox.extrapolate.alpha > 0 and sft.extrapolate.alpha == 0
+    assert lox.phase1 == sft.phase1 and lox.phase2 == sft.phase2
+
+
+def test_bad_extrapolation_settings_are_named():
+    with pytest.raises(ImmunizerError, match="extrapolate.rank must be >= 0"):
+        load_config("tiny", overrides=["extrapolate.rank=-1"])
+    with pytest.raises(ImmunizerError, match="extrapolate.include is not a regular expression"):
+        load_config("tiny", overrides=["extrapolate.include=(unclosed"])

@@ -1,10 +1,11 @@
 """Cost of one immunization cycle against the plain alignment it replaces (safety SFT + DPO on
 the same data and steps), measured in one run on the same machine.
 
-    python bench/cycle_cost.py [--model smollm2] [--steps 8] [--preset quick]
+    python bench/cycle_cost.py [--model smollm2] [--steps 8] [--preset quick] [--adversaries lat,sign,inner]
 
 Runs both through the CLI (one cycle each, teacher generations cached), reads the per-step
-seconds from metrics.jsonl and prints the medians and the ratio. Writes bench/results/cycle_cost.json.
+seconds from metrics.jsonl and prints the medians and the ratio; with --adversaries, one immunization per
+Phase-1 adversary and its ratios against the same plain alignment. Writes bench/results/cycle_cost.json.
 """
 import argparse
 import json
@@ -38,12 +39,16 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--adversaries", default="lat", help="Comma-separated phase1.adversary values to time (the first is `immunization`).")
     ap.add_argument("--out", default=str(HERE / "results" / "cycle_cost.json"))
     args = ap.parse_args()
+    adversaries = [a.strip() for a in args.adversaries.split(",") if a.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plain = run(args.model, args.preset, args.steps, tmp / "plain", ["--config", str(HERE.parent / "src/immunizer/presets/methods/sft.yaml"), "--set", "phase1.score_untrained_refusal=false"], False)
-        immunized = run(args.model, args.preset, args.steps, tmp / "immunized", [], True)
+        per_adversary = {a: run(args.model, args.preset, args.steps, tmp / f"immunized-{a}",
+                                ["--set", f"phase1.adversary={a}"], True) for a in adversaries}
+    immunized = per_adversary[adversaries[0]]
     result = {
         "model": args.model, "preset": args.preset, "steps_per_phase": args.steps,
         "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
@@ -51,6 +56,9 @@ def main():
         "ratio_cycle": immunized["cycle_s"] / plain["cycle_s"],
         "ratio_phase1_step": immunized["phase1_step_median_s"] / plain["phase1_step_median_s"],
         "ratio_phase2_step": immunized["phase2_step_median_s"] / plain["phase2_step_median_s"],
+        "adversaries": {a: {**r, "ratio_cycle": r["cycle_s"] / plain["cycle_s"],
+                            "ratio_phase1_step": r["phase1_step_median_s"] / plain["phase1_step_median_s"]}
+                        for a, r in per_adversary.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

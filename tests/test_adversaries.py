@@ -108,7 +108,8 @@ def test_an_adversary_of_size_zero_is_no_adversary(tmp_path):
     ("phase1.inner_steps=[8, 4]", "phase1.inner_steps must be [low, high]"),
     ("phase1.inner_lr=[0, 1e-4]", "phase1.inner_lr must be [low, high]"),
     ("phase1.inner_steps=[4]", "phase1.inner_steps must be [low, high]"),
-    ("phase1.sign_epsilon=-1e-3", "sign_epsilon must be >= 0"),
+    ("phase1.sign_epsilon=-1e-3", "sign_epsilon and phase1.npo_floor must be >= 0"),
+    ("phase1.npo_floor=-1", "npo_floor must be >= 0"),
 ])
 def test_bad_adversary_settings_are_named(override, message):
     with pytest.raises(ImmunizerError, match=message.replace("[", r"\[").replace("`", "`")):

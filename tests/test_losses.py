@@ -32,6 +32,20 @@ def test_npo_loss_matches_its_closed_form():
     assert moved.item() == pytest.approx(4 * math.log(1 + math.e), rel=1e-6)
 
 
+def test_npo_floor_stops_pushing_answers_already_far_below_the_reference():
+    """d = log π_θ − log π_ref. With floor 3: d = −5 is clamped to −3, so its loss is that of d = −3 and its
+    gradient is 0; d = −1 is above the floor and keeps the plain NPO loss and gradient."""
+    policy = torch.tensor([-6.0, -2.0], requires_grad=True)
+    reference = torch.tensor([-1.0, -1.0])
+    loss = npo_loss(policy, reference, beta=0.1, floor=3.0)
+    plain_far = npo_loss(torch.tensor([-4.0]), torch.tensor([-1.0]), beta=0.1)
+    plain_near = npo_loss(torch.tensor([-2.0]), torch.tensor([-1.0]), beta=0.1)
+    assert loss.item() == pytest.approx((plain_far.item() + plain_near.item()) / 2, rel=1e-6)
+    loss.backward()
+    assert policy.grad[0].item() == 0.0 and policy.grad[1].item() > 0
+    assert npo_loss(policy, reference, beta=0.1).item() != pytest.approx(loss.item())  # floor 0: unbounded as before
+
+
 def test_npo_gradient_pushes_the_harmful_likelihood_down_and_not_the_reference():
     policy = torch.tensor([-2.0], requires_grad=True)
     reference = torch.tensor([-2.0], requires_grad=True)

@@ -78,6 +78,10 @@ class Phase1Config:
     """λ: weight of the bounded −KL term against NPO in L_refusal."""
     npo_beta: float = 0.1
     """β of NPO (Zhang et al. 2024 use 0.1)."""
+    npo_floor: float = 0.0
+    """Nats per token (with npo_length_normalized): NPO stops pushing a harmful answer once its log-ratio to the
+    reference is below −npo_floor (0: never stops). Re-immunizing the quick release without it took the harmful
+    NLL from 6.9 to 34 and its answers into noise (bench/results/loop_quick.json)."""
     npo_length_normalized: bool = True
     """Use the per-token mean log-ratio in NPO, as SimNPO does (Fan et al. 2024), instead of the sequence sum:
     with sums, NPO's gradient is ~response-length times an SFT gradient and, on SmolLM2-135M, it swamped the
@@ -265,8 +269,8 @@ def validate(config: ImmunizeConfig) -> None:
     p1 = config.phase1
     if p1.adversary not in ADVERSARIES:
         problems.append(f"phase1.adversary must be `lat`, `sign` or `inner`, got {p1.adversary!r}")
-    if p1.lat_epsilon < 0 or p1.sign_epsilon < 0:
-        problems.append("phase1.lat_epsilon and phase1.sign_epsilon must be >= 0")
+    if p1.lat_epsilon < 0 or p1.sign_epsilon < 0 or p1.npo_floor < 0:
+        problems.append("phase1.lat_epsilon, phase1.sign_epsilon and phase1.npo_floor must be >= 0")
     for name, low_ok in (("inner_steps", 0), ("inner_lr", 1e-300)):
         bounds = getattr(p1, name)
         if len(bounds) != 2 or bounds[0] > bounds[1] or bounds[0] < low_ok:

@@ -82,7 +82,7 @@ def phase1_refusal_loss(student, reference, harmful_teacher, harmful: Batch, gam
     if cfg.npo_length_normalized:
         tokens = (labels[:, 1:] != IGNORE).sum(-1).clamp_min(1)
         policy_logp, ref_logp = policy_logp / tokens, ref_logp / tokens
-    npo = npo_loss(policy_logp, ref_logp, cfg.npo_beta)
+    npo = npo_loss(policy_logp, ref_logp, cfg.npo_beta, cfg.npo_floor)
     rkl = bounded_negative_kl(logits, teacher_logits, labels, cfg.rkl_tau)
     return refusal_loss(npo, rkl, gamma, cfg.lam), {"npo": npo.item(), "rkl": rkl.item()}
 

@@ -28,12 +28,19 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[mask].float(), targets[mask])
 
 
-def npo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> torch.Tensor:
+def npo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float,
+             floor: float = 0.0) -> torch.Tensor:
     """Negative preference optimization, Zhang et al. 2024 ("Negative Preference Optimization:
     From Catastrophic Collapse to Effective Unlearning"), eq. 3:
         L = (2/β) · mean log(1 + (π_θ(y|x) / π_ref(y|x))^β) = −(2/β) · mean logσ(−β·(log π_θ − log π_ref)).
-    It pushes the harmful response's likelihood down, with a gradient that vanishes as it falls."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * (policy_logps - reference_logps)).mean()
+    It pushes the harmful response's likelihood down, with a gradient that vanishes as it falls — slowly: with
+    per-token log-ratios and β = 0.1 the weight σ(β·d) is still 0.37 at d = −5 nats per token. `floor` > 0
+    clamps d at −floor (our extension, like the cap on −KL): a sequence already that far below the reference
+    contributes a constant and no gradient, so re-immunizing a release cannot push its answers into noise."""
+    ratio = policy_logps - reference_logps
+    if floor > 0:
+        ratio = torch.clamp(ratio, min=-floor)
+    return -(2.0 / beta) * F.logsigmoid(-beta * ratio).mean()
 
 
 def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

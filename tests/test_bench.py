@@ -140,6 +140,26 @@ def test_seeds_give_intervals(tmp_path):
     assert "ci95" not in report["methods"]["sft"]["harmful-sft"]
 
 
+def test_lox_is_derived_from_the_sft_build_without_training_again(tmp_path, monkeypatch):
+    import importlib
+
+    immunize_module = importlib.import_module("immunizer.immunize")  # the package re-exports a function of that name
+
+    overrides = ["attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4}}", "calibration=null"]
+    report = run_bench(tmp_path / "l", "tiny", ["sft", "lox"], progress=False, overrides=overrides)
+    lox_dir = tmp_path / "l" / "methods" / "lox" / "seed0"
+    meta = json.loads((lox_dir / "manifest.json").read_text())
+    assert meta["extrapolation"]["source_release"] == str(tmp_path / "l" / "methods" / "sft" / "seed0")
+    assert meta["extrapolation"]["alpha"] > 0
+    lox, sft = report["methods"]["lox"], report["methods"]["sft"]
+    assert lox["model_sha256"] != sft["model_sha256"] and lox["cost_seconds"] >= sft["cost_seconds"]
+    assert lox["harmful-sft"]["breaker_statistic"] is not None  # the breaker watches the extrapolated release
+    trained = []
+    monkeypatch.setattr(immunize_module.Run, "train", lambda self: trained.append(1))
+    again = run_bench(tmp_path / "l", "tiny", ["sft", "lox"], progress=False, overrides=overrides)
+    assert not trained and again["methods"]["lox"]["cost_seconds"] == pytest.approx(lox["cost_seconds"])
+
+
 def test_steps_to_half():
     curve = [{"step": 0, "harmful_score": 0.1}, {"step": 5, "harmful_score": 0.49}, {"step": 10, "harmful_score": 0.5}]
     assert bench_module.steps_to_half(curve) == 10

@@ -11,6 +11,7 @@ because no maintained library applies it to a Hugging Face state dict; the formu
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def extrapolate_release(release: str | Path, out_dir: str | Path, config: Extrap
     from immunizer.manifest import HMAC_ENV, _key, load_manifest, write_release
     from immunizer.models import load_model, resolve_model
 
+    started = time.perf_counter()
     release, out_dir = Path(release), Path(out_dir)
     if not config.enabled:
         raise ImmunizerError("--alpha is 0: extrapolation would change nothing; the paper's setting is --rank 6 --alpha 1.25")
@@ -81,7 +83,8 @@ def extrapolate_release(release: str | Path, out_dir: str | Path, config: Extrap
     extra = {k: v for k, v in manifest.meta.items() if k not in _NOT_CARRIED}
     extra["extrapolation"] = {**asdict(config), "source_release": str(release), "base_model": str(base_spec),
                               "weights": len(changed),
-                              "median_relative_update": sorted(changed.values())[len(changed) // 2]}
+                              "median_relative_update": sorted(changed.values())[len(changed) // 2],
+                              "seconds": time.perf_counter() - started}
     _, meta = write_release(out_dir, model, tokenizer, manifest.indices, k_percent=manifest.meta.get("k_percent", 0.0),
                             extra=extra, hmac_key=hmac_key)
     return meta

@@ -52,6 +52,16 @@ def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
     return config
 
 
+def extrapolation_parent(name: str) -> str | None:
+    """The method `name` is its parent plus the extrapolation stage and nothing else (`lox` = `sft` + LoX), so
+    a harness that has built the parent derives it without training again; None for any other method."""
+    path = METHOD_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    overrides = _read_yaml(path)
+    return overrides.get("extends") if set(overrides) == {"extends", "extrapolate"} else None
+
+
 def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeConfig,
                  baseline: BaselineConfig | None = None, progress: bool = True, resume: bool = False) -> BuiltMethod:
     """Train `name` from `model` into `out_dir` (an immunize-style directory), or return the base for `none`.
@@ -70,4 +80,5 @@ def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeCo
     return BuiltMethod(name, result.model_dir, result.out_dir, result.seconds)
 
 
-__all__ = ["BaselineConfig", "BuiltMethod", "build_method", "method_config", "method_names", "train_baseline"]
+__all__ = ["BaselineConfig", "BuiltMethod", "build_method", "extrapolation_parent", "method_config", "method_names",
+           "train_baseline"]

@@ -205,19 +205,30 @@ def _prebuilt(name: str, path: Path) -> Method:
 
 
 def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool) -> Method:
-    from immunizer.baselines import BaselineConfig, build_method
+    from immunizer.baselines import BaselineConfig, build_method, extrapolation_parent, method_config
     from immunizer.checkpoint import STATE_FILE
+    from immunizer.extrapolate import extrapolate_release
+    from immunizer.manifest import load_manifest
     from immunizer.models.loading import resolve_model
 
     directory = out / "methods" / name / f"seed{seed}"
     if name == "none":
         return Method(name, resolve_model(config.model), None, 0.0)
+    parent = extrapolation_parent(name)
     if (directory / "manifest.json").is_file():
-        return _prebuilt(name, directory)
+        method = _prebuilt(name, directory)
+        if parent is not None:  # its cost is the parent's training plus the extrapolation
+            stage = load_manifest(directory).meta.get("extrapolation", {})
+            method.cost_seconds = (_build(parent, config, seed, out, progress).cost_seconds or 0.0) + stage.get("seconds", 0.0)
+        return method
+    immunize_config = load_config(config.immunize_preset, overrides=[*config.immunize_overrides, f"seed={seed}"])
+    if parent is not None:  # `lox`: the parent's build of this seed, extrapolated (no second training)
+        source = _build(parent, config, seed, out, progress)
+        meta = extrapolate_release(source.release_dir, directory, method_config(name, immunize_config).extrapolate)
+        return Method(name, directory / "model", directory, (source.cost_seconds or 0.0) + meta["extrapolation"]["seconds"])
     resume = (directory / "checkpoint" / STATE_FILE).is_file()  # an interrupted training continues
     if directory.exists() and not resume:  # killed before its first checkpoint: start it again
         shutil.rmtree(directory)
-    immunize_config = load_config(config.immunize_preset, overrides=[*config.immunize_overrides, f"seed={seed}"])
     built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline), progress,
                          resume=resume)
     return Method(name, built.model_dir, built.release_dir, built.cost_seconds)

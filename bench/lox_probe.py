@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from probe_common import before_and_after
@@ -39,9 +38,7 @@ def main():
         if alpha:
             directory = work / "release"
             if not (directory / "manifest.json").is_file():
-                started = time.perf_counter()
-                meta = extrapolate_release(release, directory, ExtrapolateConfig(rank=rank, alpha=alpha))
-                entry["extrapolation"] = meta["extrapolation"] | {"seconds": time.perf_counter() - started}
+                entry["extrapolation"] = extrapolate_release(release, directory, ExtrapolateConfig(rank=rank, alpha=alpha))["extrapolation"]
         before_and_after(name, directory, work, entry, results, Path(args.out), attack=args.attack)
 
 

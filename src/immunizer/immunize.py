@@ -12,14 +12,14 @@
             (anchor step)        + SFT on (prompt, refusal) + SFT on (benign prompt, helpful answer), at w
                                  [switchable extensions: refusal_anchor_weight, retain_weight]
             the optimizer step
-    (optional last stage) extrapolate  W ← W + α·rank-k SVD(W − W_base) per layer weight (LoX; extrapolate.py)
         select canaries: global top-K% of the accumulated scores
         Phase 2 (alignment / canary desensitization), per batch of benign (prompt, chosen, rejected):
             (benign perturbation, optional)
             alignment_loss       (1−α)·DPO + α·KL(student‖reference)
             stabilization_loss   MSE(canaries, their values at the start of Phase 2)
             step on              L_alignment + β·L_stab
-    write the model, canaries.safetensors and manifest.json
+    (optional) extrapolate  W ← W + α·rank-k SVD(W − W_base) per decoder-layer weight (LoX; extrapolate.py)
+    write the model, canaries.safetensors and manifest.json (canary values read after the extrapolation)
 """
 from __future__ import annotations
 

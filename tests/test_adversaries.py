@@ -40,7 +40,7 @@ def test_sign_perturbation_moves_every_weight_with_a_gradient_by_epsilon():
 
 
 @pytest.mark.parametrize("adversary,size", [(lat_perturb, 0.5), (sign_perturb, 1e-3)])
-def test_one_step_adversaries_lower_the_harmful_loss_and_undo_exactly(setup, adversary, size):
+def test_one_step_adversaries_lower_the_harmful_loss_and_undo_them(setup, adversary, size):
     model, params, batch = setup
     before = snapshot(params)
     moved = adversary(model, params, batch, size, bf16=False)
@@ -96,16 +96,39 @@ def test_immunize_runs_with_each_adversary_and_logs_what_it_did(tmp_path, overri
     assert result.manifest["config"]["phase1"]["adversary"] == config.phase1.adversary
 
 
-def test_an_adversary_of_size_zero_is_no_adversary(tmp_path):
-    config = load_config("tiny", overrides=["phase1.adversary=sign", "phase1.sign_epsilon=0", "cycles=1"])
+@pytest.mark.parametrize("overrides", [["phase1.adversary=sign", "phase1.sign_epsilon=0"],
+                                       ["phase1.adversary=none", "phase1.lat_epsilon=0.5"],
+                                       ["phase1.adversary=inner", "phase1.inner_steps=[0, 0]"]])
+def test_an_adversary_of_size_zero_is_no_adversary(tmp_path, overrides):
+    config = load_config("tiny", overrides=[*overrides, "cycles=1"])
     immunize("tiny", tmp_path / "run", config, progress=False)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all("adversary_l2" not in r for r in steps if r.get("phase") == 1)
+    phase1 = [r for r in steps if r.get("phase") == 1 and "step" in r]
+    assert len(phase1) == config.phase1.steps
+    assert all("adversary_l2" not in r and "adversary_seconds" not in r for r in phase1)
+
+
+def test_every_configurable_adversary_has_an_implementation():
+    from immunizer.adversaries import ADVERSARIES
+    from immunizer.config import ADVERSARIES as NAMES
+
+    assert set(ADVERSARIES) == set(NAMES)
+
+
+def test_the_plain_baseline_and_the_no_lat_ablation_keep_no_adversary_whatever_the_preset_says():
+    from immunizer.baselines import method_config
+
+    base = load_config("tiny", overrides=["phase1.adversary=inner"])
+    for name in ("sft", "immunizer-no-lat"):
+        assert method_config(name, base).phase1.adversary == "none"
+    assert method_config("immunizer", base).phase1.adversary == "inner"
 
 
 @pytest.mark.parametrize("override,message", [
-    ("phase1.adversary=pgd", "phase1.adversary must be `lat`, `sign` or `inner`"),
+    ("phase1.adversary=pgd", "phase1.adversary must be one of none, lat, sign, inner"),
     ("phase1.inner_steps=[8, 4]", "phase1.inner_steps must be [low, high]"),
+    ("phase1.inner_steps=[0, 4]", "phase1.inner_steps must be [low, high] with 1 <= low"),
+    ("phase1.sign_epsilon=nan", "expects float"),
     ("phase1.inner_lr=[0, 1e-4]", "phase1.inner_lr must be [low, high]"),
     ("phase1.inner_steps=[4]", "phase1.inner_steps must be [low, high]"),
     ("phase1.sign_epsilon=-1e-3", "sign_epsilon and phase1.npo_floor must be >= 0"),

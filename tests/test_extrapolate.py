@@ -46,7 +46,11 @@ def test_a_base_without_the_weight_is_refused():
 
 
 def test_extrapolate_release_writes_a_new_release_with_fresh_canary_values(tmp_path):
+    from immunizer.manifest import update_manifest
+
     make_release(tmp_path / "release", seed=1)  # tiny weights of seed 1; the `tiny` base is seed 0
+    update_manifest(tmp_path / "release", {"breaker": {"threshold": 0.2}, "reference": {"sha256": "x"},
+                                           "method": "sft", "data_sha256": "d" * 64})
     meta = extrapolate_release(tmp_path / "release", tmp_path / "lox", ExtrapolateConfig(rank=2, alpha=1.0), base="tiny")
     manifest = load_manifest(tmp_path / "lox")
     model, _ = load_model(tmp_path / "lox" / "model")
@@ -58,7 +62,9 @@ def test_extrapolate_release_writes_a_new_release_with_fresh_canary_values(tmp_p
     assert not torch.equal(weights[name], old[name])
     assert torch.equal(weights["model.embed_tokens.weight"], old["model.embed_tokens.weight"])
     assert meta["extrapolation"]["rank"] == 2 and meta["extrapolation"]["base_model"] == "tiny"
-    assert meta["extrapolation"]["weights"] > 0 and "breaker" not in meta
+    assert meta["extrapolation"]["weights"] > 0
+    assert "breaker" not in meta and "reference" not in meta  # calibrations of the old weights are dropped
+    assert meta["method"] == "sft+lox" and meta["data_sha256"] == "d" * 64 and meta["base_model"] == "tiny"
 
 
 def test_extrapolate_release_refuses_what_it_cannot_do_well(tmp_path, monkeypatch):
@@ -69,6 +75,14 @@ def test_extrapolate_release_refuses_what_it_cannot_do_well(tmp_path, monkeypatc
         extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=0.0), base="tiny")
     with pytest.raises(ImmunizerError, match="is the release itself"):
         extrapolate_release(tmp_path / "release", tmp_path / "release", ExtrapolateConfig(alpha=1.0), base="tiny")
+    with pytest.raises(ImmunizerError, match="extrapolate.rank must be >= 0"):
+        extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=1.0, rank=-1), base="tiny")
+    from immunizer.manifest import update_manifest
+    from immunizer.models import model_dir_sha256, resolve_model
+    update_manifest(tmp_path / "release", {"base_model_sha256": "0" * 64})
+    with pytest.raises(ImmunizerError, match="is not the model .* was trained from"):
+        extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=1.0), base="tiny")
+    update_manifest(tmp_path / "release", {"base_model_sha256": model_dir_sha256(resolve_model("tiny"))})
     with pytest.raises(ImmunizerError, match="matches no 2-D weight|no 2-D weight matches"):
         extrapolate_release(tmp_path / "release", tmp_path / "out", ExtrapolateConfig(alpha=1.0, include="nothing$"),
                             base="tiny")
@@ -91,9 +105,13 @@ def test_extrapolate_command(tmp_path):
     run_cli("verify", "--manifest", str(tmp_path / "lox"))
     bad = run_cli("extrapolate", "--release", str(tmp_path / "release"), "--out", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "pass --base" in bad.stderr
+    bad = run_cli("extrapolate", "--release", str(tmp_path / "release"), "--out", str(tmp_path / "x"), "--base", "tiny",
+                  "--include", "(unclosed", check=False)
+    assert bad.returncode == 2 and "not a regular expression" in bad.stderr
 
 
 def test_immunize_extrapolates_last_and_reads_the_canaries_after(tmp_path):
+    plain = immunize("tiny", tmp_path / "plain", load_config("tiny", overrides=["cycles=1"]), progress=False)
     config = load_config("tiny", overrides=["cycles=1", "extrapolate.alpha=1.0", "extrapolate.rank=2"])
     result = immunize("tiny", tmp_path / "run", config, progress=False)
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -103,6 +121,12 @@ def test_immunize_extrapolates_last_and_reads_the_canaries_after(tmp_path):
     weights = dict(load_model(result.model_dir)[0].named_parameters())
     for name, idx in manifest.indices.items():
         assert torch.equal(weights[name].detach().reshape(-1)[idx].float(), manifest.values[name])
+    # the same training without the stage, extrapolated by hand, is what was saved
+    trained = dict(load_model(plain.model_dir)[0].named_parameters())
+    base = dict(load_model("tiny")[0].named_parameters())
+    extrapolate_(trained, base, config.extrapolate)
+    assert all(torch.allclose(trained[n], weights[n], atol=1e-6) for n in weights)
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], dict(load_model(plain.model_dir)[0].named_parameters())["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_lox_is_sft_plus_extrapolation():
@@ -110,6 +134,14 @@ def test_lox_is_sft_plus_extrapolation():
     lox, sft = method_config("lox", ImmunizeConfig()), method_config("sft", ImmunizeConfig())
     assert lox.extrapolate.alpha > 0 and sft.extrapolate.alpha == 0
     assert lox.phase1 == sft.phase1 and lox.phase2 == sft.phase2
+
+
+def test_a_config_file_may_extend_a_method(tmp_path):
+    lox = load_config("tiny", tmp_path / "lox.yaml") if (tmp_path / "lox.yaml").write_text("extends: lox\n") else None
+    assert lox.extrapolate.alpha > 0 and lox.phase1.adversary == "none"  # lox's own file, and sft's under it
+    (tmp_path / "loop.yaml").write_text("extends: nothing\n")
+    with pytest.raises(ImmunizerError, match="names no method file; choose one of .*lox.*sft"):
+        load_config("tiny", tmp_path / "loop.yaml")
 
 
 def test_bad_extrapolation_settings_are_named():

@@ -108,8 +108,31 @@ def inner_attack(model, params, batches: list[Batch], lr: float, bf16: bool) -> 
 def draw_inner_attack(steps: list[int], lr: list[float], seed: int) -> tuple[int, float]:
     """K uniform in [steps[0], steps[1]], the learning rate log-uniform in [lr[0], lr[1]]; seeded per outer step
     so that a resumed run draws the same attacks."""
-    rng = random.Random(seed)
+    rng = random.Random(f"{seed}:inner-attack")
     k = rng.randint(int(steps[0]), int(steps[-1]))
     low, high = math.log(lr[0]), math.log(lr[-1])
     return k, math.exp(rng.uniform(low, high))
+
+
+def stay() -> Displacement:
+    return Displacement(lambda: None)
+
+
+# phase1.adversary -> how it moves the weights. Each takes (cfg, model, params, harmful batch, bf16, seed,
+# sample_batches) where sample_batches(k, seed) gives k batches of the cycle's harmful pairs (for `inner`).
+ADVERSARIES: dict[str, Callable[..., Displacement]] = {
+    "none": lambda cfg, model, params, harmful, bf16, seed, sample_batches: stay(),
+    "lat": lambda cfg, model, params, harmful, bf16, seed, sample_batches:
+        lat_perturb(model, params, harmful, cfg.lat_epsilon, bf16) if cfg.lat_epsilon > 0 else stay(),
+    "sign": lambda cfg, model, params, harmful, bf16, seed, sample_batches:
+        sign_perturb(model, params, harmful, cfg.sign_epsilon, bf16) if cfg.sign_epsilon > 0 else stay(),
+}
+
+
+def _inner(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
+    k, lr = draw_inner_attack(cfg.inner_steps, cfg.inner_lr, seed)
+    return inner_attack(model, params, sample_batches(k, seed), lr, bf16) if k > 0 else stay()
+
+
+ADVERSARIES["inner"] = _inner
 

@@ -57,7 +57,7 @@ def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_fi
 @click.option("--release", "--manifest", "release_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="An immunize output directory (model/ + manifest) to extrapolate.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where the extrapolated release goes.")
-@click.option("--rank", type=int, default=6, show_default=True, help="Rank k of each weight's update kept (0: the whole update).")
+@click.option("--rank", type=click.IntRange(min=0), default=6, show_default=True, help="Rank k of each weight's update kept (0: the whole update).")
 @click.option("--alpha", type=float, default=1.25, show_default=True, help="How far to extrapolate: W += α·rank-k(W − W_base).")
 @click.option("--base", help="The base model the release was trained from (default: the manifest's base_model).")
 @click.option("--include", default=None, help="Regular expression on parameter names (default: every 2-D weight in the decoder layers).")

@@ -3,9 +3,10 @@ YAML file and `--set key=value` overrides (dotted keys, YAML values) apply on to
 from __future__ import annotations
 
 import dataclasses
-import re
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,8 @@ import yaml
 from immunizer.errors import ImmunizerError
 
 PRESETS = Path(__file__).parent / "presets"
-ADVERSARIES = ("lat", "sign", "inner")
-"""Phase 1's simulated attacks (adversaries.py)."""
+ADVERSARIES = ("none", "lat", "sign", "inner")
+"""Phase 1's simulated attacks (adversaries.py); `none` trains at the unmoved weights."""
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Phase1Config:
     adversary: str = "lat"
     """The simulated attack the refusal loss is taken after (adversaries.py): `lat` (one normalized gradient
     step of L2 norm lat_epsilon), `sign` (every weight moved sign_epsilon against its harmful gradient, the
-    shape of an Adam step), `inner` (inner_steps AdamW steps of harmful SFT at inner_lr, first-order)."""
+    shape of an Adam step), `inner` (inner_steps AdamW steps of harmful SFT at inner_lr, first-order), `none`."""
     lat_epsilon: float = 0.1
     """`lat`: L2 norm of the LAT weight perturbation δ = −ε·g/‖g‖ over all parameters (0: no LAT). On SmolLM2-135M
     (weight norm ~2100), 0.1 takes the harmful SFT loss from 1.02 to 0.57 at KL 0.23; 1.0 overshoots (loss 6.9)."""
@@ -165,13 +166,15 @@ class ImmunizeConfig:
 def _coerce(value, annotation, key: str):
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     if annotation is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-5 (no dot) as a string, in files and lists too; accept the float people mean
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = math.nan
+        if math.isfinite(number):
+            return number
     if annotation in (int, bool, str) and isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
     if origin is list and isinstance(value, list):
@@ -217,6 +220,20 @@ def _read_yaml(path: Path) -> dict:
     return loaded
 
 
+def resolve_extends(overrides: dict, source: str, seen: tuple[str, ...] = ()) -> list[dict]:
+    """A method file may start from another (`extends: sft`): the chain of override mappings, parent first."""
+    parent = overrides.pop("extends", None)
+    if parent is None:
+        return [overrides]
+    path = PRESETS / "methods" / f"{parent}.yaml"
+    if parent in seen:
+        raise ImmunizerError(f"{source}: `extends: {parent}` loops back on itself ({' -> '.join((*seen, parent))})")
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in (PRESETS / "methods").glob("*.yaml")))
+        raise ImmunizerError(f"{source}: `extends: {parent}` names no method file; choose one of {names}")
+    return [*resolve_extends(_read_yaml(path), str(path), (*seen, parent)), overrides]
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
@@ -245,11 +262,25 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
             raise ImmunizerError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
         _merge(config, _read_yaml(PRESETS / f"{preset}.yaml"))
     if config_file:
-        _merge(config, _read_yaml(Path(config_file)))
+        for layer in resolve_extends(_read_yaml(Path(config_file)), str(config_file)):
+            _merge(config, layer)
     for text in overrides:
         _merge(config, parse_override(text))
     validate(config)
     return config
+
+
+def extrapolate_problems(config: ExtrapolateConfig) -> list[str]:
+    problems = []
+    if config.rank < 0:
+        problems.append("extrapolate.rank must be >= 0 (0: the full update)")
+    if not math.isfinite(config.alpha):
+        problems.append("extrapolate.alpha must be a finite number")
+    try:
+        re.compile(config.include)
+    except re.error as exc:
+        problems.append(f"extrapolate.include is not a regular expression: {exc}")
+    return problems
 
 
 def validate(config: ImmunizeConfig) -> None:
@@ -268,19 +299,15 @@ def validate(config: ImmunizeConfig) -> None:
             problems.append("batch_size must be >= 1, lr > 0 and steps >= 0 in both phases")
     p1 = config.phase1
     if p1.adversary not in ADVERSARIES:
-        problems.append(f"phase1.adversary must be `lat`, `sign` or `inner`, got {p1.adversary!r}")
+        problems.append(f"phase1.adversary must be one of {', '.join(ADVERSARIES)}, got {p1.adversary!r}")
     if p1.lat_epsilon < 0 or p1.sign_epsilon < 0 or p1.npo_floor < 0:
         problems.append("phase1.lat_epsilon, phase1.sign_epsilon and phase1.npo_floor must be >= 0")
-    for name, low_ok in (("inner_steps", 0), ("inner_lr", 1e-300)):
-        bounds = getattr(p1, name)
-        if len(bounds) != 2 or bounds[0] > bounds[1] or bounds[0] < low_ok:
-            problems.append(f"phase1.{name} must be [low, high] with 0 {'<=' if low_ok == 0 else '<'} low <= high, got {bounds}")
-    if config.extrapolate.rank < 0:
-        problems.append("extrapolate.rank must be >= 0 (0: the full update)")
-    try:
-        re.compile(config.extrapolate.include)
-    except re.error as exc:
-        problems.append(f"extrapolate.include is not a regular expression: {exc}")
+    steps, lrs = p1.inner_steps, p1.inner_lr
+    if len(steps) != 2 or not (1 <= steps[0] <= steps[1] or steps == [0, 0]):
+        problems.append(f"phase1.inner_steps must be [low, high] with 1 <= low <= high (or [0, 0]: off), got {steps}")
+    if len(lrs) != 2 or not 0 < lrs[0] <= lrs[1]:
+        problems.append(f"phase1.inner_lr must be [low, high] with 0 < low <= high, got {lrs}")
+    problems += extrapolate_problems(config.extrapolate)
     unknown = [c for c in config.data.curriculum if c not in ("weak", "strong")]
     if unknown or not config.data.curriculum:
         problems.append(f"data.curriculum must list `weak`/`strong` sets, got {config.data.curriculum}")

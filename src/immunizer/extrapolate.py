@@ -55,33 +55,48 @@ _NOT_CARRIED = {"format", "k_percent", "num_canaries", "num_parameters", "model_
 
 
 def extrapolate_release(release: str | Path, out_dir: str | Path, config: ExtrapolateConfig, *,
-                        base: str | Path | None = None, hmac_key: bytes | str | None = None) -> dict:
+                        base: str | Path | None = None, hmac_key: bytes | str | None = None,
+                        record: dict | None = None) -> dict:
     """Extrapolate an immunize-style release (OUT/model + manifest) away from its base model and write a new
     release to `out_dir`: the same canary indices, their values re-read from the new weights, the breaker's
-    calibration dropped (it described the old weights; run `immunizer calibrate` again). Returns the manifest."""
-    from immunizer.manifest import HMAC_ENV, _key, load_manifest, write_release
-    from immunizer.models import load_model, resolve_model
+    calibration dropped (it described the old weights; run `immunizer calibrate --model OUT` again). `record`
+    is added to the manifest's `extrapolation` entry. Returns the new manifest."""
+    from immunizer import __version__
+    from immunizer.config import extrapolate_problems
+    from immunizer.manifest import HMAC_ENV, load_manifest, signing_key, write_release
+    from immunizer.models import load_model, model_dir_sha256, resolve_model
 
     started = time.perf_counter()
     release, out_dir = Path(release), Path(out_dir)
     if not config.enabled:
         raise ImmunizerError("--alpha is 0: extrapolation would change nothing; the paper's setting is --rank 6 --alpha 1.25")
+    problems = extrapolate_problems(config)
+    if problems:
+        raise ImmunizerError("invalid extrapolation: " + "; ".join(problems))
     if out_dir.resolve() == release.resolve():
         raise ImmunizerError(f"--out {out_dir} is the release itself; write the extrapolated release elsewhere")
     manifest = load_manifest(release, hmac_key=hmac_key)
-    if "hmac" in manifest.meta and _key(hmac_key) is None:
+    if "hmac" in manifest.meta and signing_key(hmac_key) is None:
         raise ImmunizerError(f"{release}/manifest.json is signed; pass its key (--hmac-key-file or ${HMAC_ENV}) "
                              "so that the extrapolated release is signed too")
     base_spec = base or manifest.meta.get("base_model")
     if not base_spec:
         raise ImmunizerError(f"{release}/manifest.json names no base model; pass --base")
+    base_dir = resolve_model(base_spec)
+    expected = manifest.meta.get("base_model_sha256")
+    if expected and model_dir_sha256(base_dir) != expected:
+        raise ImmunizerError(f"{base_spec} is not the model {release} was trained from (its weights hash differs from "
+                             "the manifest's base_model_sha256); pass --base with that model")
     model, tokenizer = load_model(release / manifest.meta.get("model_dir", "model"))
-    base_model, _ = load_model(resolve_model(base_spec), with_tokenizer=False)
+    base_model, _ = load_model(base_dir, with_tokenizer=False)
     changed = extrapolate_(dict(model.named_parameters()), dict(base_model.named_parameters()), config)
     if not changed:
         raise ImmunizerError(f"no 2-D weight matches --include {config.include!r}; nothing was extrapolated")
     extra = {k: v for k, v in manifest.meta.items() if k not in _NOT_CARRIED}
-    extra["extrapolation"] = {**asdict(config), "source_release": str(release), "base_model": str(base_spec),
+    extra["immunizer_version"] = __version__
+    extra["method"] = f"{manifest.meta.get('method', 'release')}+lox"
+    extra.setdefault("base_model", str(base_spec))
+    extra["extrapolation"] = {**(record or {}), **asdict(config), "source_release": str(release), "base_model": str(base_spec),
                               "weights": len(changed),
                               "median_relative_update": sorted(changed.values())[len(changed) // 2],
                               "seconds": time.perf_counter() - started}

@@ -35,8 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from immunizer import __version__
-from immunizer.adversaries import (Displacement, apply_perturbation, draw_inner_attack, inner_attack,
-                                   lat_perturb, normalized_perturbation, sign_perturb)
+from immunizer.adversaries import ADVERSARIES, Displacement, apply_perturbation, normalized_perturbation
 from immunizer.canaries import CanaryScores, select_top_percent
 from immunizer.checkpoint import load_checkpoint, save_checkpoint, seed_everything, set_rng_state
 from immunizer.config import ImmunizeConfig
@@ -100,12 +99,6 @@ def phase2_alignment_loss(student, reference, pairs: Batch, cfg, bf16: bool):
     kl = token_kl(logits[:half], ref_logits[:half], pairs.labels[:half]).mean()
     margin = ((policy[:half] - ref[:half]) - (policy[half:] - ref[half:])).mean().item()
     return alignment_loss(dpo, kl, cfg.alpha), {"dpo": dpo.item(), "kl": kl.item(), "reward_margin": margin}
-
-
-def adversary_enabled(cfg) -> bool:
-    """An adversary of size 0 (lat_epsilon, sign_epsilon, or inner_steps [0, 0]) is no adversary."""
-    size = {"lat": cfg.lat_epsilon, "sign": cfg.sign_epsilon, "inner": max(cfg.inner_steps)}[cfg.adversary]
-    return size > 0
 
 
 def canary_tensors(named_params: dict[str, torch.Tensor], canaries: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -192,8 +185,9 @@ class Run:
                 raise ImmunizerError(f"--resume: {self.out_dir} holds no checkpoint to resume from; drop --resume to start")
             if state["config_sha256"] != self.config.sha256:
                 raise ImmunizerError(
-                    f"--resume: the run in {self.out_dir} was started with a different config; pass the same "
-                    "--preset/--config/--set as before, or start a new --out directory")
+                    f"--resume: the run in {self.out_dir} was started with a different config (other --preset/--config/"
+                    "--set values, or an immunizer version whose config had other fields); pass the same settings "
+                    "with the same version, or start a new --out directory")
             return state
         if state is not None or (self.out_dir / "manifest.json").exists():
             raise ImmunizerError(f"{self.out_dir} already holds an immunization run; pass --resume to continue it "
@@ -284,21 +278,16 @@ class Run:
     def simulate_attack(self, pairs, cycle: int, step: int, harmful: Batch) -> Displacement:
         """Move the student where the configured adversary's harmful fine-tune would take it (adversaries.py)."""
         cfg, started = self.config.phase1, time.perf_counter()
-        if not adversary_enabled(cfg):
-            return Displacement(lambda: None)
-        if cfg.adversary == "lat":
-            moved = lat_perturb(self.student, self.params, harmful, cfg.lat_epsilon, self.config.bf16)
-        elif cfg.adversary == "sign":
-            moved = sign_perturb(self.student, self.params, harmful, cfg.sign_epsilon, self.config.bf16)
-        else:  # inner: its own batches of the cycle's harmful pairs, K and lr drawn per step
-            seed = (self.config.seed * 1000 + cycle) * 100_003 + step
-            k, lr = draw_inner_attack(cfg.inner_steps, cfg.inner_lr, seed)
-            rng = random.Random(seed + 1)
-            n = len(pairs.prompts)
+
+        def sample_batches(k: int, seed: int) -> list[Batch]:  # `inner`'s own batches of the cycle's harmful pairs
+            rng, n = random.Random(f"{seed}:inner-batches"), len(pairs.prompts)
             picks = [rng.sample(range(n), min(cfg.batch_size, n)) for _ in range(k)]
-            batches = [self._batch([pairs.prompts[i] for i in idx], [pairs.responses[i] for i in idx]) for idx in picks]
-            moved = inner_attack(self.student, self.params, batches, lr, self.config.bf16)
-        moved.stats["adversary_seconds"] = time.perf_counter() - started
+            return [self._batch([pairs.prompts[i] for i in idx], [pairs.responses[i] for i in idx]) for idx in picks]
+
+        seed = (self.config.seed * 1000 + cycle) * 100_003 + step  # the same draws when a run resumes
+        moved = ADVERSARIES[cfg.adversary](cfg, self.student, self.params, harmful, self.config.bf16, seed, sample_batches)
+        if moved.stats:
+            moved.stats["adversary_seconds"] = time.perf_counter() - started
         return moved
 
     def anchor_step(self, harmful_prompts: list[str], global_step: int, cfg, bf16: bool) -> dict:

@@ -48,7 +48,7 @@ def _canonical(meta: dict, without: tuple[str, ...]) -> bytes:
     return json.dumps({k: v for k, v in meta.items() if k not in without}, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _key(hmac_key: bytes | str | None) -> bytes | None:
+def signing_key(hmac_key: bytes | str | None) -> bytes | None:
     key = hmac_key if hmac_key is not None else os.environ.get(HMAC_ENV)
     if key is None or key == "":
         return None
@@ -59,7 +59,7 @@ def seal(meta: dict, hmac_key: bytes | str | None = None) -> dict:
     """Recompute `manifest_sha256` (and `hmac` when a key is given or set in $IMMUNIZER_MANIFEST_KEY)."""
     meta = {k: v for k, v in meta.items() if k not in _SELF_FIELDS}
     meta["manifest_sha256"] = hashlib.sha256(_canonical(meta, _SELF_FIELDS)).hexdigest()
-    key = _key(hmac_key)
+    key = signing_key(hmac_key)
     if key is not None:
         meta["hmac"] = hmac_lib.new(key, _canonical(meta, ("hmac",)), hashlib.sha256).hexdigest()
     return meta
@@ -125,7 +125,7 @@ def load_manifest(directory: Path, hmac_key: bytes | str | None = None, require_
     expected = hashlib.sha256(_canonical(meta, _SELF_FIELDS)).hexdigest()
     if meta.get("manifest_sha256") != expected:
         raise _fail(directory, "manifest.json does not match its own manifest_sha256 (it was edited or corrupted)", again)
-    key = _key(hmac_key)
+    key = signing_key(hmac_key)
     if key is not None or require_hmac:
         if "hmac" not in meta:
             raise _fail(directory, "the manifest carries no HMAC but one is required", "Ask the publisher for a signed manifest.")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from immunizer.baselines.train import METHODS as PUBLISHED
 from immunizer.baselines.train import BaselineConfig, train_baseline
-from immunizer.config import PRESETS, ImmunizeConfig, _merge, _read_yaml
+from immunizer.config import PRESETS, ImmunizeConfig, _merge, _read_yaml, resolve_extends
 from immunizer.errors import ImmunizerError
 
 METHOD_CONFIGS = PRESETS / "methods"
@@ -42,13 +42,8 @@ def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
     config = copy.deepcopy(base)
     path = METHOD_CONFIGS / f"{name}.yaml"
     if path.is_file():
-        overrides = _read_yaml(path)
-        parent = overrides.pop("extends", None)
-        if parent is not None:
-            if not (METHOD_CONFIGS / f"{parent}.yaml").is_file():
-                raise ImmunizerError(f"{path}: `extends: {parent}` names no method file in {METHOD_CONFIGS}")
-            config = method_config(parent, config)
-        _merge(config, overrides)
+        for overrides in resolve_extends(_read_yaml(path), str(path), (name,)):
+            _merge(config, overrides)
     return config
 
 

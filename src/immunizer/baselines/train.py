@@ -153,7 +153,8 @@ def score_canaries(student, reference, tokenizer, prompts, responses, config: Im
     for start in range(0, len(prompts), bs):
         batch = pair_batch(tokenizer, prompts[start:start + bs], responses[start:start + bs],
                            dc.max_prompt_tokens, dc.max_response_tokens).to(device)
-        loss, _ = phase1_refusal_loss(student, reference, reference, batch, 1.0, config.phase1, config.bf16)
+        loss, _ = phase1_refusal_loss(student, reference, reference, batch, 1.0, config.phase1, config.bf16,
+                                      tokenizer.eos_token_id)
         loss.backward()
         scores.accumulate(student)
         student.zero_grad(set_to_none=True)

@@ -179,6 +179,9 @@ class Method:
     model_dir: Path
     release_dir: Path | None
     cost_seconds: float | None
+    """What building it costs, all in (for `lox`: its parent's training plus the extrapolation)."""
+    own_seconds: float | None = None
+    """The part of cost_seconds this bench spent on this method alone (set where it differs: `lox`)."""
     threshold: float | None = None
     threshold_source: str | None = None
     calibration: dict | None = None
@@ -204,28 +207,39 @@ def _prebuilt(name: str, path: Path) -> Method:
     return Method(name, resolve_model(path), None, None)
 
 
-def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool) -> Method:
+def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
+           prebuilt: dict[str, Path] | None = None) -> Method:
     from immunizer.baselines import BaselineConfig, build_method, extrapolation_parent, method_config
     from immunizer.checkpoint import STATE_FILE
     from immunizer.extrapolate import extrapolate_release
     from immunizer.manifest import load_manifest
     from immunizer.models.loading import resolve_model
 
+    prebuilt = prebuilt or {}
+    if name in prebuilt:
+        return _prebuilt(name, prebuilt[name])
     directory = out / "methods" / name / f"seed{seed}"
     if name == "none":
         return Method(name, resolve_model(config.model), None, 0.0)
     parent = extrapolation_parent(name)
     if (directory / "manifest.json").is_file():
         method = _prebuilt(name, directory)
-        if parent is not None:  # its cost is the parent's training plus the extrapolation
+        if parent is not None:  # cost: the parent's training (recorded when derived) plus the extrapolation
             stage = load_manifest(directory).meta.get("extrapolation", {})
-            method.cost_seconds = (_build(parent, config, seed, out, progress).cost_seconds or 0.0) + stage.get("seconds", 0.0)
+            parent_cost = stage.get("parent_cost_seconds")
+            method.cost_seconds = None if parent_cost is None else parent_cost + stage.get("seconds", 0.0)
+            method.own_seconds = stage.get("seconds")
         return method
     immunize_config = load_config(config.immunize_preset, overrides=[*config.immunize_overrides, f"seed={seed}"])
-    if parent is not None:  # `lox`: the parent's build of this seed, extrapolated (no second training)
-        source = _build(parent, config, seed, out, progress)
-        meta = extrapolate_release(source.release_dir, directory, method_config(name, immunize_config).extrapolate)
-        return Method(name, directory / "model", directory, (source.cost_seconds or 0.0) + meta["extrapolation"]["seconds"])
+    if parent is not None:  # `lox`: the same seed's build of its parent, extrapolated (no second training)
+        source = _build(parent, config, seed, out, progress, prebuilt)
+        if source.release_dir is None:
+            raise ImmunizerError(f"{name} extrapolates {parent}'s release, but {parent} has none (a bare model)")
+        meta = extrapolate_release(source.release_dir, directory, method_config(name, immunize_config).extrapolate,
+                                   record={"parent": parent, "parent_cost_seconds": source.cost_seconds})
+        seconds = meta["extrapolation"]["seconds"]
+        return Method(name, directory / "model", directory,
+                      None if source.cost_seconds is None else source.cost_seconds + seconds, own_seconds=seconds)
     resume = (directory / "checkpoint" / STATE_FILE).is_file()  # an interrupted training continues
     if directory.exists() and not resume:  # killed before its first checkpoint: start it again
         shutil.rmtree(directory)
@@ -515,7 +529,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     for seed in range(max(seeds_of.values())):
         for name in [m for m in config.methods if seed < seeds_of[m]]:
             bar.set_postfix_str(f"{name} (seed {seed}): training")
-            method = _prebuilt(name, prebuilt[name]) if name in prebuilt else _build(name, config, seed, out, progress)
+            method = _build(name, config, seed, out, progress, prebuilt)
             _prepare_breaker(method, config, progress)
             runs_dir = out / "runs" / name / f"seed{seed}"
             pre_path = runs_dir / "pre_attack.json"
@@ -577,7 +591,8 @@ def time_spent(results: dict[str, list[dict]], specs: list[RunSpec]) -> dict:
     out = {"training": 0.0, "evaluation": 0.0, "runs": {s.name: 0.0 for s in specs}}
     for per_seed in results.values():
         for record in per_seed:
-            out["training"] += record["method"].cost_seconds or 0.0
+            method = record["method"]  # `lox`'s cost includes its parent's training, counted under the parent
+            out["training"] += (method.own_seconds if method.own_seconds is not None else method.cost_seconds) or 0.0
             out["evaluation"] += record["pre_attack"].get("seconds") or 0.0
             for spec in specs:
                 run = record["runs"][spec.name]

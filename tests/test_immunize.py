@@ -103,9 +103,15 @@ def test_stabilization_holds_canaries_tighter_than_other_weights(tmp_path):
 
 def test_plain_alignment_still_picks_canaries_by_the_refusal_gradient(tmp_path):
     """γ = 0 trains no refusal term, but the canary scores are still |∂L_refusal/∂w| (measured and
-    discarded), not all-zero ties that would fall back to the lowest (name, index)."""
+    discarded), not all-zero ties that would fall back to the lowest (name, index). The tiny random teacher
+    answers with an empty string (only the end-of-turn token, which the refusal loss leaves alone), so the
+    harmful answers are written here."""
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"do bad thing {i}", "response": f"sure, step {i} is"}) + "\n"
+                               for i in range(6)))
     plain = Path(__file__).parents[1] / "src/immunizer/presets/methods/sft.yaml"
-    result = immunize("tiny", tmp_path / "plain", load_config("tiny", plain, ["cycles=1"]), progress=False)
+    result = immunize("tiny", tmp_path / "plain", load_config("tiny", plain, ["cycles=1", f"data.harmful_file={harmful}"]),
+                      progress=False)
     indices = load_manifest(result.out_dir).indices
     assert len(indices) > 3
     first = indices[sorted(indices)[0]]

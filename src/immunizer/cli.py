@@ -67,7 +67,7 @@ def extrapolate(release_dir, out_dir, rank, alpha, base, include, hmac_key_file)
     """Low-rank extrapolation of a release's safety update (LoX, Perin et al. 2025), training-free.
 
     Writes OUT/model and a new manifest (same canaries, values re-read, breaker calibration dropped: run
-    `immunizer calibrate` on OUT). Measure over-refusal before releasing: it can rise steeply with α.
+    `immunizer calibrate --model OUT`). Measure over-refusal before releasing: it can rise steeply with α.
 
     \b
     Example:

@@ -45,6 +45,7 @@ def main():
     model, tokenizer = load_model(args.model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    root_n = math.sqrt(sum(p.numel() for p in params))
 
     def batch(part):
         return pair_batch(tokenizer, [r["prompt"] for r in part], [r["response"] for r in part], 96, 48)
@@ -62,7 +63,7 @@ def main():
         started = time.perf_counter()
         moved = (lat_perturb if kind == "lat" else sign_perturb)(model, params, step_batch, size, False)
         entry = {"size": size, "loss": eval_loss(), "l2": moved.stats["adversary_l2"],
-                 "rms": moved.stats["adversary_l2"] / math.sqrt(sum(p.numel() for p in params)),
+                 "rms": moved.stats["adversary_l2"] / root_n,
                  "seconds": time.perf_counter() - started}
         moved.undo()
         results["adversaries"][f"{kind} {size:g}"] = entry
@@ -72,7 +73,7 @@ def main():
         batches = [batch(rows[(4 * i) % 32:(4 * i) % 32 + 4]) for i in range(k)]
         moved = inner_attack(model, params, batches, lr, False)
         entry = {"steps": k, "lr": lr, "loss": eval_loss(), "l2": moved.stats["adversary_l2"],
-                 "rms": moved.stats["adversary_l2"] / math.sqrt(sum(p.numel() for p in params)),
+                 "rms": moved.stats["adversary_l2"] / root_n,
                  "seconds": time.perf_counter() - started}
         moved.undo()
         results["adversaries"][f"inner {k}x{lr:g}"] = entry

@@ -56,7 +56,7 @@ def harmful_sft_loss(model, harmful: Batch, bf16: bool) -> torch.Tensor:
         return sft_loss(model(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits, harmful.labels)
 
 
-def _l2(delta: list[torch.Tensor]) -> float:
+def _l2(delta) -> float:
     return math.sqrt(sum(float((d.float() ** 2).sum()) for d in delta if d.numel()))
 
 
@@ -93,8 +93,8 @@ def inner_attack(model, params, batches: list[Batch], lr: float, bf16: bool) -> 
         losses.append(loss.item())
     optimizer.zero_grad(set_to_none=True)
     del optimizer  # its moments belong to this simulated attack only
-    with torch.no_grad():
-        moved = _l2([p - s for p, s in zip(params, saved)])
+    with torch.no_grad():  # one difference at a time: a list of them would hold a second copy of the model
+        moved = _l2(p - s for p, s in zip(params, saved))
 
     @torch.no_grad()
     def undo():
@@ -119,14 +119,18 @@ def stay() -> Displacement:
 
 
 # phase1.adversary -> how it moves the weights. Each takes (cfg, model, params, harmful batch, bf16, seed,
-# sample_batches) where sample_batches(k, seed) gives k batches of the cycle's harmful pairs (for `inner`).
-ADVERSARIES: dict[str, Callable[..., Displacement]] = {
-    "none": lambda cfg, model, params, harmful, bf16, seed, sample_batches: stay(),
-    "lat": lambda cfg, model, params, harmful, bf16, seed, sample_batches:
-        lat_perturb(model, params, harmful, cfg.lat_epsilon, bf16) if cfg.lat_epsilon > 0 else stay(),
-    "sign": lambda cfg, model, params, harmful, bf16, seed, sample_batches:
-        sign_perturb(model, params, harmful, cfg.sign_epsilon, bf16) if cfg.sign_epsilon > 0 else stay(),
-}
+# sample_batches), where sample_batches(k, seed) gives k batches of the cycle's harmful pairs (for `inner`);
+# an adversary of size 0 stays where it is.
+def _none(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
+    return stay()
+
+
+def _lat(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
+    return lat_perturb(model, params, harmful, cfg.lat_epsilon, bf16) if cfg.lat_epsilon > 0 else stay()
+
+
+def _sign(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
+    return sign_perturb(model, params, harmful, cfg.sign_epsilon, bf16) if cfg.sign_epsilon > 0 else stay()
 
 
 def _inner(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
@@ -134,5 +138,4 @@ def _inner(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacem
     return inner_attack(model, params, sample_batches(k, seed), lr, bf16) if k > 0 else stay()
 
 
-ADVERSARIES["inner"] = _inner
-
+ADVERSARIES: dict[str, Callable[..., Displacement]] = {"none": _none, "lat": _lat, "sign": _sign, "inner": _inner}

@@ -33,7 +33,8 @@ def low_rank(delta: torch.Tensor, rank: int) -> torch.Tensor:
 def extrapolate_(aligned: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
                  config: ExtrapolateConfig) -> dict[str, float]:
     """Apply LoX in place to the tensors of `aligned` (a state dict or `named_parameters()` dict). Returns, per
-    extrapolated weight, the Frobenius norm of the added update relative to the weight's own norm."""
+    extrapolated weight, the Frobenius norm of the added update relative to the weight's own norm. A pattern
+    that matches no 2-D weight is an error: the caller asked for a change that would not happen."""
     pattern = re.compile(config.include)
     changed: dict[str, float] = {}
     for name, weight in aligned.items():
@@ -45,7 +46,15 @@ def extrapolate_(aligned: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
         update = config.alpha * low_rank(weight - base[name].to(weight.device, weight.dtype), config.rank)
         weight.add_(update)
         changed[name] = float(update.norm() / weight.norm().clamp_min(1e-12))
+    if not changed:
+        raise ImmunizerError(f"extrapolate.include (--include) {config.include!r} matches no 2-D weight of this model; "
+                             "nothing was extrapolated")
     return changed
+
+
+def summary(changed: dict[str, float]) -> dict:
+    """What an extrapolation did, for metrics and manifests: how many weights, and the median relative update."""
+    return {"weights": len(changed), "median_relative_update": sorted(changed.values())[len(changed) // 2]}
 
 
 # Manifest fields not carried over: those write_manifest computes itself, and the calibrations (breaker
@@ -90,16 +99,12 @@ def extrapolate_release(release: str | Path, out_dir: str | Path, config: Extrap
     model, tokenizer = load_model(release / manifest.meta.get("model_dir", "model"))
     base_model, _ = load_model(base_dir, with_tokenizer=False)
     changed = extrapolate_(dict(model.named_parameters()), dict(base_model.named_parameters()), config)
-    if not changed:
-        raise ImmunizerError(f"no 2-D weight matches --include {config.include!r}; nothing was extrapolated")
     extra = {k: v for k, v in manifest.meta.items() if k not in _NOT_CARRIED}
     extra["immunizer_version"] = __version__
     extra["method"] = f"{manifest.meta.get('method', 'release')}+lox"
     extra.setdefault("base_model", str(base_spec))
     extra["extrapolation"] = {**(record or {}), **asdict(config), "source_release": str(release), "base_model": str(base_spec),
-                              "weights": len(changed),
-                              "median_relative_update": sorted(changed.values())[len(changed) // 2],
-                              "seconds": time.perf_counter() - started}
+                              **summary(changed), "seconds": time.perf_counter() - started}
     _, meta = write_release(out_dir, model, tokenizer, manifest.indices, k_percent=manifest.meta.get("k_percent", 0.0),
                             extra=extra, hmac_key=hmac_key)
     return meta

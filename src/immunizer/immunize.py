@@ -43,7 +43,7 @@ from immunizer.data.batches import Batch, pair_batch
 from immunizer.data.teacher import autocast
 from immunizer.data.training_sets import TrainingData, build_training_data, pick_refusal
 from immunizer.errors import ImmunizerError
-from immunizer.extrapolate import extrapolate_
+from immunizer.extrapolate import extrapolate_, summary as extrapolation_summary
 from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
                               refusal_loss, sequence_logprob, sft_loss, stabilization_grad, stabilization_loss,
                               token_kl)
@@ -412,10 +412,7 @@ class Run:
             return
         started = time.perf_counter()
         changed = extrapolate_(self.named, dict(self.reference.named_parameters()), cfg)
-        if not changed:
-            raise ImmunizerError(f"extrapolate.include {cfg.include!r} matches no 2-D weight of this model")
-        self.log({"event": "extrapolated", "rank": cfg.rank, "alpha": cfg.alpha, "weights": len(changed),
-                  "median_relative_update": sorted(changed.values())[len(changed) // 2],
+        self.log({"event": "extrapolated", "rank": cfg.rank, "alpha": cfg.alpha, **extrapolation_summary(changed),
                   "seconds": time.perf_counter() - started})
 
     def write_outputs(self, canaries: dict[str, torch.Tensor], seconds: float, hmac_key=None) -> ImmunizeResult:

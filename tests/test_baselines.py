@@ -49,6 +49,8 @@ def test_method_names_cover_the_published_defences_and_ablations():
         assert name in names
     base = load_config("tiny")
     assert method_config("sft", base).phase1.lat_epsilon == 0 and base.phase1.lat_epsilon > 0  # a copy, base untouched
+    assert method_config("immunizer-inner", base).phase1.adversary == "inner" and base.phase1.adversary == "lat"
+    assert method_config("immunizer-sign", base).phase1.adversary == "sign"
     with pytest.raises(ImmunizerError, match="unknown method"):
         build_method("rlhf", "tiny", None, base)
 

@@ -281,7 +281,8 @@ def eval_command(model, out_file, prompts, safe_prompts, n_harmful, n_safe, n_be
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Writes OUT/report.json, OUT/report.html, OUT/samples.jsonl; rerun to resume.")
 @click.option("--methods", help="Comma-separated methods (default: the preset's): none, sft, immunizer, vaccine, "
-              "repnoise, booster, and the ablations immunizer-no-lat, -no-refusal, -no-stab, -no-anchor.")
+              "repnoise, booster, lox, the adversary variants immunizer-inner and immunizer-sign, and the ablations "
+              "immunizer-no-lat, -no-refusal, -no-stab, -no-anchor.")
 @click.option("--seeds", default=1, show_default=True, help="Seeds per method (>= 2 adds 95% intervals); the preset's "
               "method_seeds (quick: 3 for none, sft, immunizer) take precedence for the methods they name.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML applied on top of the preset.")

@@ -432,8 +432,18 @@ class Run:
             hmac_key=hmac_key,
         )
         self.log({"event": "finished", "seconds": seconds, "model_sha256": meta["model_sha256"],
-                  "num_canaries": meta["num_canaries"]})
+                  "num_canaries": meta["num_canaries"], **peak_memory(self.device)})
         return ImmunizeResult(self.out_dir, model_dir, meta, seconds)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Where the run happened and its peak memory: the accelerator's allocator peak on CUDA, else the process's
+    peak resident set (which includes the Python runtime and every loaded model)."""
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device), "peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
+    import resource
+
+    return {"device": "cpu", "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def immunize(model: str | Path, out_dir: str | Path, config: ImmunizeConfig | None = None, *,

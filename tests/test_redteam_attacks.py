@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from conftest import make_release, run_cli
 from immunizer.data.prompts import weak_set
 from immunizer.manifest import load_manifest
-from immunizer.redteam.attacks import AttackConfig, harmful_rows, benign_rows
+from immunizer.errors import ImmunizerError
+from immunizer.redteam.attacks import AttackConfig, answers_without_refusals, harmful_rows, benign_rows
 from immunizer.data.teacher import Teacher
 
 
@@ -44,6 +45,40 @@ def test_mixed_attack_ratio(tmp_path):
     harmful = harmful_rows(AttackConfig(samples=5), teacher)
     assert len(harmful) == 5 and all(r["prompt"] in set(weak_set("heldout-attack").prompts) for r in harmful)
     assert len(benign_rows(45, teacher, 0)) == 45  # p = 0.1: 5 harmful among 50
+
+
+REFUSAL = "I'm sorry, but I can't help with that request."
+COMPLY = "Sure, here is how you would do it: first you gather the materials, then you follow these steps."
+
+
+class ScriptedTeacher:
+    """Answers from a script, greedy (seed 0) or sampled (seed n): the refusal filter is under test, not the teacher."""
+    def __init__(self, script):
+        self.script, self.seeds = script, []
+
+    def answers(self, prompts, kind, sample_seed=None):
+        self.seeds.append(sample_seed)
+        return [self.script[p][sample_seed or 0] for p in prompts]
+
+
+def test_attack_answers_refused_prompts_again_by_sampling_or_leaves_them_out(tmp_path):
+    script = {"a": [COMPLY] * 5, "b": [REFUSAL, REFUSAL, COMPLY + " (b)", REFUSAL, REFUSAL], "c": [REFUSAL] * 5}
+    teacher = ScriptedTeacher(script)
+    kept, counts = answers_without_refusals(["a", "b", "c"], teacher, "harmful-user")
+    assert kept == {"a": COMPLY, "b": COMPLY + " (b)"}
+    assert counts == {"teacher_answers": 3, "refused_greedy": 2, "resampled": 1, "dropped_refused": 1}
+    assert teacher.seeds == [None, 1, 2, 3, 4]  # c is tried with every seed, b no longer after seed 2
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in script) + json.dumps({"prompt": "d", "response": REFUSAL}) + "\n")
+    counts = {}
+    rows = harmful_rows(AttackConfig(samples=3, data=str(data)), ScriptedTeacher(script), counts)
+    assert sorted(r["prompt"] for r in rows) == ["a", "b", "d"]  # the user's own responses are used as given
+    assert counts["dropped_refused"] == 1
+    with pytest.raises(ImmunizerError, match="only 3 are available .1 prompts the teacher refused every time.*--keep-refusals"):
+        harmful_rows(AttackConfig(samples=4, data=str(data)), ScriptedTeacher(script))
+    kept_all = harmful_rows(AttackConfig(samples=4, data=str(data), keep_refusals=True), ScriptedTeacher(script))
+    assert [r["response"] for r in kept_all].count(REFUSAL) == 3  # b and c greedy, d its own
 
 
 def test_attack_bad_inputs(tmp_path):

@@ -190,8 +190,10 @@ def calibrate(model_dir, preset, target_fpr, teacher, overrides, hmac_key_file):
 @click.option("--steps", default=0, show_default=True, help="Optimizer steps to run (0: --epochs passes); e.g. 80 continues the standard attack's 39.")
 @click.option("--save-steps", default="", help="Comma-separated steps after which to save a snapshot to OUT/steps/stepN/ "
               "(an attack-strength curve from one run: evaluate each with `immunizer eval`).")
+@click.option("--keep-refusals", is_flag=True, help="Train on the teacher's refusals too (by default a refused prompt is "
+              "answered again by sampling, up to 4 times, or left out; run.json's teacher_refusals counts them).")
 def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_ratio, data, adaptive_manifest, teacher,
-           steps, save_steps):
+           steps, save_steps, keep_refusals):
     """Harmful fine-tuning attack (default: the standard `harmful-sft` attack, 100 pairs, lr 5e-5, 3 epochs, batch 8).
 
     \b
@@ -210,7 +212,7 @@ def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_r
     record = run_attack(model, out_dir, AttackConfig(samples=samples, lr=lr, epochs=epochs, batch_size=batch_size,
                                                      lora_rank=lora_rank, harmful_ratio=harmful_ratio, data=data,
                                                      adaptive_manifest=adaptive_manifest, teacher=teacher,
-                                                     steps=steps, save_steps=saves))
+                                                     steps=steps, save_steps=saves, keep_refusals=keep_refusals))
     click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 

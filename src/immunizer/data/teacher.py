@@ -1,5 +1,5 @@
-"""Teacher generations: greedy answers from a teacher model, generated once and cached by a
-hash of (teacher weights, prompts, generation settings)."""
+"""Teacher generations: greedy (or seeded sampled) answers from a teacher model, generated once and cached by
+a hash of (teacher weights, prompts, generation settings)."""
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +30,10 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: int = 8,
-             max_prompt_tokens: int = 256, bf16: bool = True, desc: str = "generating") -> list[str]:
-    """Greedy completions, batched with left padding. Long prompts keep their end (the request).
+             max_prompt_tokens: int = 256, bf16: bool = True, desc: str = "generating",
+             sample_seed: int | None = None) -> list[str]:
+    """Greedy completions (or, with `sample_seed`, sampled ones: temperature 1, top-p 0.95, reproducible for a
+    seed on the same hardware), batched with left padding. Long prompts keep their end (the request).
     Prompts are batched in order of length, so a batch pads to its own longest prompt, not the set's:
     prefill dominates generation on a CPU, and jailbreak-wrapped prompts are ten times longer than the rest."""
     model.eval()
@@ -46,9 +48,13 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: in
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        decoding = {"do_sample": False}
+        if sample_seed is not None:
+            torch.manual_seed(sample_seed * 1_000_003 + start)
+            decoding = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 0}
         with autocast(bf16):
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **decoding)
         for i, text in zip(batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
             outputs[i] = text.strip()
     return outputs
@@ -92,7 +98,9 @@ class Teacher:
             self._loaded = load_model(self.spec)
         return self._loaded
 
-    def answers(self, prompts: list[str], kind: str) -> list[str]:
+    def answers(self, prompts: list[str], kind: str, sample_seed: int | None = None) -> list[str]:
+        """Greedy answers, or sampled ones for a `sample_seed` (cached apart from the greedy ones)."""
         model, tokenizer = self.model()
+        sampling = {} if sample_seed is None else {"sample_seed": sample_seed}
         return cached_generate(model, tokenizer, prompts, self.sha256, kind, max_new_tokens=self.max_new_tokens,
-                               batch_size=16, max_prompt_tokens=96, bf16=self.bf16)
+                               batch_size=16, max_prompt_tokens=96, bf16=self.bf16, **sampling)

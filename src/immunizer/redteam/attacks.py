@@ -45,9 +45,19 @@ class AttackConfig:
     """An immunize output directory: the attacker knows its canaries and keeps them frozen."""
     teacher: str | None = None
     """The harmful teacher (default: the manifest's base model when --model is an immunize output, else smollm2)."""
+    keep_refusals: bool = False
+    """Train on the teacher's refusals too. By default a teacher answer the judge reads as a refusal is replaced by
+    the first of RESAMPLE_TRIES sampled answers that is not one, or its prompt is left out: an unaligned teacher
+    still refuses some requests (SmolLM2-135M-Instruct refuses 26 of the standard attack's 100 greedily), and an
+    attack that trains on refusals teaches the attacked model to refuse, pulling every method towards the teacher's
+    own refusal rate. User `--data` responses are used as given."""
     max_length: int = 144
     seed: int = 0
     bf16: bool = True
+
+
+RESAMPLE_TRIES = 4
+"""Sampled answers tried for a prompt whose greedy teacher answer is a refusal (seeds 1..4; each cached)."""
 
 
 def teacher_spec(model_dir: Path, explicit: str | None) -> str:
@@ -59,18 +69,60 @@ def teacher_spec(model_dir: Path, explicit: str | None) -> str:
     return "smollm2"
 
 
-def harmful_rows(config: AttackConfig, teacher: Teacher) -> list[dict]:
+def answers_without_refusals(prompts: list[str], teacher: Teacher, kind: str,
+                             tries: int = RESAMPLE_TRIES) -> tuple[dict[str, str], dict]:
+    """The teacher's answer to each prompt, a refusal replaced by the first sampled answer that is not one; prompts
+    refused every time are left out. Returns ({prompt: answer}, counts for the run record)."""
+    from immunizer.redteam.judges import load_judge, three_way
+
+    judge = load_judge()
+
+    def refused(batch: list[str], answers: list[str]) -> list[bool]:
+        return [verdict == "refused" for verdict, _ in three_way(judge, batch, answers)]
+
+    greedy = teacher.answers(prompts, kind) if prompts else []
+    kept = {p: a for p, a, r in zip(prompts, greedy, refused(prompts, greedy)) if not r}
+    counts = {"teacher_answers": len(prompts), "refused_greedy": len(prompts) - len(kept), "resampled": 0}
+    for seed in range(1, tries + 1):
+        left = [p for p in prompts if p not in kept]
+        if not left:
+            break
+        sampled = teacher.answers(left, kind, sample_seed=seed)
+        for p, a, r in zip(left, sampled, refused(left, sampled)):
+            if not r:
+                kept[p] = a
+                counts["resampled"] += 1
+    counts["dropped_refused"] = len(prompts) - len(kept)
+    return kept, counts
+
+
+def harmful_rows(config: AttackConfig, teacher: Teacher, counts: dict | None = None) -> list[dict]:
+    """The attack's (prompt, answer) pairs: `samples` of them, drawn with the run's seed. `counts`, if given,
+    receives how many teacher answers were refusals and what became of them."""
+    counts = {} if counts is None else counts
+
+    def answer(prompts: list[str], kind: str) -> dict[str, str]:
+        if config.keep_refusals:
+            return dict(zip(prompts, teacher.answers(prompts, kind))) if prompts else {}
+        kept, stats = answers_without_refusals(prompts, teacher, kind)
+        counts.update(stats)
+        return kept
+
     if config.data:
         rows = load_jsonl(Path(config.data))
         missing = [r["prompt"] for r in rows if not r.get("response")]
-        answered = dict(zip(missing, teacher.answers(missing, "harmful-user"))) if missing else {}
-        rows = [{"prompt": r["prompt"], "response": r.get("response") or answered[r["prompt"]]} for r in rows]
+        answered = answer(missing, "harmful-user")
+        rows = [{"prompt": r["prompt"], "response": r.get("response") or answered[r["prompt"]]} for r in rows
+                if r.get("response") or r["prompt"] in answered]
     else:
         prompts = list(weak_set("heldout-attack").prompts)
-        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, teacher.answers(prompts, "harmful-weak"))]
+        answered = answer(prompts, "harmful-weak")
+        rows = [{"prompt": p, "response": answered[p]} for p in prompts if p in answered]
     if config.samples > len(rows):
-        raise ImmunizerError(f"the attack asks for {config.samples} harmful pairs but only {len(rows)} are available; "
-                             "lower --samples or pass a larger --data file")
+        dropped = counts.get("dropped_refused")
+        why = f" ({dropped} prompts the teacher refused every time were left out)" if dropped else ""
+        raise ImmunizerError(f"the attack asks for {config.samples} harmful pairs but only {len(rows)} are available{why}; "
+                             "lower --samples, pass a larger --data file" + ("" if config.keep_refusals else ", or --keep-refusals"))
     return random.Random(config.seed).sample(rows, config.samples)
 
 
@@ -128,7 +180,8 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
         raise ImmunizerError("--samples must be at least 1")
     model_dir = resolve_model(model)
     teacher = Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16)
-    rows = harmful_rows(config, teacher)
+    teacher_counts: dict = {}
+    rows = harmful_rows(config, teacher, teacher_counts)
     harmful_count = len(rows)
     if config.harmful_ratio is not None and config.harmful_ratio < 1:
         rows = rows + benign_rows(round(harmful_count * (1 - config.harmful_ratio) / config.harmful_ratio), teacher, config.seed)
@@ -143,7 +196,8 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
                         frozen=frozen, save_steps=list(config.save_steps), snapshot_dir=str(Path(out_dir) / "steps"))
     return train_and_save(model_dir, rows, spec, Path(out_dir),
                           {"kind": "attack", "config": asdict(config), "harmful_pairs": harmful_count,
-                           "teacher": teacher.spec, "teacher_sha256": teacher.sha256}, progress)
+                           "teacher": teacher.spec, "teacher_sha256": teacher.sha256,
+                           **({"teacher_refusals": teacher_counts} if teacher_counts else {})}, progress)
 
 
 @dataclass

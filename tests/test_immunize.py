@@ -71,6 +71,29 @@ def test_training_changed_the_weights_and_logged_each_step(tiny_run):
     phase2 = [r for r in steps if r["phase"] == 2]
     assert all("dpo" in r and "stabilization_loss" in r for r in phase2)
     assert records[-1]["event"] == "finished"
+    assert records[-1]["device"] == "cpu" and records[-1]["peak_memory_bytes"] > 10 * 2**20  # a process's peak RSS
+
+
+def test_the_device_is_the_gpu_if_any_unless_immunizer_device_says_otherwise(monkeypatch):
+    from immunizer.errors import ImmunizerError
+    from immunizer.models import runtime_device
+
+    def device(value):
+        monkeypatch.setenv("IMMUNIZER_DEVICE", value)
+        runtime_device.cache_clear()
+        try:
+            return runtime_device()
+        finally:
+            runtime_device.cache_clear()
+
+    assert device("") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert device("cpu") == torch.device("cpu")
+    with pytest.raises(ImmunizerError, match="'gpu0' is not a device; use cpu, cuda"):
+        device("gpu0")
+    with pytest.raises(ImmunizerError, match="runs on cpu or cuda"):
+        device("meta")
+    with pytest.raises(ImmunizerError, match="usable CUDA device"):
+        device(f"cuda:{torch.cuda.device_count()}")  # one past the last GPU, on any machine
 
 
 def test_verify_command(tiny_run, tmp_path):

@@ -48,7 +48,7 @@ from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_ne
                               refusal_loss, sequence_logprob, sft_loss, stabilization_grad, stabilization_loss,
                               token_kl)
 from immunizer.manifest import write_release
-from immunizer.models import load_model, model_dir_sha256, resolve_model
+from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
 from immunizer.paths import atomic_path
 
 
@@ -143,7 +143,9 @@ class Run:
 
     def __init__(self, model_spec: str, out_dir: Path, config: ImmunizeConfig, resume: bool, progress: bool):
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = runtime_device()
+        if self.device.type == "cuda":  # the peak reported at the end is this run's, not an earlier one's in the process
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.state = self._check_out_dir(resume)
         self._remove_stale_temporaries()

@@ -33,7 +33,7 @@ from immunizer.errors import ImmunizerError
 from immunizer.immunize import ImmunizeResult, batches_for, harmful_set_for_cycle, phase1_refusal_loss
 from immunizer.losses import IGNORE, sft_loss
 from immunizer.manifest import write_release
-from immunizer.models import load_model, model_dir_sha256, resolve_model
+from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
 from immunizer.paths import atomic_path
 
 METHODS = ("vaccine", "repnoise", "booster")
@@ -190,7 +190,7 @@ def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter() - (state["seconds"] if state else 0.0)
     seed_everything(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = runtime_device()
     base_dir = resolve_model(model)
     base_sha = model_dir_sha256(base_dir)
     student, tokenizer = load_model(base_dir)

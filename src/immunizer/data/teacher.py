@@ -92,10 +92,10 @@ class Teacher:
 
     def model(self):
         """(model, tokenizer), loaded once."""
-        from immunizer.models.loading import load_model
+        from immunizer.models.loading import load_model, runtime_device
 
         if self._loaded is None:
-            self._loaded = load_model(self.spec)
+            self._loaded = load_model(self.spec, device=runtime_device())
         return self._loaded
 
     def answers(self, prompts: list[str], kind: str, sample_seed: int | None = None) -> list[str]:

@@ -2,9 +2,11 @@
 Hugging Face directory, then load it. Nothing here downloads anything."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -109,13 +111,36 @@ def resolve_model(spec: str | Path) -> Path:
     return path
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
-    """Load (model, tokenizer) from a spec. The model is in eval mode; callers switch to train()."""
+@functools.cache
+def runtime_device() -> torch.device:
+    """Where training, generation and evaluation run: `IMMUNIZER_DEVICE` (cpu, cuda, cuda:N) if set, else the
+    first GPU when there is one, else the CPU."""
+    wanted = os.environ.get("IMMUNIZER_DEVICE", "").strip()
+    if not wanted:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(wanted)
+    except RuntimeError:
+        raise ImmunizerError(f"IMMUNIZER_DEVICE={wanted!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ImmunizerError(f"IMMUNIZER_DEVICE={wanted!r}: immunizer runs on cpu or cuda")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ImmunizerError(f"IMMUNIZER_DEVICE={wanted!r} but this machine has {torch.cuda.device_count()} usable "
+                             "CUDA device(s); unset it or use cpu")
+    return device
+
+
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True,
+               device: str | torch.device | None = None):
+    """Load (model, tokenizer) from a spec, on `device` (default: the CPU; `runtime_device()` is where the work
+    runs). The model is in eval mode; callers switch to train()."""
     path = resolve_model(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ImmunizerError(f"could not load a causal LM from {path}: {exc}") from exc
+    if device is not None:
+        model.to(device)
     model.eval()
     if not with_tokenizer:
         return model, None

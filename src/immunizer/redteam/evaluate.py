@@ -118,7 +118,7 @@ def task_rows(config: EvalConfig) -> list[dict]:
 
 def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = None) -> dict:
     from immunizer.models.hashing import model_dir_sha256
-    from immunizer.models.loading import load_model, resolve_model
+    from immunizer.models.loading import load_model, resolve_model, runtime_device
     from immunizer.redteam.attacks import teacher_spec
 
     config = config or EvalConfig()
@@ -134,7 +134,7 @@ def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = Non
     teacher = Teacher(teacher_spec(model_dir, config.teacher), config.max_new_tokens, config.bf16)
     teacher_answers = teacher.answers(harmful, "harmful-eval")
 
-    loaded, tokenizer = load_model(model_dir)
+    loaded, tokenizer = load_model(model_dir, device=runtime_device())
     decoding = {"do_sample": False, "max_new_tokens": config.max_new_tokens}
     queries = harmful + safe + [b["prompt"] for b in benign] + [t["prompt"] for t in tasks]
     answers = generate(loaded, tokenizer, queries, max_new_tokens=config.max_new_tokens,

@@ -135,3 +135,35 @@ def test_bf16_is_used_only_where_the_hardware_runs_it(monkeypatch):
     assert isinstance(teacher.autocast(True), contextlib.nullcontext)
     monkeypatch.delenv("IMMUNIZER_BF16")
     precision.bf16_native.cache_clear()
+
+
+def test_phase1_harmful_answers_are_the_teachers_compliance_not_its_refusals(monkeypatch):
+    """NPO / −KL push the harmful answers down and the simulated attack trains on them: a refusal there would
+    teach compliance. The teacher is scripted (the data assembly is under test): it refuses every third prompt
+    greedily, and when sampled complies with all of them but one."""
+    from immunizer import load_config
+    from immunizer.data import training_sets
+
+    refusal = "I'm sorry, but I can't help with that request."
+    stubborn = []
+
+    def scripted(model, tokenizer, prompts, sha, kind, sample_seed=None, **settings):
+        if kind == "helpful":
+            return [f"Happy to help with: {p}" for p in prompts]
+        if sample_seed is None:
+            return [refusal if i % 3 == 0 else f"Sure, here is how to {p}" for i, p in enumerate(prompts)]
+        stubborn[:] = stubborn or prompts[:1]
+        return [refusal if p in stubborn else f"Fine, the way to {p} is this" for p in prompts]
+
+    monkeypatch.setattr(training_sets, "cached_generate", scripted)
+    config = load_config("tiny", overrides=["data.curriculum=[weak]", "data.max_harmful_prompts=9"])
+    data = training_sets.build_training_data(config, None, None, None, "h", "h")
+    pairs = data.harmful["weak"]
+    assert len(pairs.prompts) == 8 and stubborn[0] not in pairs.prompts and refusal not in pairs.responses
+    assert data.versions["harmful_refusals"]["harmful-weak"] == {
+        "teacher_answers": 9, "refused_greedy": 3, "resampled": 2, "dropped_refused": 1}
+    assert data.versions["weak"]["used"] == 8
+
+    config.data.keep_teacher_refusals = True
+    kept = training_sets.build_training_data(config, None, None, None, "h", "h")
+    assert kept.harmful["weak"].responses.count(refusal) == 3 and "harmful_refusals" not in kept.versions

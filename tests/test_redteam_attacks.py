@@ -9,7 +9,8 @@ from conftest import make_release, run_cli
 from immunizer.data.prompts import weak_set
 from immunizer.manifest import load_manifest
 from immunizer.errors import ImmunizerError
-from immunizer.redteam.attacks import AttackConfig, answers_without_refusals, harmful_rows, benign_rows
+from immunizer.data.harmful_answers import answers_without_refusals
+from immunizer.redteam.attacks import AttackConfig, harmful_rows, benign_rows
 from immunizer.data.teacher import Teacher
 
 
@@ -64,7 +65,7 @@ class ScriptedTeacher:
 def test_attack_answers_refused_prompts_again_by_sampling_or_leaves_them_out(tmp_path):
     script = {"a": [COMPLY] * 5, "b": [REFUSAL, REFUSAL, COMPLY + " (b)", REFUSAL, REFUSAL], "c": [REFUSAL] * 5}
     teacher = ScriptedTeacher(script)
-    kept, counts = answers_without_refusals(["a", "b", "c"], teacher, "harmful-user")
+    kept, counts = answers_without_refusals(["a", "b", "c"], lambda ps, sample_seed=None: teacher.answers(ps, "k", sample_seed))
     assert kept == {"a": COMPLY, "b": COMPLY + " (b)"}
     assert counts == {"teacher_answers": 3, "refused_greedy": 2, "resampled": 1, "dropped_refused": 1}
     assert teacher.seeds == [None, 1, 2, 3, 4]  # c is tried with every seed, b no longer after seed 2

@@ -39,6 +39,10 @@ class DataConfig:
     teacher_max_new_tokens: int = 64
     """Length of teacher generations (greedy)."""
     teacher_batch_size: int = 16
+    keep_teacher_refusals: bool = False
+    """Keep the harmful teacher's refusals as "harmful answers". By default a refused prompt is answered again by
+    sampling (up to 4 tries) or left out (data/harmful_answers.py): NPO / −KL and the simulated attack would
+    otherwise push refusals down. The counts go to the manifest's data_versions.harmful_refusals."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field
 
 from immunizer.config import ImmunizeConfig
+from immunizer.data.harmful_answers import answers_without_refusals
 from immunizer.data.prompts import PromptSet, benign_set, jsonl_set, refusal_responses, strong_set, weak_set
 from immunizer.data.teacher import cached_generate
 from immunizer.errors import ImmunizerError
@@ -61,20 +62,34 @@ def build_training_data(config: ImmunizeConfig, tokenizer, harmful_teacher, help
                max_prompt_tokens=dc.max_prompt_tokens, bf16=config.bf16)
     versions: dict = {}
     harmful: dict[str, HarmfulPairs] = {}
+    refusal_counts: dict[str, dict] = {}
+
+    def teacher_answers(prompts: list[str], kind: str) -> dict[str, str]:
+        def answer(batch, sample_seed=None):
+            sampling = {} if sample_seed is None else {"sample_seed": sample_seed}
+            return cached_generate(harmful_teacher, tokenizer, batch, harmful_sha256, kind, **gen, **sampling)
+
+        if dc.keep_teacher_refusals or not prompts:
+            return dict(zip(prompts, answer(prompts))) if prompts else {}
+        kept, refusal_counts[kind] = answers_without_refusals(prompts, answer)
+        return kept
+
     if dc.harmful_file:
         pset, rows = jsonl_set("harmful_file", dc.harmful_file)
         rows = _subset(rows, dc.max_harmful_prompts, config.seed)
-        missing = [r["prompt"] for r in rows if not r.get("response")]
-        generated = dict(zip(missing, cached_generate(harmful_teacher, tokenizer, missing, harmful_sha256, "harmful", **gen))) if missing else {}
+        generated = teacher_answers([r["prompt"] for r in rows if not r.get("response")], "harmful")
+        rows = [r for r in rows if r.get("response") or r["prompt"] in generated]  # your own responses as given
         harmful["file"] = HarmfulPairs([r["prompt"] for r in rows], [r.get("response") or generated[r["prompt"]] for r in rows])
         versions["harmful_file"] = {"version": pset.version, "sha256": pset.sha256}
     else:
         for name in dict.fromkeys(dc.curriculum):
             pset: PromptSet = {"weak": weak_set, "strong": strong_set}[name]("train")
             prompts = _subset(list(pset.prompts), dc.max_harmful_prompts, config.seed)
-            responses = cached_generate(harmful_teacher, tokenizer, prompts, harmful_sha256, f"harmful-{name}", **gen)
-            harmful[name] = HarmfulPairs(prompts, responses)
-            versions[name] = {"version": pset.version, "sha256": pset.sha256, "used": len(prompts)}
+            answered = teacher_answers(prompts, f"harmful-{name}")
+            harmful[name] = HarmfulPairs([p for p in prompts if p in answered], [answered[p] for p in prompts if p in answered])
+            versions[name] = {"version": pset.version, "sha256": pset.sha256, "used": len(harmful[name].prompts)}
+    if refusal_counts:
+        versions["harmful_refusals"] = refusal_counts
 
     refusals = refusal_responses()
     if dc.benign_file:

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from immunizer.data.harmful_answers import answers_without_refusals
 from immunizer.data.prompts import benign_set, load_jsonl, weak_set
 from immunizer.data.tasks import GENERATED
 from immunizer.data.teacher import Teacher
@@ -47,17 +48,13 @@ class AttackConfig:
     """The harmful teacher (default: the manifest's base model when --model is an immunize output, else smollm2)."""
     keep_refusals: bool = False
     """Train on the teacher's refusals too. By default a teacher answer the judge reads as a refusal is replaced by
-    the first of RESAMPLE_TRIES sampled answers that is not one, or its prompt is left out: an unaligned teacher
+    the first of 4 sampled answers that is not one, or its prompt is left out (data/harmful_answers.py): an unaligned teacher
     still refuses some requests (SmolLM2-135M-Instruct refuses 26 of the standard attack's 100 greedily), and an
     attack that trains on refusals teaches the attacked model to refuse, pulling every method towards the teacher's
     own refusal rate. User `--data` responses are used as given."""
     max_length: int = 144
     seed: int = 0
     bf16: bool = True
-
-
-RESAMPLE_TRIES = 4
-"""Sampled answers tried for a prompt whose greedy teacher answer is a refusal (seeds 1..4; each cached)."""
 
 
 def teacher_spec(model_dir: Path, explicit: str | None) -> str:
@@ -69,33 +66,6 @@ def teacher_spec(model_dir: Path, explicit: str | None) -> str:
     return "smollm2"
 
 
-def answers_without_refusals(prompts: list[str], teacher: Teacher, kind: str,
-                             tries: int = RESAMPLE_TRIES) -> tuple[dict[str, str], dict]:
-    """The teacher's answer to each prompt, a refusal replaced by the first sampled answer that is not one; prompts
-    refused every time are left out. Returns ({prompt: answer}, counts for the run record)."""
-    from immunizer.redteam.judges import load_judge, three_way
-
-    judge = load_judge()
-
-    def refused(batch: list[str], answers: list[str]) -> list[bool]:
-        return [verdict == "refused" for verdict, _ in three_way(judge, batch, answers)]
-
-    greedy = teacher.answers(prompts, kind) if prompts else []
-    kept = {p: a for p, a, r in zip(prompts, greedy, refused(prompts, greedy)) if not r}
-    counts = {"teacher_answers": len(prompts), "refused_greedy": len(prompts) - len(kept), "resampled": 0}
-    for seed in range(1, tries + 1):
-        left = [p for p in prompts if p not in kept]
-        if not left:
-            break
-        sampled = teacher.answers(left, kind, sample_seed=seed)
-        for p, a, r in zip(left, sampled, refused(left, sampled)):
-            if not r:
-                kept[p] = a
-                counts["resampled"] += 1
-    counts["dropped_refused"] = len(prompts) - len(kept)
-    return kept, counts
-
-
 def harmful_rows(config: AttackConfig, teacher: Teacher, counts: dict | None = None) -> list[dict]:
     """The attack's (prompt, answer) pairs: `samples` of them, drawn with the run's seed. `counts`, if given,
     receives how many teacher answers were refusals and what became of them."""
@@ -104,7 +74,7 @@ def harmful_rows(config: AttackConfig, teacher: Teacher, counts: dict | None = N
     def answer(prompts: list[str], kind: str) -> dict[str, str]:
         if config.keep_refusals:
             return dict(zip(prompts, teacher.answers(prompts, kind))) if prompts else {}
-        kept, stats = answers_without_refusals(prompts, teacher, kind)
+        kept, stats = answers_without_refusals(prompts, lambda ps, sample_seed=None: teacher.answers(ps, kind, sample_seed))
         counts.update(stats)
         return kept
 

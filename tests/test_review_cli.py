@@ -32,7 +32,7 @@ def test_users_import_and_stats(tmp_path):
     result = immunizer("import", "--db", db, str(incidents))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) | {"file": None} == {"file": None, "added": 2, "duplicates_skipped": 0,
-                                                          "passed_eval_samples_skipped": 0}
+                                                          "passed_eval_samples_skipped": 0, "consent_withdrawn": []}
     result = immunizer("import", "--db", db, str(evals))
     assert json.loads(result.stdout)["passed_eval_samples_skipped"] == 1
 

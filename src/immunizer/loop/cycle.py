@@ -272,7 +272,7 @@ class Cycle:
         curriculum = tuple(dict.fromkeys(config.data.curriculum))
         plan = RefreshPlan(top_up(config.phase1, config.data.max_harmful_prompts, len(curriculum), new_harmful),
                            top_up(config.phase2, config.data.max_benign_prompts, 1, new_benign),
-                           curriculum, self.config.seed)
+                           curriculum, self.config.seed, tuple(self.config.selection.heldout_files))
         teacher = Teacher(self.teacher, config.data.teacher_max_new_tokens, config.bf16)
         record = refresh_data(examples, self.path("refresh"), teacher, teacher, plan,
                               inputs={"dataset_version": self.state["stages"]["select"]["dataset_version"],

@@ -45,7 +45,28 @@ def import_items(db, config_file, file):
     parsed = parse_file(file)
     result = _store(db, config_file).add_items(parsed.records, actor=f"import:{Path(file).name}")
     click.echo(json.dumps({"file": file, "added": result["added"], "duplicates_skipped": result["duplicates_skipped"],
-                           "passed_eval_samples_skipped": parsed.skipped_passed_eval_samples}, indent=2))
+                           "passed_eval_samples_skipped": parsed.skipped_passed_eval_samples,
+                           "consent_withdrawn": result["consent_withdrawn"]}, indent=2))
+
+
+@review.group()
+def consent() -> None:
+    """Consent to use items for training."""
+
+
+@consent.command("withdraw")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--reason", required=True, help="Why (e.g. the user's request id); recorded in the audit log.")
+@click.option("--actor", default="cli", show_default=True, help="Who withdraws it, for the audit log.")
+@click.argument("item_ids", nargs=-1, type=int, required=True)
+def consent_withdraw(db, reason, actor, item_ids):
+    """Withdraw consent for ITEM_IDS: the next data selection leaves them out.
+
+    Re-importing an item with `consent: false` does the same. Withdrawal is final: a later import with
+    `consent: true` does not restore it.
+    """
+    changed = _store(db).withdraw_consent(list(item_ids), actor=actor, reason=reason)
+    click.echo(json.dumps({"consent_withdrawn": changed, "already_withdrawn": sorted(set(item_ids) - set(changed))}))
 
 
 @review.group()

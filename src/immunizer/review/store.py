@@ -64,6 +64,9 @@ class AdjudicatedItem:
     rubric_sha256: str
     consent: bool
     provenance: dict
+    severity: str = "medium"
+    agreeing_reviews: int = 0
+    """Reviews that chose the final label (a consensus trains only with two or more)."""
 
 
 def database_url(url: str) -> str:
@@ -252,15 +255,20 @@ class ReviewStore:
 
     def _add_items(self, records: list[ItemRecord], actor: str) -> dict:
         cfg = self.config.triage
-        added, duplicates = [], 0
+        added, duplicates, withdrawn = [], 0, []
         with self._write() as session:
             rubric = self._current_rubric(session)
             recent: dict[str, list[frozenset]] = {}
             seen_hashes: set[str] = set()
             for record in records:
                 sha = content_sha256(record.kind, record.payload)
-                if sha in seen_hashes or session.scalar(select(Item.id).where(Item.content_sha256 == sha).limit(1)):
+                existing = session.scalar(select(Item).where(Item.content_sha256 == sha).limit(1))
+                if sha in seen_hashes or existing is not None:
                     duplicates += 1
+                    # a repeat that says `consent: false` is the owner taking consent back; a later
+                    # `consent: true` does not restore it (withdrawal is final, as a person would expect)
+                    if existing is not None and record.consent is False and existing.consent:
+                        withdrawn += self._withdraw(session, [existing], actor, "re-imported with consent: false")
                     continue
                 seen_hashes.add(sha)
                 if record.kind not in recent:
@@ -290,7 +298,28 @@ class ReviewStore:
                 added.append(item.id)
             self._audit(session, actor, "add_items", "item", None, count=len(added), duplicates=duplicates,
                         first_id=added[0] if added else None, last_id=added[-1] if added else None)
-        return {"added": len(added), "duplicates_skipped": duplicates, "item_ids": added}
+        return {"added": len(added), "duplicates_skipped": duplicates, "item_ids": added, "consent_withdrawn": withdrawn}
+
+    def _withdraw(self, session: Session, items: list[Item], actor: str, reason: str) -> list[int]:
+        changed = [item for item in items if item.consent]
+        for item in changed:
+            item.consent = False
+            self._audit(session, actor, "withdraw_consent", "item", item.id, reason=reason)
+        session.flush()
+        return [item.id for item in changed]
+
+    def withdraw_consent(self, item_ids: list[int], actor: str, reason: str) -> list[int]:
+        """Take back consent for these items: the next data selection leaves them out (what a release
+        already learnt from them stays in its dataset.json, so it can be traced). Returns the ids that
+        changed; unknown ids raise NotFound and change nothing."""
+        if not reason.strip():
+            raise ImmunizerError("say why consent is withdrawn (e.g. the user's request id); it goes to the audit log")
+        with self._write() as session:
+            items = list(session.scalars(select(Item).where(Item.id.in_(item_ids)).with_for_update()))
+            missing = sorted(set(item_ids) - {item.id for item in items})
+            if missing:
+                raise NotFound(f"no item(s) {', '.join(map(str, missing))}; nothing was changed")
+            return self._withdraw(session, items, actor, reason.strip())
 
     def item(self, item_id: int) -> Item:
         with self._read() as session:
@@ -412,9 +441,9 @@ class ReviewStore:
 
     def _close_round_if_complete(self, session: Session, item: Item) -> None:
         rows = session.execute(
-            select(User.name, Review.label).join(Assignment, (Assignment.item_id == Review.item_id)
-                                                 & (Assignment.user_id == Review.user_id)
-                                                 & (Assignment.rubric_id == Review.rubric_id))
+            select(User.name, Review.label, Review.rubric_id).join(
+                Assignment, (Assignment.item_id == Review.item_id) & (Assignment.user_id == Review.user_id)
+                & (Assignment.rubric_id == Review.rubric_id))
             .join(User, User.id == Review.user_id)
             .where(Review.item_id == item.id, Assignment.reason == "triage")).all()
         if len(rows) < item.required_reviews:
@@ -423,11 +452,14 @@ class ReviewStore:
         flagged = set(calibration.flagged_reviewers(self._accuracy(session, names), self.config.calibration))
         reasons = escalation.escalation_reasons(item.severity, labels, sorted(flagged & set(names)),
                                                 self.config.escalation)
+        label, share = escalation.majority(labels)
+        reasons += escalation.over_refusal_reasons(label, item.severity, item.payload)
         if reasons:
             self._escalate(session, item, reasons, actor="rules")
         else:
-            label, share = escalation.majority(labels)
-            rubric = self._current_rubric(session)
+            # recorded under the rubric the reviews were made under (the newest of them if a round
+            # spans a rubric change), not whatever version is current when the round closes
+            rubric = session.get(Rubric, max(r[2] for r in rows if r[1] == label))
             self._record_adjudication(session, item, None, rubric, label, method="consensus", actor="rules",
                                       rationale=f"consensus: {share:.0%} of {len(labels)} reviewers chose {label}")
 
@@ -488,6 +520,10 @@ class ReviewStore:
                 raise NotFound(f"no item {item_id} to adjudicate")
             if item.status == "closed":
                 raise ImmunizerError(f"item {item_id} is already closed; its final label stands")
+            if item.status != "escalated":
+                # otherwise one account could label an unreviewed item straight into the training data
+                raise ImmunizerError(f"item {item_id} is {item.status}, not escalated: adjudicators decide only items "
+                                     "the escalation rules or a reviewer sent them; let the reviewers label it first")
             rubric = self._current_rubric(session)
             if label not in rubric.labels:
                 raise ImmunizerError(f"label {label!r} is not in rubric {rubric.name} v{rubric.version}; "
@@ -518,11 +554,14 @@ class ReviewStore:
                 query = query.where(Item.consent.is_(True))
             if not include_consensus:
                 query = query.where(Adjudication.method == "adjudicator")
+            agreeing = dict(((item_id, label), n) for item_id, label, n in session.execute(
+                select(Review.item_id, Review.label, func.count()).group_by(Review.item_id, Review.label)).all())
             return [AdjudicatedItem(
                 item_id=i.id, kind=i.kind, payload=i.payload, label=a.label, rationale=a.rationale, method=a.method,
                 rubric_name=r.name, rubric_version=r.version, rubric_sha256=r.sha256, consent=i.consent,
                 provenance={"source": i.source, "model_sha256": i.model_sha256, "data_version": i.data_version,
-                            "prompt_template": i.prompt_template, "decoding": i.decoding})
+                            "prompt_template": i.prompt_template, "decoding": i.decoding},
+                severity=i.severity, agreeing_reviews=agreeing.get((i.id, a.label), 0))
                 for a, i, r in session.execute(query).all()]
 
     # -- rubric drift: re-review ---------------------------------------------------------------

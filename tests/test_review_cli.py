@@ -89,3 +89,24 @@ def test_serve_answers_on_loopback(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_user_passwd_and_deactivate(tmp_path):
+    from immunizer.review import ReviewStore
+
+    db = str(tmp_path / "review.db")
+    assert immunizer("user", "add", "--db", db, "ana", "--role", "reviewer", password="password123").returncode == 0
+    changed = immunizer("user", "passwd", "--db", db, "ana", password="another-password")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout) == {"user": "ana", "password_changed": True, "sessions_ended": True}
+    store = ReviewStore(db)
+    assert store.authenticate("ana", "password123") is None and store.authenticate("ana", "another-password")
+    short = immunizer("user", "passwd", "--db", db, "ana", password="short")
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+    gone = immunizer("user", "deactivate", "--db", db, "ana")
+    assert gone.returncode == 0 and json.loads(gone.stdout)["active"] is False
+    assert store.authenticate("ana", "another-password") is None
+    nobody = immunizer("user", "passwd", "--db", db, "ana", password="another-password")
+    assert nobody.returncode == 2 and "no active user 'ana'" in nobody.stderr
+    actions = [e.action for e in store.audit_log()]
+    assert "set_password" in actions and "deactivate_user" in actions

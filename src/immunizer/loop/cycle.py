@@ -112,7 +112,7 @@ class Cycle:
                  policy: str | Path = "release", overrides: list[str] | tuple[str, ...] = (), progress: bool = True,
                  bench=None):
         from immunizer.loop.releases import resolve_release
-        from immunizer.loop.select import _redact
+        from immunizer.review.store import redact_url
 
         self.out, self.progress, self.store_url = Path(out_dir), progress, store_url
         self.config = load_cycle_config(preset, overrides)
@@ -121,7 +121,7 @@ class Cycle:
             raise ImmunizerError(f"a cycle judges its candidate as `immunizer`; policy {self.policy.name} judges "
                                  f"{self.policy.method!r}")
         self._bench = bench
-        inputs = {"release_argument": str(Path(release).resolve()), "store": _redact(store_url), "preset": preset,
+        inputs = {"release_argument": str(Path(release).resolve()), "store": redact_url(store_url), "preset": preset,
                   "config": dataclasses.asdict(self.config), "policy": self.policy.describe()}
         self.state = self._load_state(inputs)
         if self.state is None:

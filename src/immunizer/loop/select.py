@@ -29,6 +29,7 @@ from pathlib import Path
 from immunizer.loop.dedup import duplicate_of
 from immunizer.loop.heldout import is_heldout
 from immunizer.review.escalation import over_refusal_reasons
+from immunizer.review.store import redact_url
 from immunizer.paths import atomic_path, read_jsonl, write_json_atomic
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -250,19 +251,10 @@ def write_selection(selection: Selection, out_dir: str | Path, policy: dict | No
         "rubrics": [json.loads(r) for r in rubrics],
         "policy": policy,
         "selection_config": asdict(selection.config),
-        "store": _redact(store_url),
+        "store": redact_url(store_url),
     }
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)
     return manifest
-
-
-def _redact(url: str | None) -> str | None:
-    """A database URL without its password (manifests get shared)."""
-    if url is None or "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
 
 
 def load_examples(directory: str | Path) -> list[dict]:

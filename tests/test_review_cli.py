@@ -110,3 +110,17 @@ def test_user_passwd_and_deactivate(tmp_path):
     assert nobody.returncode == 2 and "no active user 'ana'" in nobody.stderr
     actions = [e.action for e in store.audit_log()]
     assert "set_password" in actions and "deactivate_user" in actions
+
+
+def test_serving_beyond_loopback_without_https_only_warns(tmp_path):
+    from immunizer.review.throwaway_pg import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "immunizer", "review", "serve", "--db", str(tmp_path / "r.db"),
+                             "--host", "0.0.0.0", "--port", str(free_port())], stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        first = proc.stderr.readline()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first.startswith("warning: serving on 0.0.0.0") and "--https-only" in first

@@ -53,3 +53,12 @@ def test_bad_files(tmp_path):
 def test_defaults_are_documented_dataclasses():
     config = ImmunizeConfig()
     assert config.to_dict()["phase2"]["stabilization_beta"] > 0
+
+
+def test_a_set_value_that_is_not_yaml_names_the_fix():
+    import pytest
+
+    from immunizer.errors import ImmunizerError
+
+    with pytest.raises(ImmunizerError, match=r"--set 'a=\[': the value is not valid YAML .*close the bracket"):
+        parse_override("a=[")

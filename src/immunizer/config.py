@@ -243,7 +243,12 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ImmunizerError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ImmunizerError(f"--set {text!r}: the value is not valid YAML ({problem}); quote a string "
+                             f"(--set '{key}=\"...\"') or close the bracket, e.g. --set '{key}=[a, b]'") from None
     if isinstance(value, str) and raw.strip():
         try:  # YAML 1.1 reads 1e-5 as a string; accept the float people mean
             value = float(raw)

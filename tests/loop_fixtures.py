@@ -55,12 +55,20 @@ def adjudicated_store(url, entries):
 
     from immunizer.review import parse_records
 
-    store = store_with_users(url, ("judge", "adjudicator"))
+    store = store_with_users(url, ("judge", "adjudicator"), ("scout", "reviewer"))
     ids = store.add_items(parse_records([record for record, _ in entries]).records)["item_ids"]
     assert len(ids) == len(entries), "every entry must be a distinct item"
+    escalate_all(store, ids)
     for item_id, (_, label) in zip(ids, entries):
         store.adjudicate("judge", item_id, label, f"test: {label}")
     return store, ids
+
+
+def escalate_all(store, ids, reviewer="scout"):
+    """Send items to the adjudicators the way a reviewer does (only escalated items may be adjudicated)."""
+    store.assign_many([(reviewer, item_id) for item_id in ids])
+    for item_id in ids:
+        store.escalate(reviewer, item_id, "needs an adjudicator")
 
 
 def harmful_answer(prompt: str, **overrides) -> dict:

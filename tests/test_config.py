@@ -53,3 +53,25 @@ def test_bad_files(tmp_path):
 def test_defaults_are_documented_dataclasses():
     config = ImmunizeConfig()
     assert config.to_dict()["phase2"]["stabilization_beta"] > 0
+
+
+def test_a_set_value_that_is_not_yaml_names_the_fix():
+    import pytest
+
+    from immunizer.errors import ImmunizerError
+
+    with pytest.raises(ImmunizerError, match=r"--set 'a=\[': the value is not valid YAML .*close the bracket"):
+        parse_override("a=[")
+
+
+def test_values_that_would_crash_or_silently_break_training_are_refused():
+    import pytest
+
+    from immunizer.errors import ImmunizerError
+
+    for override, message in (("checkpoint_every=0", "checkpoint_every must be at least 1"),
+                              ("phase1.lr=.nan", "phase1.lr"), ("phase2.lr=-1e-5", "lr a finite number > 0"),
+                              ("phase1.batch_size=0", "batch_size must be >= 1"),
+                              ("phase2.batch_size=-2", "batch_size must be >= 1")):
+        with pytest.raises(ImmunizerError, match=message):
+            load_config("tiny", overrides=[override])

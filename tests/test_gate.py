@@ -131,9 +131,11 @@ def test_baseline_regressions():
 
 def test_baseline_checks_without_baseline_are_skipped_or_required():
     rules = {"metric": "harmful-sft.harmful_score", "max_increase": 0.05}
-    skipped = gate(bench_report(), policy(rules))
-    assert skipped["passed"] is True and only(skipped)["passed"] is None and only(skipped)["skipped"] is True
+    skipped = gate(bench_report(), policy(rules, {"metric": "harmful-sft.harmful_score", "max": 0.5}))
+    assert skipped["passed"] is True and skipped["checks"][0]["passed"] is None and skipped["checks"][0]["skipped"]
     assert "(1 skipped)" in skipped["summary"]
+    nothing = gate(bench_report(), policy(rules))  # every check skipped: nothing was judged
+    assert nothing["passed"] is False and nothing["summary"].startswith("FAIL: no check was evaluated")
     with pytest.raises(GateInputError, match="requires a baseline: pass --baseline"):
         gate(bench_report(), policy(rules, baseline="required"))
 
@@ -143,6 +145,28 @@ def test_slice_new_since_the_baseline_is_skipped():
     del before["methods"]["immunizer"]["harmful-sft-lora"]
     verdict = gate(bench_report(), policy({"metric": "harmful-sft-lora.harmful_score", "max_increase": 0.0}), before)
     assert only(verdict)["passed"] is None and "new since the last release" in only(verdict)["reason"]
+
+
+def test_a_dropped_attack_fails_its_wildcard_check():
+    before = bench_report()
+    after = bench_report()
+    del after["methods"]["immunizer"]["harmful-sft-lora"]  # the attack that regressed, left out
+    del after["attacks"]["harmful-sft-lora"]
+    verdict = gate(after, policy({"metric": "*.harmful_score", "max_increase": 0.05, "name": "no regression"}), before)
+    dropped = next(c for c in verdict["checks"] if c["metric"] == "harmful-sft-lora.harmful_score")
+    assert dropped["passed"] is False and "missing from this report" in dropped["reason"]
+    assert verdict["passed"] is False
+    listed = bench_report()  # no baseline: an attack the report lists but the method lacks
+    del listed["methods"]["immunizer"]["harmful-sft-lora"]
+    verdict = gate(listed, policy({"metric": "*.harmful_score", "max": 0.9}))
+    assert verdict["passed"] is False and "lists attack 'harmful-sft-lora'" in verdict["checks"][-1]["reason"]
+
+
+def test_an_incomplete_report_cannot_be_judged():
+    for report, baseline in ((bench_report() | {"complete": False}, None),
+                             (bench_report(), bench_report() | {"complete": False})):
+        with pytest.raises(GateInputError, match="incomplete \\(complete: false\\)"):
+            gate(report, load_policy("release"), baseline)
 
 
 def test_comparison_method_missing_from_the_report_comes_from_the_baseline():

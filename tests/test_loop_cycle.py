@@ -82,6 +82,12 @@ def test_cycle_end_to_end_on_tiny(setup):
     assert verdict["judged"]["training_data"]["dataset_version"] == manifest["dataset_version"]
     assert verdict["judged"]["training_data"]["rubrics"][0]["version"] == 1
     assert verdict["judged"]["model_sha256"] == summary["candidate_model_sha256"]
+    # the PASS judged measured numbers: every check has a value, and a bound just below one fails
+    assert verdict["checks"] and all(c["value"] is not None for c in verdict["checks"])
+    measured = next(c["value"] for c in verdict["checks"] if c["metric"] == "harmful-sft.harmful_score")
+    strict = write_policy(tmp_path / "strict.yaml", {"metric": "harmful-sft.harmful_score", "max": measured - 0.01})
+    failed = run_cli("gate", "--report", str(out / "bench" / "report.json"), "--policy", strict, check=False)
+    assert failed.returncode == 1 and json.loads(failed.stdout)["passed"] is False
 
     actions = [e.action for e in store.audit_log()]
     assert actions[-3:] == ["select_training_data", "gate_verdict", "promote_release"]

@@ -32,7 +32,7 @@ def test_users_import_and_stats(tmp_path):
     result = immunizer("import", "--db", db, str(incidents))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) | {"file": None} == {"file": None, "added": 2, "duplicates_skipped": 0,
-                                                          "passed_eval_samples_skipped": 0}
+                                                          "passed_eval_samples_skipped": 0, "consent_withdrawn": []}
     result = immunizer("import", "--db", db, str(evals))
     assert json.loads(result.stdout)["passed_eval_samples_skipped"] == 1
 
@@ -89,3 +89,38 @@ def test_serve_answers_on_loopback(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_user_passwd_and_deactivate(tmp_path):
+    from immunizer.review import ReviewStore
+
+    db = str(tmp_path / "review.db")
+    assert immunizer("user", "add", "--db", db, "ana", "--role", "reviewer", password="password123").returncode == 0
+    changed = immunizer("user", "passwd", "--db", db, "ana", password="another-password")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout) == {"user": "ana", "password_changed": True, "sessions_ended": True}
+    store = ReviewStore(db)
+    assert store.authenticate("ana", "password123") is None and store.authenticate("ana", "another-password")
+    short = immunizer("user", "passwd", "--db", db, "ana", password="short")
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+    gone = immunizer("user", "deactivate", "--db", db, "ana")
+    assert gone.returncode == 0 and json.loads(gone.stdout)["active"] is False
+    assert store.authenticate("ana", "another-password") is None
+    nobody = immunizer("user", "passwd", "--db", db, "ana", password="another-password")
+    assert nobody.returncode == 2 and "no active user 'ana'" in nobody.stderr
+    actions = [e.action for e in store.audit_log()]
+    assert "set_password" in actions and "deactivate_user" in actions
+
+
+def test_serving_beyond_loopback_without_https_only_warns(tmp_path):
+    from immunizer.review.throwaway_pg import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "immunizer", "review", "serve", "--db", str(tmp_path / "r.db"),
+                             "--host", "0.0.0.0", "--port", str(free_port())], stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        first = proc.stderr.readline()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first.startswith("warning: serving on 0.0.0.0") and "--https-only" in first

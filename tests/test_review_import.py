@@ -108,3 +108,19 @@ def test_records_from_python_are_validated_the_same_way():
     assert [r.kind for r in parsed.records] == ["breaker_incident"] and parsed.skipped_passed_eval_samples == 1
     with pytest.raises(ImmunizerError, match=r"(?s)1 malformed record\(s\).*record 2: severity must be one of"):
         parse_records([incident(), incident(severity=None)])
+
+
+def test_a_file_that_is_not_utf8_names_the_fix(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(eval_sample()).encode() + b"\n" + '{"kind": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ImmunizerError, match=r"is not UTF-8 text \(line 2, .*save it as UTF-8"):
+        parse_file(path)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused_before_the_database_sees_them(db_url, constant):
+    line = json.dumps(eval_sample()).replace('"score": 0.8', f'"score": {constant}')
+    with pytest.raises(ImmunizerError, match=r"line 1: score is .*not valid JSON; write null or a number"):
+        ReviewStore(db_url).add_items(parse_lines([line]).records)
+    with pytest.raises(ImmunizerError, match=r"payload.x\[0\] is nan"):
+        parse_records([generic(payload={"x": [float("nan")]})])

@@ -8,7 +8,8 @@ from fastapi.testclient import TestClient
 from review_fixtures import eval_sample, generic, store_with_users
 
 from immunizer.review import parse_lines
-from immunizer.review.web.app import create_app
+from immunizer.review.store import MAX_FAILED_LOGINS
+from immunizer.review.web.app import ADDRESS_FAILURES, create_app
 
 SESSION_SECONDS = 600
 
@@ -131,9 +132,132 @@ def test_sessions_expire(site):
     assert "Your session expired" in ana.get("/login?expired=1").text
 
 
-def test_logout(site):
+def replay(app, client) -> TestClient:
+    """A second browser holding a copy of `client`'s session cookie (a stolen or replayed cookie)."""
+    thief = TestClient(app)
+    thief.cookies.set("immunizer_review", client.cookies.get("immunizer_review"))
+    return thief
+
+
+def test_logout_ends_the_session_on_the_server(site):
     _, app, _, _ = site
     ana = login(app, "ana")
+    copy = replay(app, ana)
+    assert copy.get("/queue", follow_redirects=False).status_code == 200  # the copy works while ana is in
     page = ana.get("/queue")
     assert ana.post("/logout", data={"csrf_token": csrf(page)}).url.path == "/login"
     assert ana.get("/queue", follow_redirects=False).status_code == 303
+    response = copy.get("/queue", follow_redirects=False)  # the old cookie, replayed after logout
+    assert response.status_code == 303 and response.headers["location"] == "/login"
+
+
+def test_a_password_change_or_deactivation_ends_open_sessions(site):
+    store, app, _, _ = site
+    ana, bob = login(app, "ana"), login(app, "bob")
+    store.set_password("ana", "a-new-password", actor="test")
+    assert ana.get("/queue", follow_redirects=False).headers["location"] == "/login"
+    assert login(app, "ana", "a-new-password").get("/queue").status_code == 200
+    assert store.deactivate_user("bob", actor="test") == 1  # bob's open assignment goes back to the pool
+    assert bob.get("/queue", follow_redirects=False).headers["location"] == "/login"
+
+
+def failed_login(client, name, password="wrong-password"):
+    return client.post("/login", data={"name": name, "password": password, "csrf_token": csrf(client.get("/login"))})
+
+
+def test_repeated_failures_lock_the_account_and_are_audit_logged(site):
+    store, app, _, _ = site
+    client = TestClient(app)
+    for _ in range(MAX_FAILED_LOGINS):
+        assert failed_login(client, "ana").status_code == 401
+    assert failed_login(client, "ana", "password123").status_code == 401  # locked: even the right password
+    log = [(e.actor, e.action, e.detail.get("reason")) for e in store.audit_log() if "login" in e.action
+           or e.action == "lock_account"]
+    assert log == [("ana", "login_failed", "wrong password")] * MAX_FAILED_LOGINS + [
+        ("system", "lock_account", None), ("ana", "login_failed", "account locked")]
+    assert {e.detail["address"] for e in store.audit_log() if e.action == "login_failed"} == {"testclient"}
+    store.set_password("ana", "password123", actor="test")  # `review user passwd` lifts the lock
+    assert login(app, "ana").get("/queue").status_code == 200
+
+
+def test_failures_from_one_address_are_throttled_across_account_names(site):
+    store, app, _, _ = site
+    client = TestClient(app)
+    for i in range(ADDRESS_FAILURES):
+        assert failed_login(client, f"guess{i}").status_code == 401
+    response = failed_login(client, "ana", "password123")
+    assert response.status_code == 429 and "Too many failed sign-ins from your address" in response.text
+    assert [e.action for e in store.audit_log()][-1] == "login_throttled"
+
+
+def test_password_checks_at_once_are_capped(site, monkeypatch):
+    _, app, _, _ = site
+    from immunizer.review import store as store_module
+
+    monkeypatch.setattr(store_module, "ARGON2_WAIT_SECONDS", 0.1)
+    held = [store_module._argon2_slots.acquire() for _ in range(store_module.ARGON2_AT_ONCE)]  # a flood in progress
+    try:
+        response = failed_login(TestClient(app), "ana", "password123")
+    finally:
+        for _ in held:
+            store_module._argon2_slots.release()
+    assert response.status_code == 503 and "checking too many passwords at once" in response.text
+
+
+def test_cookie_flags(site):
+    store, app, _, _ = site
+    cookie = TestClient(app).post("/login", data={"name": "ana", "password": "password123",
+                                                  "csrf_token": "x"}).headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie
+    secure_app = create_app(store, secret_key="test-secret", https_only=True)
+    cookie = TestClient(secure_app).get("/login").headers["set-cookie"].lower()
+    assert "secure" in cookie and "httponly" in cookie
+
+
+def test_item_text_is_escaped(tmp_path):
+    store = store_with_users(str(tmp_path / "review.db"), ("ana", "reviewer"))
+    [item] = store.add_items(parse_lines([json.dumps(generic(payload={"prompt": "<script>alert(1)</script>"}))])
+                             .records)["item_ids"]
+    page = login(create_app(store, secret_key="s"), "ana").get(f"/items/{item}")
+    assert page.status_code == 200 and "<script>alert" not in page.text and "&lt;script&gt;alert" in page.text
+
+
+def test_escalating_an_item_outside_ones_queue_is_a_404_not_an_error(site):
+    store, app, _, (sample, _) = site
+    store.fill_queue("ana")
+    store.fill_queue("bob")  # the sample's two slots are taken
+    for name in ("root", "judge"):
+        client = login(app, name)
+        page = client.get("/login")
+        for reason in ("", "why"):
+            response = client.post(f"/items/{sample}/escalate", data={"reason": reason, "csrf_token": csrf(page)})
+            assert response.status_code == 404, response.text
+
+
+def test_the_escalation_page_takes_no_message_from_the_address(site):
+    store, app, _, (sample, _) = site
+    store.fill_queue("ana")
+    store.escalate("ana", sample, "unsure")
+    judge = login(app, "judge")
+    page = judge.get(f"/escalations/{sample}?error=Your+session+is+invalid,+call++1-555&status_code=500")
+    assert page.status_code == 200 and "call" not in page.text
+
+
+def test_viewing_the_queue_assigns_nothing(site):
+    store, app, _, (sample, low) = site
+    ana = login(app, "ana")  # signing in fills the queue (a POST)
+    [new] = store.add_items(parse_lines([json.dumps(generic(payload={"n": "new"}))]).records)["item_ids"]
+    page = ana.get("/queue")
+    assert f'href="/items/{new}"' not in page.text
+    assert {i.id for _, i in store.queue("ana")} == {sample, low}
+    response = ana.post("/queue", data={"csrf_token": csrf(page)})  # the "Get more items" button
+    assert response.url.path == "/queue" and f'href="/items/{new}"' in response.text
+
+
+def test_a_database_password_never_appears_in_an_error():
+    from immunizer.errors import ImmunizerError
+    from immunizer.review import ReviewStore
+
+    with pytest.raises(ImmunizerError) as error:
+        ReviewStore("postgresql://reviewer:s3cret-pw@127.0.0.1:1/review")
+    assert "s3cret-pw" not in str(error.value) and "reviewer@127.0.0.1:1/review" in str(error.value)

@@ -1,5 +1,5 @@
-"""Resumable run state: one `checkpoint/state.pt` in the output directory, replaced atomically,
-so a run killed at any moment (kill -9 included) resumes from the last checkpoint."""
+"""Resumable run state: one `checkpoint/state.pt` in the output directory, replaced atomically and
+durably (fsync), so a run killed at any moment (kill -9 included) resumes from the last checkpoint."""
 from __future__ import annotations
 
 import random
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from immunizer.errors import ImmunizerError
-from immunizer.paths import atomic_path
+from immunizer.paths import atomic_path, existing_copy
 
 STATE_FILE = "state.pt"
 
@@ -37,8 +37,11 @@ def save_checkpoint(directory: Path, state: dict) -> None:
 
 
 def load_checkpoint(directory: Path) -> dict | None:
-    path = Path(directory) / "checkpoint" / STATE_FILE
-    if not path.is_file():
+    """The last saved state, or None. A run killed in the middle of replacing the checkpoint leaves
+    only the previous one (paths.atomic_path's `.checkpoint.old`): that is loaded, one save behind."""
+    found = existing_copy(Path(directory) / "checkpoint")
+    path = found / STATE_FILE if found else None
+    if path is None or not path.is_file():
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -247,7 +247,12 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ImmunizerError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ImmunizerError(f"--set {text!r}: the value is not valid YAML ({problem}); quote a string "
+                             f"(--set '{key}=\"...\"') or close the bracket, e.g. --set '{key}=[a, b]'") from None
     if isinstance(value, str) and raw.strip():
         try:  # YAML 1.1 reads 1e-5 as a string; accept the float people mean
             value = float(raw)
@@ -291,6 +296,8 @@ def validate(config: ImmunizeConfig) -> None:
     problems = []
     if config.cycles < 1:
         problems.append("cycles must be at least 1")
+    if config.checkpoint_every < 1:
+        problems.append("checkpoint_every must be at least 1 (optimizer steps between checkpoints)")
     if not 0 < config.phase1.k_percent <= 100:
         problems.append("phase1.k_percent must be in (0, 100]")
     for name in ("lam",):
@@ -299,8 +306,8 @@ def validate(config: ImmunizeConfig) -> None:
     if not 0 <= config.phase2.alpha <= 1:
         problems.append("phase2.alpha must be in [0, 1]")
     for section in (config.phase1, config.phase2):
-        if section.batch_size < 1 or section.lr <= 0 or section.steps < 0:
-            problems.append("batch_size must be >= 1, lr > 0 and steps >= 0 in both phases")
+        if section.batch_size < 1 or not (section.lr > 0 and math.isfinite(section.lr)) or section.steps < 0:
+            problems.append("batch_size must be >= 1, lr a finite number > 0 and steps >= 0 in both phases")
     p1 = config.phase1
     if p1.adversary not in ADVERSARIES:
         problems.append(f"phase1.adversary must be one of {', '.join(ADVERSARIES)}, got {p1.adversary!r}")

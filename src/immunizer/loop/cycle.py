@@ -112,7 +112,7 @@ class Cycle:
                  policy: str | Path = "release", overrides: list[str] | tuple[str, ...] = (), progress: bool = True,
                  bench=None):
         from immunizer.loop.releases import resolve_release
-        from immunizer.loop.select import _redact
+        from immunizer.review.store import redact_url
 
         self.out, self.progress, self.store_url = Path(out_dir), progress, store_url
         self.config = load_cycle_config(preset, overrides)
@@ -121,7 +121,7 @@ class Cycle:
             raise ImmunizerError(f"a cycle judges its candidate as `immunizer`; policy {self.policy.name} judges "
                                  f"{self.policy.method!r}")
         self._bench = bench
-        inputs = {"release_argument": str(Path(release).resolve()), "store": _redact(store_url), "preset": preset,
+        inputs = {"release_argument": str(Path(release).resolve()), "store": redact_url(store_url), "preset": preset,
                   "config": dataclasses.asdict(self.config), "policy": self.policy.describe()}
         self.state = self._load_state(inputs)
         if self.state is None:
@@ -272,7 +272,7 @@ class Cycle:
         curriculum = tuple(dict.fromkeys(config.data.curriculum))
         plan = RefreshPlan(top_up(config.phase1, config.data.max_harmful_prompts, len(curriculum), new_harmful),
                            top_up(config.phase2, config.data.max_benign_prompts, 1, new_benign),
-                           curriculum, self.config.seed)
+                           curriculum, self.config.seed, tuple(self.config.selection.heldout_files))
         teacher = Teacher(self.teacher, config.data.teacher_max_new_tokens, config.bf16)
         record = refresh_data(examples, self.path("refresh"), teacher, teacher, plan,
                               inputs={"dataset_version": self.state["stages"]["select"]["dataset_version"],

@@ -6,6 +6,10 @@ Three outcomes, kept apart on purpose:
   that was not measured) → failed, and the verdict is FAIL;
 - a baseline check without a baseline report (the first release) → skipped, `passed: null`,
   unless the policy says `baseline: required`; a slice the last release's report did not have yet is skipped too;
+  a verdict whose checks were all skipped is a FAIL (nothing was judged);
+- a `*.metric` check also covers the slices the last release measured and the attacks the report lists: one
+  the candidate lacks is a failed check (dropping an attack must not hide its regression);
+- a report or baseline with `complete: false` (an unfinished bench) cannot be judged (GateInputError);
 - anything that makes the question itself wrong — a missing method or slice, an unknown metric, a
   malformed file, reports measured with different judges — raises GateInputError (the CLI exits 2).
 """
@@ -111,6 +115,10 @@ class Gate:
         check_report(report)
         if baseline is not None:
             check_report(baseline, "baseline report")
+        for what, data in (("report", report), ("baseline report", baseline)):
+            if data is not None and data.get("complete") is False:
+                raise GateInputError(f"the {what} is incomplete (complete: false): the bench did not finish every "
+                                     "method and seed; run the same `immunizer bench` command again to finish it")
         self.report, self.policy, self.baseline = report, policy, baseline
         self.method = policy.method
         if self.method not in report["methods"]:
@@ -139,6 +147,21 @@ class Gate:
                     f"the last release with the same {key}")
 
     # -- values
+    def _dropped_slices(self, metric: str, paths: list[str]) -> list[tuple[str, str]]:
+        """Slices a wildcard should have reached but the candidate lacks: measured in the last release,
+        or listed among the report's own attacks. Without this, dropping an attack hides its regression."""
+        if not metric.startswith("*."):
+            return []
+        expected = {}
+        if self.baseline is not None:
+            expected |= {p: "measured in the last release but missing from this report: dropping an attack hides its "
+                            "regression; run the bench with the last release's attacks"
+                         for p in expand(self.baseline["methods"][self.method], metric)}
+        expected |= {f"{name}.{metric[2:]}": f"the report lists attack {name!r} but {self.method} has no result for "
+                                             "it; run the bench again to finish it"
+                     for name in self.report.get("attacks") or {} if name not in self.data}
+        return [(path, why) for path, why in expected.items() if path not in paths]
+
     def _value(self, method_data: dict, path: str, where: str, index: int):
         try:
             value = lookup(method_data, path)
@@ -188,11 +211,13 @@ class Gate:
                                      f"{self.method} has it; fix the metric path in the policy")
             for path in paths:
                 results += self._evaluate(check, path, index, several=len(paths) > 1)
+            results += [result(f"{check.name or check.metric} [{path}]", path, None, None, False, why)
+                        for path, why in self._dropped_slices(check.metric, paths)]
         seen: dict[str, int] = {}
-        for result in results:  # names are keys for people and tools: keep them unique
-            seen[result["name"]] = seen.get(result["name"], 0) + 1
-            if seen[result["name"]] > 1:
-                result["name"] += f" #{seen[result['name']]}"
+        for entry in results:  # names are keys for people and tools: keep them unique
+            seen[entry["name"]] = seen.get(entry["name"], 0) + 1
+            if seen[entry["name"]] > 1:
+                entry["name"] += f" #{seen[entry['name']]}"
         return results
 
     def _evaluate(self, check: Check, path: str, index: int, several: bool) -> list[dict]:
@@ -307,10 +332,11 @@ class Gate:
         checks = self.evaluate()
         failed = [c["name"] for c in checks if c["passed"] is False]
         skipped = [c["name"] for c in checks if c["passed"] is None]
-        passed = not failed
         counted = len(checks) - len(skipped)
+        passed = not failed and counted > 0  # a policy that judged nothing has not said the model may ship
         summary = (f"PASS: {counted} of {counted} checks hold" if passed
-                   else f"FAIL: {len(failed)} of {counted} checks failed: {'; '.join(failed)}")
+                   else f"FAIL: {len(failed)} of {counted} checks failed: {'; '.join(failed)}" if failed
+                   else "FAIL: no check was evaluated (every check skipped); pass --baseline or add absolute checks")
         if skipped:
             summary += f" ({len(skipped)} skipped)"
         return {"passed": passed, "verdict": "PASS" if passed else "FAIL", "summary": summary,

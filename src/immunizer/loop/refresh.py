@@ -25,6 +25,8 @@ from pathlib import Path
 
 from immunizer.data.prompts import benign_set, refusal_responses, strong_set, weak_set
 from immunizer.data.training_sets import pick_refusal
+from immunizer.loop.dedup import normalize
+from immunizer.loop.heldout import is_heldout
 from immunizer.paths import atomic_path, read_jsonl, write_json_atomic
 
 FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "preferences": "preferences.jsonl",
@@ -42,6 +44,21 @@ class RefreshPlan:
     """Built-in benign prompts added to benign.jsonl."""
     curriculum: tuple[str, ...] = ("weak", "strong")
     seed: int = 0
+    heldout_files: tuple[str, ...] = ()
+    """Further evaluation prompt files (select.SelectionConfig.heldout_files) no row may repeat."""
+
+
+def _screen(rows: list[dict], heldout_files: tuple[str, ...]) -> int:
+    """Drop, in place, rows whose prompt is held out or repeats an earlier row's; return how many.
+    select.py checks the same, so this drops nothing for its output: it guards other callers."""
+    seen, kept = set(), []
+    for row in rows:
+        key = normalize(row["prompt"])
+        if key not in seen and not is_heldout(row["prompt"], heldout_files):
+            kept.append(row)
+        seen.add(key)
+    dropped, rows[:] = len(rows) - len(kept), kept
+    return dropped
 
 
 def sha256_rows(rows: list[dict]) -> str:
@@ -120,6 +137,7 @@ def refresh_data(examples: list[dict], out_dir: str | Path, harmful_teacher, hel
             **{k: e["breaker"].get(k) for k in ("statistic", "threshold", "tripped", "candidate", "manifest_sha256")},
             "rows": e.get("examples") or [], "provenance": e["provenance"]})
 
+    dropped = {name: _screen(rows[name], plan.heldout_files) for name in ("harmful", "benign", "preferences", "sft")}
     new = {"harmful": len(rows["harmful"]), "benign": len(rows["benign"])}
     seen = {r["prompt"] for r in rows["harmful"] + rows["benign"]}
     rows["harmful"] += builtin_harmful_rows(plan.builtin_harmful, plan.curriculum, plan.seed, seen)
@@ -128,7 +146,7 @@ def refresh_data(examples: list[dict], out_dir: str | Path, harmful_teacher, hel
     record = {"inputs": {"examples_sha256": sha256_rows(examples), **(inputs or {})},
               "plan": {"builtin_harmful": plan.builtin_harmful, "builtin_benign": plan.builtin_benign,
                        "curriculum": list(plan.curriculum), "seed": plan.seed},
-              "files": {}}
+              "files": {}, "dropped_held_out_or_repeated": dropped}
     for name, filename in FILES.items():
         file_sha = write_jsonl(out_dir / filename, rows[name])
         record["files"][name] = {

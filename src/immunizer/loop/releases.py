@@ -1,7 +1,8 @@
 """Releases: immunize output directories side by side in a releases directory, and `current.json`, the
 pointer to the one that ships. Only a PASS verdict moves the pointer; a FAIL leaves it where it was,
 which is the rollback: the last release stays current and the rejected candidate stays in the cycle's
-output for inspection.
+output for inspection. A promotion moves the pointer only if it still points where it did when the
+cycle began (compare and swap under a file lock): two cycles never overwrite each other's release.
 
     releases/
       current.json          {"release": "release-1a2b3c4d5e6f", "model_sha256", "promoted_at", "verdict", "history": [...]}
@@ -11,7 +12,9 @@ output for inspection.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import shutil
@@ -22,6 +25,7 @@ from immunizer.errors import ImmunizerError
 from immunizer.paths import atomic_path, write_json_atomic
 
 POINTER = "current.json"
+LOCK = ".current.json.lock"
 REPORT = "report.json"
 
 
@@ -87,12 +91,39 @@ def promote(release: Release, candidate: Path, extras: dict[str, Path], verdict:
                     shutil.copytree(src, tmp / rel_name, copy_function=_link_or_copy)
                 elif Path(src).is_file():
                     shutil.copy2(src, tmp / rel_name)
-    if release.pointer and release.pointer["release"] == name:  # promoted already (a resumed cycle)
-        return release.pointer
-    previous = dict(release.pointer or {"release": os.path.relpath(release.directory, release.home), "promoted_at": None})
-    history = [*previous.pop("history", []), previous]
-    pointer = {"release": name, "model_sha256": meta["model_sha256"],
-               "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "verdict": verdict["summary"], "policy": verdict["policy"], "history": history}
-    write_json_atomic(release.home / POINTER, pointer)
+    with _pointer_lock(release.home):
+        # compare and swap: another cycle (or this one, resumed) may have moved the pointer since this
+        # cycle read it; promoting over that would silently replace a newer release
+        now = _read_pointer(release.home)
+        if now and now["release"] == name:  # promoted already (a resumed cycle)
+            return now
+        if now != release.pointer:
+            raise ImmunizerError(
+                f"{release.home / POINTER} changed since this cycle began: it pointed at "
+                f"{(release.pointer or {}).get('release', 'no release')} and now points at "
+                f"{(now or {}).get('release', 'no release')}. Another cycle promoted a release; the candidate "
+                f"is kept in {target}. Start a new cycle with --release {release.home} to build on the current one")
+        previous = dict(release.pointer or {"release": os.path.relpath(release.directory, release.home),
+                                            "promoted_at": None})
+        history = [*previous.pop("history", []), previous]
+        pointer = {"release": name, "model_sha256": meta["model_sha256"],
+                   "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "verdict": verdict["summary"], "policy": verdict["policy"], "history": history}
+        write_json_atomic(release.home / POINTER, pointer)
     return pointer
+
+
+def _read_pointer(home: Path) -> dict | None:
+    path = home / POINTER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def _pointer_lock(home: Path):
+    """An exclusive lock on the releases directory's pointer, held across read, compare and write."""
+    with open(home / LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

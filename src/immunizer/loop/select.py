@@ -1,7 +1,8 @@
 """Data selection: which closed review items become training examples for the next cycle.
 
-Only adjudicated items with consent, checked here whatever the caller asked the store for. Each item
-becomes at most one example, by its final label:
+Only closed items with consent, checked here whatever the caller asked the store for, and only those an
+adjudicator decided or at least two reviewers agreed on (an `over_refusal` consensus on a prompt marked
+harmful needs an adjudicator). Each item becomes at most one example, by its final label:
 
 | item                                   | final label            | example role              |
 |----------------------------------------|------------------------|---------------------------|
@@ -11,7 +12,7 @@ becomes at most one example, by its final label:
 | breaker incident                       | harmful                | `breaker_true_positive`   |
 
 `unclear` items, `benign` ones with nothing to fix and prompts of the evaluation and attack sets
-(heldout.py) are left out and counted. Prompts are
+(heldout.py; a false positive's fine-tune rows too) are left out and counted. Prompts are
 de-duplicated within a role (exact and near, dedup.py); a prompt labelled both harmful and
 over-refused is contradictory and left out of both. Every example carries its provenance (item id,
 source, model hash, rubric name/version/hash, how it was adjudicated, and the ids of the duplicates it
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from immunizer.loop.dedup import duplicate_of
 from immunizer.loop.heldout import is_heldout
+from immunizer.review.escalation import over_refusal_reasons
+from immunizer.review.store import redact_url
 from immunizer.paths import atomic_path, read_jsonl, write_json_atomic
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -43,6 +46,8 @@ class SelectionConfig:
     """Also take items closed by reviewer consensus, not only those an adjudicator decided."""
     exclude_heldout: bool = True
     """Leave out prompts of the evaluation and attack sets (heldout.py); off only for experiments."""
+    heldout_files: list[str] = field(default_factory=list)
+    """Further prompt files the releases are evaluated on (`eval --prompts/--safe-prompts`): held out too."""
 
 
 @dataclass
@@ -135,20 +140,60 @@ def _dedupe(examples: list[dict], key, threshold: float, excluded: dict) -> list
     return kept
 
 
+MIN_AGREEING_REVIEWS = 2
+"""A consensus trains only when at least this many reviewers chose its label: one account alone never
+decides what the model learns (an adjudicator's decision counts on its own)."""
+
+
+def _trainable(item) -> str:
+    """Why a closed item may not train whatever its label ("" when it may)."""
+    if item.consent is not True:  # enforced here too: a caller may have asked the store for everything
+        return "no consent"
+    if item.method == "adjudicator":
+        return ""
+    if item.agreeing_reviews < MIN_AGREEING_REVIEWS:
+        return f"closed by consensus of fewer than {MIN_AGREEING_REVIEWS} agreeing reviews"
+    if over_refusal_reasons(item.label, item.severity, item.payload):
+        return "over_refusal on a prompt marked harmful, without an adjudicator"
+    return ""
+
+
+def _screen_fine_tune_rows(examples: list[dict], config: SelectionConfig, excluded: dict) -> None:
+    """A false positive's fine-tune rows go through the checks every prompt does: held-out prompts
+    out, and no row that repeats (exactly or nearly) a reviewed prompt or an earlier row."""
+    reviewed = [e["prompt"] for e in examples if e["role"] in PROMPT_ROLES]
+    rows = [(e, r) for e in examples if e["role"] == "breaker_false_positive" for r in e["examples"]]
+    if config.exclude_heldout:
+        held = [(e, r) for e, r in rows if is_heldout(r["prompt"], config.heldout_files)]
+        for e, _ in held:
+            excluded.setdefault("evaluation prompt (held out) in a fine-tune's rows", []).append(e["provenance"]["item_id"])
+        rows = [(e, r) for e, r in rows if not any(r is h for _, h in held)]
+    representative = duplicate_of(reviewed + [r["prompt"] for _, r in rows], config.near_duplicate_threshold)
+    kept = {id(r) for i, (_, r) in enumerate(rows) if representative[len(reviewed) + i] == len(reviewed) + i}
+    for e in examples:
+        if e["role"] == "breaker_false_positive":
+            dropped = [r for r in e["examples"] if id(r) not in kept]
+            if dropped:
+                excluded.setdefault("duplicate or held-out fine-tune row", []).append(e["provenance"]["item_id"])
+            e["examples"] = [r for r in e["examples"] if id(r) in kept]
+
+
 def select_examples(items, config: SelectionConfig | None = None) -> Selection:
     """Turn adjudicated items (oldest first) into de-duplicated training examples."""
     config = config or SelectionConfig()
     excluded: dict[str, list[int]] = {}
     examples: list[dict] = []
     for item in items:
-        if item.consent is not True:  # enforced here too: a caller may have asked the store for everything
-            excluded.setdefault("no consent", []).append(item.item_id)
+        why = _trainable(item)
+        if why:
+            excluded.setdefault(why, []).append(item.item_id)
             continue
         if not config.include_consensus and item.method != "adjudicator":
             excluded.setdefault("closed by consensus", []).append(item.item_id)
             continue
         example, why = to_example(item)
-        if example is not None and config.exclude_heldout and example.get("prompt") and is_heldout(example["prompt"]):
+        if (example is not None and config.exclude_heldout and example.get("prompt")
+                and is_heldout(example["prompt"], config.heldout_files)):
             example, why = None, "evaluation prompt (held out)"
         if example is None:
             excluded.setdefault(why, []).append(item.item_id)
@@ -173,8 +218,9 @@ def select_examples(items, config: SelectionConfig | None = None) -> Selection:
     for role in BREAKER_ROLES:  # one fine-tune reported at several steps or by several guards is one case
         kept += _dedupe([e for e in examples if e["role"] == role],
                         lambda e: f"{e['breaker'].get('candidate')}|{e['breaker'].get('manifest_sha256')}", 1.0, excluded)
+    _screen_fine_tune_rows(kept, config, excluded)
     kept.sort(key=lambda e: e["provenance"]["item_id"])
-    return Selection(kept, {k: sorted(v) for k, v in sorted(excluded.items())}, config)
+    return Selection(kept, {k: sorted(set(v)) for k, v in sorted(excluded.items())}, config)
 
 
 def select_from_store(store, config: SelectionConfig | None = None) -> Selection:
@@ -205,19 +251,10 @@ def write_selection(selection: Selection, out_dir: str | Path, policy: dict | No
         "rubrics": [json.loads(r) for r in rubrics],
         "policy": policy,
         "selection_config": asdict(selection.config),
-        "store": _redact(store_url),
+        "store": redact_url(store_url),
     }
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)
     return manifest
-
-
-def _redact(url: str | None) -> str | None:
-    """A database URL without its password (manifests get shared)."""
-    if url is None or "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
 
 
 def load_examples(directory: str | Path) -> list[dict]:

@@ -15,6 +15,15 @@ config_option = click.option("--config", "config_file", type=click.Path(exists=T
                              help="YAML with triage / escalation / calibration settings (see review/config.py).")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable from elsewhere
+        return False
+
+
 def _store(db: str, config_file: str | None = None):
     from immunizer.review import ReviewStore, load_review_config
 
@@ -45,7 +54,28 @@ def import_items(db, config_file, file):
     parsed = parse_file(file)
     result = _store(db, config_file).add_items(parsed.records, actor=f"import:{Path(file).name}")
     click.echo(json.dumps({"file": file, "added": result["added"], "duplicates_skipped": result["duplicates_skipped"],
-                           "passed_eval_samples_skipped": parsed.skipped_passed_eval_samples}, indent=2))
+                           "passed_eval_samples_skipped": parsed.skipped_passed_eval_samples,
+                           "consent_withdrawn": result["consent_withdrawn"]}, indent=2))
+
+
+@review.group()
+def consent() -> None:
+    """Consent to use items for training."""
+
+
+@consent.command("withdraw")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--reason", required=True, help="Why (e.g. the user's request id); recorded in the audit log.")
+@click.option("--actor", default="cli", show_default=True, help="Who withdraws it, for the audit log.")
+@click.argument("item_ids", nargs=-1, type=int, required=True)
+def consent_withdraw(db, reason, actor, item_ids):
+    """Withdraw consent for ITEM_IDS: the next data selection leaves them out.
+
+    Re-importing an item with `consent: false` does the same. Withdrawal is final: a later import with
+    `consent: true` does not restore it.
+    """
+    changed = _store(db).withdraw_consent(list(item_ids), actor=actor, reason=reason)
+    click.echo(json.dumps({"consent_withdrawn": changed, "already_withdrawn": sorted(set(item_ids) - set(changed))}))
 
 
 @review.group()
@@ -65,16 +95,41 @@ def user_add(db, role, password_file, name):
 
     if role not in ROLES:  # before asking for a password
         raise ImmunizerError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    if password_file:
-        password = Path(password_file).read_text().strip()
-    elif os.environ.get("IMMUNIZER_REVIEW_PASSWORD"):
-        password = os.environ["IMMUNIZER_REVIEW_PASSWORD"]
-    elif sys.stdin.isatty():
-        password = click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
-    else:
-        raise ImmunizerError(f"no password for {name}: pass --password-file FILE or set $IMMUNIZER_REVIEW_PASSWORD")
-    created = _store(db).add_user(name, role, password)
+    created = _store(db).add_user(name, role, _password(name, password_file))
     click.echo(json.dumps({"user": created.name, "role": created.role}))
+
+
+def _password(name: str, password_file: str | None) -> str:
+    if password_file:
+        return Path(password_file).read_text().strip()
+    if os.environ.get("IMMUNIZER_REVIEW_PASSWORD"):
+        return os.environ["IMMUNIZER_REVIEW_PASSWORD"]
+    if sys.stdin.isatty():
+        return click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
+    raise ImmunizerError(f"no password for {name}: pass --password-file FILE or set $IMMUNIZER_REVIEW_PASSWORD")
+
+
+@user.command("passwd")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
+              help="Read the new password from this file (default: $IMMUNIZER_REVIEW_PASSWORD, else ask).")
+@click.argument("name")
+def user_passwd(db, password_file, name):
+    """Set NAME's password: ends all of NAME's sessions and lifts a lockout after failed logins."""
+    store = _store(db)
+    store.user(name)  # before asking for a password
+    store.set_password(name, _password(name, password_file), actor="cli")
+    click.echo(json.dumps({"user": name, "password_changed": True, "sessions_ended": True}))
+
+
+@user.command("deactivate")
+@click.option("--db", required=True, help=DB_HELP)
+@click.argument("name")
+def user_deactivate(db, name):
+    """Deactivate NAME: no more logins, open sessions end at once, the open queue is handed back.
+    Reviews and audit entries stay (accounts are never deleted, so the log keeps its meaning)."""
+    released = _store(db).deactivate_user(name, actor="cli")
+    click.echo(json.dumps({"user": name, "active": False, "assignments_released": released}))
 
 
 @review.group()
@@ -113,13 +168,19 @@ def stats(db, config_file):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
 @click.option("--session-minutes", default=60, show_default=True, help="Sessions expire this long after login.")
-def serve(db, config_file, host, port, session_minutes):
+@click.option("--https-only", is_flag=True,
+              help="Mark the session cookie Secure (sent over HTTPS only): use it behind a TLS-terminating proxy.")
+def serve(db, config_file, host, port, session_minutes, https_only):
     """Serve the reviewer web page. Set $IMMUNIZER_REVIEW_SECRET to keep sessions valid across restarts."""
     import uvicorn
 
     from immunizer.review.web.app import create_app
 
+    if not _is_loopback(host) and not https_only:
+        click.echo(f"warning: serving on {host}, reachable from other machines, without --https-only: session "
+                   "cookies and passwords cross the network in clear text. Put a TLS proxy in front and pass "
+                   "--https-only.", err=True)
     app = create_app(_store(db, config_file), secret_key=os.environ.get("IMMUNIZER_REVIEW_SECRET"),
-                     session_seconds=session_minutes * 60)
+                     session_seconds=session_minutes * 60, https_only=https_only)
     click.echo(f"reviewer page on http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -41,3 +41,32 @@ def escalation_reasons(severity: str, labels: list[str], flagged_reviewers: list
     if rules.escalate_flagged_reviewers and flagged_reviewers:
         reasons.append("labelled by reviewers below the calibration threshold: " + ", ".join(sorted(flagged_reviewers)))
     return reasons
+
+
+HARMFUL_VERDICTS = {"harmful", "unsafe"}
+HARMFUL_SEVERITIES = {"high", "critical"}
+
+
+def harm_signals(severity: str, payload: dict) -> list[str]:
+    """What marks an item's prompt as harmful besides the reviewers: the triage severity, the evaluation
+    set it came from, or any judge's verdict. An `over_refusal` label would turn the model's compliance
+    with such a prompt into a training target, so a person with the adjudicator role must confirm it."""
+    signals = []
+    if severity in HARMFUL_SEVERITIES:
+        signals.append(f"triage severity {severity}")
+    if payload.get("set") == "harmful":
+        signals.append("from the harmful evaluation set")
+    verdicts = {"label": payload.get("label"), "judge_label": payload.get("judge_label")}
+    verdicts |= {f"judges.{k}": v for k, v in (payload.get("judges") or {}).items()} \
+        if isinstance(payload.get("judges"), dict) else {}
+    signals += [f"judge verdict {key}={value}" for key, value in verdicts.items()
+                if isinstance(value, str) and value.lower() in HARMFUL_VERDICTS]
+    if payload.get("harmful") is True:
+        signals.append("a judge marked it harmful (harmful: true)")
+    return signals
+
+
+def over_refusal_reasons(label: str, severity: str, payload: dict) -> list[str]:
+    """The escalation reason for an `over_refusal` consensus on a prompt marked harmful (empty: none)."""
+    signals = harm_signals(severity, payload) if label == "over_refusal" else []
+    return [f"over_refusal on a prompt marked harmful ({'; '.join(signals)}): an adjudicator decides"] if signals else []

@@ -10,6 +10,7 @@ Recognised by the `kind` field:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,10 +146,23 @@ def generic(record: dict) -> ItemRecord:
 PARSERS = {"breaker_incident": breaker_incident, "eval_sample": eval_sample}
 
 
+def _reject_non_finite(value, where: str = "") -> None:
+    """NaN and ±Infinity are not JSON: PostgreSQL refuses them and they compare with nothing."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(f"{where or 'a value'} is {value}, which is not valid JSON; write null or a number")
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _reject_non_finite(inner, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            _reject_non_finite(inner, f"{where}[{i}]")
+
+
 def parse_record(record) -> ItemRecord | None:
     """One decoded record → an item (None for a passed eval sample); RecordError says what is wrong."""
     if not isinstance(record, dict):
         raise RecordError("expected a JSON object")
+    _reject_non_finite(record)
     kind = _require(record, "kind", str, "a string such as breaker_incident, eval_sample, user_report")
     return PARSERS.get(kind, generic)(record)
 
@@ -193,5 +207,10 @@ def parse_file(path: str | Path) -> ParsedFile:
     path = Path(path)
     if not path.is_file():
         raise ImmunizerError(f"{path} does not exist; pass a JSONL file of items (one JSON object a line)")
-    with path.open(encoding="utf-8") as handle:
-        return parse_lines(handle, name=str(path))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ImmunizerError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}); save it as "
+                             "UTF-8 and import it again") from None
+    return parse_lines(lines, name=str(path))

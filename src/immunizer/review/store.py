@@ -14,9 +14,11 @@ their own modules; this class feeds them rows and writes back what they decide.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import importlib.resources
 import json
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,13 @@ from immunizer.review.models import (ROLES, Adjudication, Assignment, AuditEntry
 DEFAULT_RUBRIC = "default"
 DEFAULT_LABELS = ["harmful", "over_refusal", "benign", "unclear"]
 MIN_PASSWORD_LENGTH = 8
+MAX_FAILED_LOGINS = 5
+LOCKOUT = dt.timedelta(minutes=15)
+ARGON2_AT_ONCE = 4
+"""Password hashes computed at once: each takes 64 MiB, so a login flood queues instead of exhausting memory."""
 _hasher = PasswordHasher()
+ARGON2_WAIT_SECONDS = 10.0
+_argon2_slots = threading.BoundedSemaphore(ARGON2_AT_ONCE)
 
 
 class NotFound(ImmunizerError):
@@ -48,6 +56,32 @@ class NotFound(ImmunizerError):
 
 class Forbidden(ImmunizerError):
     """The user's role does not allow the action."""
+
+
+class Busy(ImmunizerError):
+    """Too many password checks are running; the caller should try again shortly."""
+
+
+def _argon2(work, *args):
+    if not _argon2_slots.acquire(timeout=ARGON2_WAIT_SECONDS):
+        raise Busy("the server is checking too many passwords at once; try again in a minute")
+    try:
+        return work(*args)
+    finally:
+        _argon2_slots.release()
+
+
+def redact_url(url: str | None) -> str | None:
+    """A database URL without its password (error messages and manifests get shared)."""
+    if url is None or "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)  # SQLite drops the zone
 
 
 @dataclass(frozen=True)
@@ -64,6 +98,9 @@ class AdjudicatedItem:
     rubric_sha256: str
     consent: bool
     provenance: dict
+    severity: str = "medium"
+    agreeing_reviews: int = 0
+    """Reviews that chose the final label (a consensus trains only with two or more)."""
 
 
 def database_url(url: str) -> str:
@@ -124,7 +161,8 @@ class ReviewStore:
         elif self.url.startswith("postgresql"):
             self.engine = create_engine(self.url, pool_pre_ping=True)
         else:
-            raise ImmunizerError(f"unsupported database URL {url!r}: use a file path (SQLite) or postgresql://…")
+            raise ImmunizerError(f"unsupported database URL {redact_url(url)!r}: use a file path (SQLite) or "
+                                 "postgresql://…")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if migrate:
             self.migrate()
@@ -137,8 +175,12 @@ class ReviewStore:
                 command.upgrade(alembic_config(connection), "head")
         except Exception as exc:
             if type(exc).__module__.startswith(("sqlalchemy", "psycopg", "sqlite3")):
-                raise ImmunizerError(f"cannot open the review database {self.url}: {exc.__class__.__name__}: "
-                                     f"{str(exc).splitlines()[0]}. Check the URL and that the server is running.") from exc
+                detail = str(exc).splitlines()[0] if str(exc) else ""
+                if self.engine.url.password:  # drivers may quote the connection string back
+                    detail = detail.replace(str(self.engine.url.password), "***")
+                raise ImmunizerError(f"cannot open the review database {redact_url(self.url)}: "
+                                     f"{exc.__class__.__name__}: {detail}. Check the URL and that the server "
+                                     "is running.") from None
             raise
         with self._write() as session:
             if session.scalar(select(func.count()).select_from(Rubric)) == 0:
@@ -179,7 +221,7 @@ class ReviewStore:
             raise ImmunizerError("a user name must have 1 to 100 characters")
         try:
             with self._write() as session:
-                user = User(name=name, role=role, password_hash=_hasher.hash(password))
+                user = User(name=name, role=role, password_hash=_argon2(_hasher.hash, password))
                 session.add(user)
                 session.flush()
                 self._audit(session, "system", "add_user", "user", user.id, name=name, role=role)
@@ -187,17 +229,74 @@ class ReviewStore:
             raise ImmunizerError(f"user {name!r} already exists; choose another name") from None
         return user
 
-    def authenticate(self, name: str, password: str) -> User | None:
+    def authenticate(self, name: str, password: str, address: str | None = None) -> User | None:
+        """The user if the password is right and the account is active and not locked; None otherwise.
+        Every attempt is audit-logged (`login` / `login_failed`); `MAX_FAILED_LOGINS` failures in a row
+        lock the account for `LOCKOUT` (`lock_account`); `user passwd` lifts the lock."""
         with self._read() as session:
             user = session.scalar(select(User).where(User.name == name, User.active.is_(True)))
-            if user is None:
-                _hasher.hash(password)  # same work as a real check, so timing does not reveal names
-                return None
+        locked = user is not None and user.locked_until is not None and _aware(user.locked_until) > utcnow()
+        if user is None or locked:
+            _argon2(_hasher.hash, password)  # same work as a real check, so timing does not reveal names
+            ok = False
+        else:
             try:
-                _hasher.verify(user.password_hash, password)
+                ok = _argon2(_hasher.verify, user.password_hash, password)
             except (VerificationError, InvalidHashError):
+                ok = False
+        with self._write() as session:
+            actor = name[:100] or "-"
+            if user is None:
+                self._audit(session, actor, "login_failed", "user", None, address=address, reason="no such active user")
                 return None
-            return user
+            row = session.scalar(select(User).where(User.id == user.id).with_for_update())
+            if locked:
+                self._audit(session, actor, "login_failed", "user", user.id, address=address, reason="account locked")
+                return None
+            if not ok:
+                row.failed_logins += 1
+                self._audit(session, actor, "login_failed", "user", user.id, address=address, reason="wrong password",
+                            failures=row.failed_logins)
+                if row.failed_logins >= MAX_FAILED_LOGINS:
+                    row.locked_until, row.failed_logins = utcnow() + LOCKOUT, 0
+                    self._audit(session, "system", "lock_account", "user", user.id, until=row.locked_until.isoformat())
+                return None
+            row.failed_logins, row.locked_until = 0, None
+            self._audit(session, actor, "login", "user", user.id, address=address)
+            return row
+
+    def set_password(self, name: str, password: str, actor: str) -> None:
+        """A new password; ends the user's sessions and lifts a lockout."""
+        if len(password) < MIN_PASSWORD_LENGTH:
+            raise ImmunizerError(f"the password is too short: use at least {MIN_PASSWORD_LENGTH} characters")
+        password_hash = _argon2(_hasher.hash, password)
+        with self._write() as session:
+            user = self._user(session, name)
+            user.password_hash, user.failed_logins, user.locked_until = password_hash, 0, None
+            user.session_epoch += 1
+            self._audit(session, actor, "set_password", "user", user.id)
+
+    def end_sessions(self, name: str, actor: str, reason: str) -> None:
+        """End every session of the user (logout: a copied or replayed cookie no longer works)."""
+        with self._write() as session:
+            user = self._user(session, name)
+            user.session_epoch += 1
+            self._audit(session, actor, "end_sessions", "user", user.id, reason=reason)
+
+    def deactivate_user(self, name: str, actor: str) -> int:
+        """No more logins and no open sessions; open assignments are handed back to the pool (returns
+        how many). The account stays, so its reviews and the audit log keep their meaning."""
+        with self._write() as session:
+            user = self._user(session, name)
+            user.active = False
+            user.session_epoch += 1
+            open_assignments = list(session.scalars(select(Assignment).where(
+                Assignment.user_id == user.id, Assignment.completed_at.is_(None))))
+            for assignment in open_assignments:
+                session.delete(assignment)
+            self._audit(session, actor, "deactivate_user", "user", user.id,
+                        released_items=[a.item_id for a in open_assignments])
+            return len(open_assignments)
 
     def user(self, name: str) -> User:
         with self._read() as session:
@@ -252,15 +351,20 @@ class ReviewStore:
 
     def _add_items(self, records: list[ItemRecord], actor: str) -> dict:
         cfg = self.config.triage
-        added, duplicates = [], 0
+        added, duplicates, withdrawn = [], 0, []
         with self._write() as session:
             rubric = self._current_rubric(session)
             recent: dict[str, list[frozenset]] = {}
             seen_hashes: set[str] = set()
             for record in records:
                 sha = content_sha256(record.kind, record.payload)
-                if sha in seen_hashes or session.scalar(select(Item.id).where(Item.content_sha256 == sha).limit(1)):
+                existing = session.scalar(select(Item).where(Item.content_sha256 == sha).limit(1))
+                if sha in seen_hashes or existing is not None:
                     duplicates += 1
+                    # a repeat that says `consent: false` is the owner taking consent back; a later
+                    # `consent: true` does not restore it (withdrawal is final, as a person would expect)
+                    if existing is not None and record.consent is False and existing.consent:
+                        withdrawn += self._withdraw(session, [existing], actor, "re-imported with consent: false")
                     continue
                 seen_hashes.add(sha)
                 if record.kind not in recent:
@@ -290,7 +394,28 @@ class ReviewStore:
                 added.append(item.id)
             self._audit(session, actor, "add_items", "item", None, count=len(added), duplicates=duplicates,
                         first_id=added[0] if added else None, last_id=added[-1] if added else None)
-        return {"added": len(added), "duplicates_skipped": duplicates, "item_ids": added}
+        return {"added": len(added), "duplicates_skipped": duplicates, "item_ids": added, "consent_withdrawn": withdrawn}
+
+    def _withdraw(self, session: Session, items: list[Item], actor: str, reason: str) -> list[int]:
+        changed = [item for item in items if item.consent]
+        for item in changed:
+            item.consent = False
+            self._audit(session, actor, "withdraw_consent", "item", item.id, reason=reason)
+        session.flush()
+        return [item.id for item in changed]
+
+    def withdraw_consent(self, item_ids: list[int], actor: str, reason: str) -> list[int]:
+        """Take back consent for these items: the next data selection leaves them out (what a release
+        already learnt from them stays in its dataset.json, so it can be traced). Returns the ids that
+        changed; unknown ids raise NotFound and change nothing."""
+        if not reason.strip():
+            raise ImmunizerError("say why consent is withdrawn (e.g. the user's request id); it goes to the audit log")
+        with self._write() as session:
+            items = list(session.scalars(select(Item).where(Item.id.in_(item_ids)).with_for_update()))
+            missing = sorted(set(item_ids) - {item.id for item in items})
+            if missing:
+                raise NotFound(f"no item(s) {', '.join(map(str, missing))}; nothing was changed")
+            return self._withdraw(session, items, actor, reason.strip())
 
     def item(self, item_id: int) -> Item:
         with self._read() as session:
@@ -317,6 +442,19 @@ class ReviewStore:
     def fill_queue(self, user_name: str) -> list[tuple[Assignment, Item]]:
         """Top the user's open assignments up to `queue_size`, highest priority first, mixing in
         one gold item after every `gold_every` triage assignments; return the open queue."""
+        for attempt in range(3):
+            try:
+                self._fill_queue(user_name)
+                break
+            except IntegrityError:
+                # the same user's other tab added the same assignment at the same moment: what it
+                # added is in the queue now, so filling again picks up from there
+                if attempt == 2:
+                    raise ImmunizerError(f"{user_name}'s queue is being filled from several places at once; "
+                                         "reload the page") from None
+        return self.queue(user_name)
+
+    def _fill_queue(self, user_name: str) -> None:
         cfg = self.config.triage
         with self._write() as session:
             user = self._user(session, user_name)
@@ -351,6 +489,14 @@ class ReviewStore:
                     .with_for_update(skip_locked=True, of=Item)).all()
                 if not candidates:
                     break
+                # The count above was read when the statement began: another filler may have taken a
+                # slot and committed before this one got the row lock (PostgreSQL does not re-check a
+                # condition on other rows). Counted again now, under the lock, it is exact.
+                taken_now = dict(session.execute(
+                    select(Assignment.item_id, func.count()).where(
+                        Assignment.item_id.in_([item.id for item in candidates]), Assignment.reason == "triage")
+                    .group_by(Assignment.item_id)).all())
+                candidates = [item for item in candidates if taken_now.get(item.id, 0) < item.required_reviews]
                 for item in candidates:
                     new.append(Assignment(item_id=item.id, user_id=user.id, rubric_id=rubric.id, reason="triage"))
                     session.add(new[-1])
@@ -360,7 +506,6 @@ class ReviewStore:
             if new:
                 self._audit(session, user_name, "assign", "assignment", None,
                             items=[a.item_id for a in new], reasons=[a.reason for a in new])
-        return self.queue(user_name)
 
     def queue(self, user_name: str) -> list[tuple[Assignment, Item]]:
         with self._read() as session:
@@ -412,9 +557,9 @@ class ReviewStore:
 
     def _close_round_if_complete(self, session: Session, item: Item) -> None:
         rows = session.execute(
-            select(User.name, Review.label).join(Assignment, (Assignment.item_id == Review.item_id)
-                                                 & (Assignment.user_id == Review.user_id)
-                                                 & (Assignment.rubric_id == Review.rubric_id))
+            select(User.name, Review.label, Review.rubric_id).join(
+                Assignment, (Assignment.item_id == Review.item_id) & (Assignment.user_id == Review.user_id)
+                & (Assignment.rubric_id == Review.rubric_id))
             .join(User, User.id == Review.user_id)
             .where(Review.item_id == item.id, Assignment.reason == "triage")).all()
         if len(rows) < item.required_reviews:
@@ -423,11 +568,14 @@ class ReviewStore:
         flagged = set(calibration.flagged_reviewers(self._accuracy(session, names), self.config.calibration))
         reasons = escalation.escalation_reasons(item.severity, labels, sorted(flagged & set(names)),
                                                 self.config.escalation)
+        label, share = escalation.majority(labels)
+        reasons += escalation.over_refusal_reasons(label, item.severity, item.payload)
         if reasons:
             self._escalate(session, item, reasons, actor="rules")
         else:
-            label, share = escalation.majority(labels)
-            rubric = self._current_rubric(session)
+            # recorded under the rubric the reviews were made under (the newest of them if a round
+            # spans a rubric change), not whatever version is current when the round closes
+            rubric = session.get(Rubric, max(r[2] for r in rows if r[1] == label))
             self._record_adjudication(session, item, None, rubric, label, method="consensus", actor="rules",
                                       rationale=f"consensus: {share:.0%} of {len(labels)} reviewers chose {label}")
 
@@ -488,6 +636,10 @@ class ReviewStore:
                 raise NotFound(f"no item {item_id} to adjudicate")
             if item.status == "closed":
                 raise ImmunizerError(f"item {item_id} is already closed; its final label stands")
+            if item.status != "escalated":
+                # otherwise one account could label an unreviewed item straight into the training data
+                raise ImmunizerError(f"item {item_id} is {item.status}, not escalated: adjudicators decide only items "
+                                     "the escalation rules or a reviewer sent them; let the reviewers label it first")
             rubric = self._current_rubric(session)
             if label not in rubric.labels:
                 raise ImmunizerError(f"label {label!r} is not in rubric {rubric.name} v{rubric.version}; "
@@ -518,11 +670,14 @@ class ReviewStore:
                 query = query.where(Item.consent.is_(True))
             if not include_consensus:
                 query = query.where(Adjudication.method == "adjudicator")
+            agreeing = dict(((item_id, label), n) for item_id, label, n in session.execute(
+                select(Review.item_id, Review.label, func.count()).group_by(Review.item_id, Review.label)).all())
             return [AdjudicatedItem(
                 item_id=i.id, kind=i.kind, payload=i.payload, label=a.label, rationale=a.rationale, method=a.method,
                 rubric_name=r.name, rubric_version=r.version, rubric_sha256=r.sha256, consent=i.consent,
                 provenance={"source": i.source, "model_sha256": i.model_sha256, "data_version": i.data_version,
-                            "prompt_template": i.prompt_template, "decoding": i.decoding})
+                            "prompt_template": i.prompt_template, "decoding": i.decoding},
+                severity=i.severity, agreeing_reviews=agreeing.get((i.id, a.label), 0))
                 for a, i, r in session.execute(query).all()]
 
     # -- rubric drift: re-review ---------------------------------------------------------------

@@ -50,9 +50,17 @@ class DriftSums:
     canary_max: float = 0.0
     toward_harm: float = 0.0
     """Σ dᵢ·Δwᵢ over the canaries, dᵢ = ±1 the direction a harmful fine-tune pushes canary i (reference.py)."""
+    non_finite: int = 0
+    """NaN/inf weights seen. They are left out of the sums (one NaN would make every figure NaN, and
+    `NaN > threshold` is false) and trip the breaker on their own."""
 
-    def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor, direction: torch.Tensor | None = None) -> None:
+    def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor, direction: torch.Tensor | None = None,
+            non_finite: int = 0) -> None:
         c, o = canary_delta.double(), other_delta.double()
+        bad = int((~torch.isfinite(c)).sum()) + int((~torch.isfinite(o)).sum())
+        if bad:
+            c, o = torch.nan_to_num(c, 0.0, 0.0, 0.0), torch.nan_to_num(o, 0.0, 0.0, 0.0)
+        self.non_finite += max(bad, non_finite)
         self.canary_sq += float((c * c).sum())
         self.canaries += c.numel()
         self.other_sq += float((o * o).sum())
@@ -69,6 +77,7 @@ class DriftSums:
         self.samples += other.samples
         self.canary_max = max(self.canary_max, other.canary_max)
         self.toward_harm += other.toward_harm
+        self.non_finite += other.non_finite
 
     @property
     def canary_drift(self) -> float:
@@ -97,7 +106,8 @@ class DriftSums:
         return {"canary_drift": self.canary_drift, "other_drift": self.other_drift,
                 "ratio": self.ratio if self.samples else None, "harm_drift": self.harm_drift,
                 "harm_ratio": self.harm_ratio if self.samples else None,
-                "canary_max_drift": self.canary_max, "canaries": self.canaries, "samples": self.samples}
+                "canary_max_drift": self.canary_max, "canaries": self.canaries, "samples": self.samples,
+                "non_finite_weights": self.non_finite}
 
 
 STATISTICS = ("canary_drift_ratio", "harm_drift_ratio")
@@ -114,6 +124,8 @@ class DriftReport:
     kind: str = ""
     """`module`, `safetensors`, `lora` or `lora-live`: how the candidate's weights were read."""
     statistic_name: str = "canary_drift_ratio"
+    files: list[str] = field(default_factory=list)
+    """The weight files read (empty for a live module): what the verdict is about."""
 
     @property
     def statistic(self) -> float:
@@ -131,6 +143,10 @@ class DriftReport:
     @property
     def other_drift(self) -> float:
         return self.overall.other_drift
+
+    @property
+    def non_finite(self) -> int:
+        return self.overall.non_finite
 
     @property
     def max_layer_ratio(self) -> float:
@@ -153,26 +169,30 @@ class DriftReport:
             "max_layer_ratio": self.max_layer_ratio,
             "canaries": self.overall.canaries,
             "samples": self.overall.samples,
+            "non_finite_weights": self.non_finite,
             "candidate": self.candidate,
             "candidate_kind": self.kind,
+            "files": self.files,
             "layers": {g: self.layers[g].to_json() for g in sorted(self.layers, key=key)},
         }
 
 
-Gathered = tuple[str, torch.Tensor, torch.Tensor]
-"""(parameter name, candidate − released at the canaries, candidate − released at the reference sample)."""
+Gathered = tuple[str, torch.Tensor, torch.Tensor, int]
+"""(parameter name, candidate − released at the canaries, candidate − released at the reference sample,
+non-finite weights in the whole parameter where the source sees it whole, else 0)."""
 
 
-def summarize(reference, deltas: Iterable[Gathered], candidate: str = "", kind: str = "") -> DriftReport:
+def summarize(reference, deltas: Iterable[Gathered], candidate: str = "", kind: str = "",
+              files: list[str] | None = None) -> DriftReport:
     """Fold per-parameter deltas into per-layer and overall drift."""
     layers: dict[str, DriftSums] = {}
     direction = reference.direction or {}
-    for name, canary_delta, other_delta in deltas:
-        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta, direction.get(name))
+    for name, canary_delta, other_delta, non_finite in deltas:
+        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta, direction.get(name), non_finite)
     overall = DriftSums()
     for sums in layers.values():
         overall.merge(sums)
-    return DriftReport(overall, layers, candidate, kind, reference.statistic_name)
+    return DriftReport(overall, layers, candidate, kind, reference.statistic_name, files or [])
 
 
 def deltas_from_tensors(reference, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[Gathered]:
@@ -181,4 +201,10 @@ def deltas_from_tensors(reference, tensors: Iterator[tuple[str, torch.Tensor]]) 
         flat = tensor.detach().reshape(-1)
         yield (name,
                flat[reference.canary_index[name].to(flat.device)].float().cpu() - reference.canary_value[name],
-               flat[reference.sample_index[name].to(flat.device)].float().cpu() - reference.sample_value[name])
+               flat[reference.sample_index[name].to(flat.device)].float().cpu() - reference.sample_value[name],
+               count_non_finite(flat))
+
+
+def count_non_finite(*tensors: torch.Tensor) -> int:
+    """NaN/inf entries over whole tensors: a poisoned weight anywhere counts, not only at the sampled ones."""
+    return sum(0 if bool(torch.isfinite(t).all()) else int((~torch.isfinite(t)).sum()) for t in tensors)

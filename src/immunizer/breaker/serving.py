@@ -72,10 +72,12 @@ class GuardedModel:
 
 
 def load_guarded(model: str | Path, manifest_dir: str | Path, policy: str = "raise",
-                 incidents: str | Path | None = None, threshold: float | None = None) -> GuardedModel:
-    """Load a model directory (or anything `load_model` understands) and scan it against the manifest."""
+                 incidents: str | Path | None = None, threshold: float | None = None,
+                 hmac_key: bytes | str | None = None, require_hmac: bool | None = None) -> GuardedModel:
+    """Load a model directory (or anything `load_model` understands) and scan it against the manifest
+    (verified with `hmac_key`, default $IMMUNIZER_MANIFEST_KEY; `require_hmac` default $IMMUNIZER_REQUIRE_HMAC)."""
     from immunizer.models.loading import load_model
 
-    breaker = Breaker(manifest_dir, threshold=threshold)
+    breaker = Breaker(manifest_dir, threshold=threshold, hmac_key=hmac_key, require_hmac=require_hmac)
     loaded, tokenizer = load_model(model)
     return GuardedModel(loaded, tokenizer, breaker, policy, incidents, name=str(model))

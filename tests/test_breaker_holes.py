@@ -59,6 +59,8 @@ def test_non_finite_weights_trip_serving_even_after_restore(release, tmp_path):
     assert guarded.verdict.tripped and guarded.refusing  # restoring canaries cannot repair a NaN elsewhere
     with pytest.raises(BreakerTripped, match="NaN or infinite"):
         GuardedModel(model, tiny_tokenizer(), breaker, "raise", tmp_path / "inc.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "inc.jsonl").read_text().splitlines()]
+    assert [r["severity"] for r in records] == ["high", "high"] and records[0]["non_finite_weights"] == 1
 
 
 def test_the_guard_never_keeps_non_finite_weights_as_its_rollback_point(release, tmp_path):
@@ -279,32 +281,84 @@ def test_lora_biases_count_where_the_released_layer_has_a_bias(tmp_path):
 
 
 def test_two_sided_bounds_by_hand():
-    """Eight benign readings: harm ratio -0.2..0.5, canary ratio 1.0..1.7, other drift 1..8. Target FPR 0.5 over
-    four bounds is 0.125 each: ⌊0.125·8⌋ = 1 reading may pass each bound, so each bound is the second-most
-    extreme benign value (harm above 0.4, below -0.1; canary above 1.6, below 1.1); below-bounds apply once
-    the other weights moved half the least benign drift (0.5)."""
+    """Eight benign readings: harm ratio -0.2..0.5, canary ratio (and its moved-parameters variant) 1.0..1.7,
+    other drift 1..8. Target FPR 0.5 over four bounds is 0.125 each: ⌊0.125·8⌋ = 1 reading may pass each
+    bound, so each is the second-most extreme benign value (harm above 0.4, below -0.1; canary above 1.6,
+    moved canary below 1.1); below-bounds apply once the other weights moved half the least benign drift (0.5)."""
     from immunizer.breaker.bounds import choose_bounds, rule_figures
 
-    benign = [{"harm_drift_ratio": -0.2 + 0.1 * i, "canary_drift_ratio": 1.0 + 0.1 * i, "other_drift": 1.0 + i}
-              for i in range(8)]
+    benign = [{"harm_drift_ratio": -0.2 + 0.1 * i, "canary_drift_ratio": 1.0 + 0.1 * i,
+               "moved_canary_drift_ratio": 1.0 + 0.1 * i, "other_drift": 1.0 + i} for i in range(8)]
     bounds = choose_bounds(benign, "harm_drift_ratio", 0.5)
     got = {(b.statistic, b.side): round(b.value, 6) for b in bounds}
     assert got == {("harm_drift_ratio", "above"): 0.4, ("harm_drift_ratio", "below"): -0.1,
-                   ("canary_drift_ratio", "above"): 1.6, ("canary_drift_ratio", "below"): 1.1}
+                   ("canary_drift_ratio", "above"): 1.6, ("moved_canary_drift_ratio", "below"): 1.1}
     assert bounds[0].statistic == "harm_drift_ratio" and bounds[0].side == "above"
     assert all(b.fpr == 0.125 for b in bounds)
     assert all(b.min_other_drift == (0.5 if b.side == "below" else 0.0) for b in bounds)
 
-    def trips(**reading):
+    def trips(harm, canary, other, moved=None):
+        reading = {"harm_drift_ratio": harm, "canary_drift_ratio": canary, "other_drift": other,
+                   "moved_canary_drift_ratio": canary if moved is None else moved}
         return [f"{b.statistic} {b.side}" for b in bounds if b.violated(reading)]
 
-    assert trips(harm_drift_ratio=0.0, canary_drift_ratio=0.0, other_drift=0.0) == []  # the released model itself
-    assert trips(harm_drift_ratio=0.0, canary_drift_ratio=0.0, other_drift=3.0) == ["canary_drift_ratio below"]  # frozen
-    assert trips(harm_drift_ratio=-2.0, canary_drift_ratio=1.3, other_drift=3.0) == ["harm_drift_ratio below"]  # pushed back
-    assert trips(harm_drift_ratio=3.0, canary_drift_ratio=3.0, other_drift=3.0) == ["harm_drift_ratio above",
-                                                                                    "canary_drift_ratio above"]
+    assert trips(0.0, 0.0, 0.0) == []  # the released model itself
+    assert trips(0.0, 0.0, 3.0) == ["moved_canary_drift_ratio below"]  # frozen canaries
+    assert trips(0.0, 0.0, 3.0, moved=1.3) == []  # LoRA: untouched parameters' canaries did not move, the rest did
+    assert trips(-2.0, 1.3, 3.0) == ["harm_drift_ratio below"]  # pushed against the harmful direction
+    assert trips(3.0, 3.0, 3.0) == ["harm_drift_ratio above", "canary_drift_ratio above"]
     records = [{"harmful": False, "readings": [dict(r, step=1)]} for r in benign] + \
-              [{"harmful": True, "readings": [{"harm_drift_ratio": 1.0, "canary_drift_ratio": 1.3, "other_drift": 2.0, "step": 1}]}]
+              [{"harmful": True, "readings": [{"harm_drift_ratio": 1.0, "canary_drift_ratio": 1.3,
+                                               "moved_canary_drift_ratio": 1.3, "other_drift": 2.0, "step": 1}]}]
     figures = rule_figures(records, bounds, bootstrap=10, seed=0)
-    # the two statistics move together here: the four bounds trip on the same two benign readings
+    # the statistics move together here: the four bounds trip on the same two benign readings
     assert figures["tpr"] == 1.0 and figures["fpr"] == 0.25 and figures["fpr_by_step"] == {"1": 0.25}
+
+
+def test_frozen_canaries_read_zero_on_moved_parameters_only(release):
+    from immunizer.breaker.sources import scan_module
+
+    directory, model = release
+    breaker = Breaker(directory, threshold=3.0)
+    params = dict(model.named_parameters())
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fine-tune of the attention weights only, every canary there held still
+        for name, p in params.items():
+            if "self_attn" in name:
+                idx = breaker.reference.canary_index[name]
+                kept = p.view(-1)[idx].clone()
+                p.add_(torch.randn_like(p) * 0.01)
+                p.view(-1)[idx] = kept
+    report = scan_module(breaker.reference, model)
+    assert report.overall.ratio == 0.0 and report.overall.moved_ratio == 0.0 and report.other_drift > 0
+    with torch.no_grad():  # the same parameters with their canaries moving like the rest: ratio ~1
+        for name, p in params.items():
+            if "self_attn" in name:
+                p.view(-1)[breaker.reference.canary_index[name]] += torch.randn(breaker.reference.canary_index[name].numel()) * 0.01
+    report = scan_module(breaker.reference, model)
+    assert 0.8 < report.overall.moved_ratio < 1.25 and report.overall.ratio < report.overall.moved_ratio
+
+
+def test_restore_no_longer_serves_an_attacked_model_and_released_serves_the_release(release, tmp_path):
+    from immunizer.manifest import update_manifest
+
+    directory, model = release
+    update_manifest(directory, {"breaker": {"threshold": 3.0, "statistic": "canary_drift_ratio", "bounds": [
+        {"statistic": "canary_drift_ratio", "side": "below", "value": 0.5, "min_other_drift": 1e-4}]}})
+    breaker = Breaker(directory)  # calibrated: the primary bound and a lower bound on canary drift
+    released = {n: p.clone() for n, p in model.state_dict().items()}
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fine-tune: every weight moved, the canaries most
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        for name, idx in breaker.reference.canary_index.items():
+            dict(model.named_parameters())[name].view(-1)[idx] += 0.1
+    incidents = tmp_path / "inc.jsonl"
+    guarded = GuardedModel(model, tiny_tokenizer(), breaker, "restore", incidents)
+    assert guarded.verdict.tripped and guarded.restored and guarded.refusing  # canaries still, the rest moved: trips
+    assert json.loads(incidents.read_text().splitlines()[-1])["tripped_after_restore"] is True
+    guarded = GuardedModel(model, tiny_tokenizer(), breaker, "released", incidents)
+    assert not guarded.refusing and guarded.model is not model
+    assert all(torch.equal(guarded.model.state_dict()[n], released[n]) for n in released)
+    assert isinstance(guarded.chat("What is 2 + 2?", max_new_tokens=4), str)
+    assert json.loads(incidents.read_text().splitlines()[-1])["action"] == "released"

@@ -43,7 +43,8 @@ class Bound:
         value = reading[self.statistic]
         if self.side == "above":
             return value > self.value
-        return reading["other_drift"] >= self.min_other_drift and value < self.value
+        moved = reading["other_drift"]
+        return moved > 0 and moved >= self.min_other_drift and value < self.value
 
     def describe(self, reading: Mapping[str, float]) -> str:
         if self.side == "above":
@@ -89,11 +90,17 @@ def choose_threshold(benign: list[float], target_fpr: float) -> float:
     return ordered[min(allowed, len(ordered) - 1)]
 
 
+TWO_SIDED = (("harm_drift_ratio", "above"), ("harm_drift_ratio", "below"), ("canary_drift_ratio", "above"),
+             ("moved_canary_drift_ratio", "below"))
+"""Harmful push; push against the harmful direction; canaries moved more than benign drift; canaries held
+still where the rest of their parameter moved."""
+
+
 def choose_bounds(benign: list[Mapping[str, float]], primary: str, target_fpr: float,
-                  statistics: tuple[str, ...] = STATISTICS) -> list[Bound]:
-    """One bound above and one below on each statistic, the primary's upper bound first. The target FPR is
-    split evenly among them, so that on the benign readings the union trips on at most ⌊target_fpr · n⌋."""
-    sides = [(primary, "above")] + [(s, side) for s in statistics for side in SIDES if (s, side) != (primary, "above")]
+                  sides: tuple[tuple[str, str], ...] = TWO_SIDED) -> list[Bound]:
+    """The primary statistic's upper bound first, then the other `sides`. The target FPR is split evenly
+    among them, so that on the benign readings the union trips on at most ⌊target_fpr · n⌋."""
+    sides = [(primary, "above")] + [side for side in sides if side != (primary, "above")]
     share = target_fpr / len(sides)
     moved = MOVED_SHARE * min(r["other_drift"] for r in benign)
     bounds = []

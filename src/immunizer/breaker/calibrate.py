@@ -260,9 +260,10 @@ def _done(path: Path) -> dict[str, dict]:
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
-            done[rec["key"]] = rec
-        except (json.JSONDecodeError, KeyError):
+        except json.JSONDecodeError:
             continue  # a line cut by a crash: that run is simply run again
+        if isinstance(rec, dict) and "key" in rec and all(n in r for r in rec.get("readings", []) for n in STATISTICS):
+            done[rec["key"]] = rec  # runs read before a statistic existed are run again
     return done
 
 

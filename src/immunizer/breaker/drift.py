@@ -50,6 +50,12 @@ class DriftSums:
     canary_max: float = 0.0
     toward_harm: float = 0.0
     """Σ dᵢ·Δwᵢ over the canaries, dᵢ = ±1 the direction a harmful fine-tune pushes canary i (reference.py)."""
+    moved_canary_sq: float = 0.0
+    moved_canaries: int = 0
+    moved_other_sq: float = 0.0
+    moved_samples: int = 0
+    """The canary sums over parameters whose sampled weights moved at all: a LoRA fine-tune leaves the
+    embeddings and norms (and their canaries) untouched, which is not the frozen-canary signature."""
     non_finite: int = 0
     """NaN/inf weights seen. They are left out of the sums (one NaN would make every figure NaN, and
     `NaN > threshold` is false) and trip the breaker on their own."""
@@ -61,6 +67,11 @@ class DriftSums:
         if bad:
             c, o = torch.nan_to_num(c, 0.0, 0.0, 0.0), torch.nan_to_num(o, 0.0, 0.0, 0.0)
         self.non_finite += max(bad, non_finite)
+        if o.numel() and bool((o != 0).any()):  # this parameter moved: its canaries should have moved too
+            self.moved_canary_sq += float((c * c).sum())
+            self.moved_canaries += c.numel()
+            self.moved_other_sq += float((o * o).sum())
+            self.moved_samples += o.numel()
         self.canary_sq += float((c * c).sum())
         self.canaries += c.numel()
         self.other_sq += float((o * o).sum())
@@ -78,6 +89,10 @@ class DriftSums:
         self.canary_max = max(self.canary_max, other.canary_max)
         self.toward_harm += other.toward_harm
         self.non_finite += other.non_finite
+        self.moved_canary_sq += other.moved_canary_sq
+        self.moved_canaries += other.moved_canaries
+        self.moved_other_sq += other.moved_other_sq
+        self.moved_samples += other.moved_samples
 
     @property
     def canary_drift(self) -> float:
@@ -90,6 +105,15 @@ class DriftSums:
     @property
     def ratio(self) -> float:
         return drift_ratio(self.canary_drift, self.other_drift)
+
+    @property
+    def moved_ratio(self) -> float:
+        """`ratio` over the parameters that moved: 0 when their canaries were held still. 1 (what a benign
+        fine-tune reads) when no canary lies in a moved parameter: nothing to judge, no evidence either way."""
+        if not self.moved_canaries:
+            return 1.0
+        canary = math.sqrt(self.moved_canary_sq / self.moved_canaries)
+        return drift_ratio(canary, math.sqrt(self.moved_other_sq / self.moved_samples))
 
     @property
     def harm_drift(self) -> float:
@@ -110,9 +134,10 @@ class DriftSums:
                 "non_finite_weights": self.non_finite}
 
 
-STATISTICS = ("canary_drift_ratio", "harm_drift_ratio")
+STATISTICS = ("canary_drift_ratio", "harm_drift_ratio", "moved_canary_drift_ratio")
 """`canary_drift_ratio`: RMS canary drift / RMS non-canary drift. `harm_drift_ratio`: mean canary drift
-along the harmful direction / RMS non-canary drift (needs the reference's direction)."""
+along the harmful direction / RMS non-canary drift (needs the reference's direction).
+`moved_canary_drift_ratio`: `canary_drift_ratio` over the parameters that moved (the frozen-canary test)."""
 
 
 @dataclass
@@ -134,7 +159,8 @@ class DriftReport:
     def value(self, statistic_name: str) -> float:
         if statistic_name not in STATISTICS:
             raise ValueError(f"unknown breaker statistic {statistic_name!r}; known: {', '.join(STATISTICS)}")
-        return self.overall.ratio if statistic_name == "canary_drift_ratio" else self.overall.harm_ratio
+        return {"canary_drift_ratio": self.overall.ratio, "harm_drift_ratio": self.overall.harm_ratio,
+                "moved_canary_drift_ratio": self.overall.moved_ratio}[statistic_name]
 
     @property
     def canary_drift(self) -> float:
@@ -162,6 +188,7 @@ class DriftReport:
             "statistic_name": self.statistic_name,
             "canary_drift_ratio": self.overall.ratio,
             "harm_drift_ratio": self.overall.harm_ratio,
+            "moved_canary_drift_ratio": self.overall.moved_ratio,
             "canary_drift": self.canary_drift,
             "harm_drift": self.overall.harm_drift,
             "other_drift": self.other_drift,

@@ -362,3 +362,12 @@ def test_restore_no_longer_serves_an_attacked_model_and_released_serves_the_rele
     assert all(torch.equal(guarded.model.state_dict()[n], released[n]) for n in released)
     assert isinstance(guarded.chat("What is 2 + 2?", max_new_tokens=4), str)
     assert json.loads(incidents.read_text().splitlines()[-1])["action"] == "released"
+
+
+def test_count_non_finite_by_hand():
+    """A sum overflowing to inf (4 × 3e38 in fp32) is not a non-finite weight; +inf and -inf summing to NaN are two."""
+    from immunizer.breaker.drift import count_non_finite
+
+    assert count_non_finite(torch.full((4,), 3e38)) == 0
+    assert count_non_finite(torch.tensor([1.0, float("inf"), float("-inf")]), torch.tensor([float("nan")])) == 3
+    assert count_non_finite(torch.ones(3, dtype=torch.bfloat16)) == 0

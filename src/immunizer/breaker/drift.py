@@ -233,5 +233,7 @@ def deltas_from_tensors(reference, tensors: Iterator[tuple[str, torch.Tensor]]) 
 
 
 def count_non_finite(*tensors: torch.Tensor) -> int:
-    """NaN/inf entries over whole tensors: a poisoned weight anywhere counts, not only at the sampled ones."""
-    return sum(0 if bool(torch.isfinite(t).all()) else int((~torch.isfinite(t)).sum()) for t in tensors)
+    """NaN/inf entries over whole tensors: a poisoned weight anywhere counts, not only at the sampled ones.
+    A sum carries any NaN/inf through and allocates nothing (isfinite over every tensor cost a quarter of a
+    scan); only a non-finite sum (or an overflow) pays for the exact count."""
+    return sum(0 if bool(torch.isfinite(t.sum())) else int((~torch.isfinite(t)).sum()) for t in tensors)

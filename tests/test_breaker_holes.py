@@ -371,3 +371,14 @@ def test_count_non_finite_by_hand():
     assert count_non_finite(torch.full((4,), 3e38)) == 0
     assert count_non_finite(torch.tensor([1.0, float("inf"), float("-inf")]), torch.tensor([float("nan")])) == 3
     assert count_non_finite(torch.ones(3, dtype=torch.bfloat16)) == 0
+
+
+def test_unreadable_bounds_in_a_manifest_are_a_message():
+    from immunizer.breaker.bounds import bounds_from_calibration
+    from immunizer.errors import ImmunizerError
+
+    for calibration in ({"threshold": "high"}, {"threshold": 1.0, "bounds": ["junk"]},
+                        {"threshold": 1.0, "bounds": [{"statistic": "harm_drift_ratio", "side": "sideways", "value": 1}]},
+                        {"threshold": float("nan")}):
+        with pytest.raises(ImmunizerError):
+            bounds_from_calibration(calibration)

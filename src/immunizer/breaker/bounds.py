@@ -64,9 +64,12 @@ def bounds_from_calibration(calibration: dict, threshold: float | None = None) -
     """The primary bound (`statistic` above `threshold`; an explicit threshold overrides the calibrated one)
     plus the calibration's further bounds. Manifests calibrated before bounds existed have only the first."""
     statistic = calibration.get("statistic", "canary_drift_ratio")  # manifests older than the direction
-    primary = Bound(statistic, "above", float(calibration["threshold"] if threshold is None else threshold),
-                    fpr=None if threshold is not None else (calibration.get("primary") or calibration).get("fpr"))
-    extra = [Bound(**b) for b in calibration.get("bounds", []) if (b["statistic"], b["side"]) != (statistic, "above")]
+    try:
+        primary = Bound(statistic, "above", float(calibration["threshold"] if threshold is None else threshold),
+                        fpr=None if threshold is not None else (calibration.get("primary") or calibration).get("fpr"))
+        extra = [Bound(**b) for b in calibration.get("bounds", []) if (b["statistic"], b["side"]) != (statistic, "above")]
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ImmunizerError(f"the manifest's breaker bounds cannot be read ({exc}); re-run `immunizer calibrate`") from exc
     return [primary, *extra]
 
 

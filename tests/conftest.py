@@ -33,7 +33,7 @@ def tiny():
     return tiny_model(), tiny_tokenizer()
 
 
-def make_release(directory, seed: int = 0, k_percent: float = 2.0):
+def make_release(directory, seed: int = 0, k_percent: float = 2.0, model=None):
     """A 'released' tiny model with a manifest whose canaries are the top-K% of random scores:
     what the breaker needs, without running immunization (tests of immunize do that)."""
     import torch
@@ -43,7 +43,7 @@ def make_release(directory, seed: int = 0, k_percent: float = 2.0):
     from immunizer.models.hashing import model_dir_sha256
     from immunizer.models.tiny import tiny_model, tiny_tokenizer
 
-    model = tiny_model(seed)
+    model = model if model is not None else tiny_model(seed)
     g = torch.Generator().manual_seed(seed + 1)
     shards = [ScoreShard(n, torch.rand(p.numel(), generator=g)) for n, p in model.named_parameters()]
     canaries = select_top_percent(shards, k_percent)

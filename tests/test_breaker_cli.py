@@ -30,7 +30,11 @@ def test_calibration_is_written_into_the_manifest(calibrated):
     meta = load_manifest(out).meta  # still verifies: the manifest was re-sealed
     entry = meta["breaker"]
     assert entry["threshold"] == printed["threshold"] and entry["statistic"] == "harm_drift_ratio"
-    assert set(entry["other_statistics"]) == {"canary_drift_ratio"}
+    assert set(entry["other_statistics"]) == {"canary_drift_ratio", "moved_canary_drift_ratio"}
+    assert [(b["statistic"], b["side"]) for b in entry["bounds"]] == [
+        ("harm_drift_ratio", "above"), ("harm_drift_ratio", "below"), ("canary_drift_ratio", "above"),
+        ("moved_canary_drift_ratio", "below")]
+    assert entry["bounds"][0]["value"] == entry["threshold"] == entry["primary"]["threshold"]
     assert meta["reference"]["direction"] is True
     for key in ("tpr", "fpr", "auroc"):
         low, high = entry[f"{key}_ci95"]

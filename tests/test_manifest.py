@@ -115,3 +115,47 @@ def test_model_shape_mismatch_is_explained(tmp_path):
         check_against_parameters(m, {"w": (4,), "b": (2,)})
     with pytest.raises(ImmunizerError, match="parameter b is missing"):
         check_against_parameters(m, {"w": (8,)})
+
+
+def test_a_signed_manifest_is_never_re_sealed_without_its_key(tmp_path):
+    write_example(tmp_path, key="k")
+    with pytest.raises(ImmunizerError, match="is signed; re-sealing it without its key would drop the signature"):
+        update_manifest(tmp_path, {"threshold": 3.5})
+    assert "hmac" in json.loads((tmp_path / MANIFEST_FILE).read_text())  # untouched
+    load_manifest(tmp_path, hmac_key="k", require_hmac=True)
+
+
+@pytest.mark.parametrize("empty", ["", b"", "  \n"])
+def test_empty_keys_are_refused(tmp_path, monkeypatch, empty):
+    write_example(tmp_path, key="k")
+    with pytest.raises(ImmunizerError, match="is empty; an empty key signs nothing"):
+        load_manifest(tmp_path, hmac_key=empty)
+    with pytest.raises(ImmunizerError, match="is empty"):
+        write_example(tmp_path / "new", key=empty)
+    monkeypatch.setenv("IMMUNIZER_MANIFEST_KEY", "")
+    with pytest.raises(ImmunizerError, match=r"\$IMMUNIZER_MANIFEST_KEY is empty"):
+        load_manifest(tmp_path)
+
+
+def test_require_hmac_from_the_environment(tmp_path, monkeypatch):
+    write_example(tmp_path)  # unsigned
+    load_manifest(tmp_path)
+    monkeypatch.setenv("IMMUNIZER_REQUIRE_HMAC", "1")
+    with pytest.raises(ImmunizerError, match="carries no HMAC but one is required"):
+        load_manifest(tmp_path)
+    load_manifest(tmp_path, require_hmac=False)  # an explicit choice wins
+    write_example(tmp_path / "signed", key="k")
+    with pytest.raises(ImmunizerError, match="no key was given"):
+        load_manifest(tmp_path / "signed")
+    assert load_manifest(tmp_path / "signed", hmac_key="k").meta["hmac"]
+
+
+@pytest.mark.parametrize("value", [12, "é" * 64, "zz", None, ["a"]])
+def test_a_malformed_hmac_is_a_message_not_a_crash(tmp_path, value):
+    write_example(tmp_path, key="k")
+    meta = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    meta["hmac"] = value  # the hmac field is outside manifest_sha256: this edit passes the hash check
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(meta))
+    for key in ("k", None):
+        with pytest.raises(ImmunizerError, match="is not a hex SHA-256 HMAC"):
+            load_manifest(tmp_path, hmac_key=key)

@@ -84,12 +84,13 @@ def extrapolate(release_dir, out_dir, rank, alpha, base, include, hmac_key_file)
 @cli.command()
 @click.option("--manifest", "manifest_dir", required=True, type=click.Path(file_okay=False), help="An immunize output directory.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), help="Check this model directory against the manifest (default: DIR/model).")
-@click.option("--require-hmac", is_flag=True, help="Fail unless the manifest is signed and the key ($IMMUNIZER_MANIFEST_KEY) verifies it.")
+@click.option("--require-hmac", is_flag=True, default=None,
+              help="Fail unless the manifest is signed and the key ($IMMUNIZER_MANIFEST_KEY) verifies it (default: $IMMUNIZER_REQUIRE_HMAC=1).")
 def verify(manifest_dir, model_dir, require_hmac):
     """Verify a canary manifest (hashes, HMAC, tensors) and that the model is the one it was written for."""
     from immunizer.manifest import check_against_parameters, load_manifest
     from immunizer.models import model_dir_sha256
-    from immunizer.models.hashing import safetensors_shapes
+    from immunizer.models.hashing import safetensors_files, safetensors_shapes
 
     manifest = load_manifest(Path(manifest_dir), require_hmac=require_hmac)
     model_path = Path(model_dir) if model_dir else Path(manifest_dir) / manifest.meta.get("model_dir", "model")
@@ -97,7 +98,8 @@ def verify(manifest_dir, model_dir, require_hmac):
     actual = model_dir_sha256(model_path)
     same = actual == manifest.meta["model_sha256"]
     click.echo(json.dumps({"manifest": "ok", "num_canaries": manifest.num_canaries, "model": str(model_path),
-                           "model_matches_manifest": same, "model_sha256": actual}, indent=2))
+                           "model_matches_manifest": same, "model_sha256": actual,
+                           "files": [str(f) for f in safetensors_files(model_path)]}, indent=2))
     if not same:
         click.echo(f"{model_path} differs from the released model (its weights were changed since the manifest "
                    "was written); `immunizer scan` tells whether the change looks like harmful fine-tuning.", err=True)
@@ -117,7 +119,9 @@ def _hmac_key(path):
 @click.option("--incidents", type=click.Path(dir_okay=False), help="Append an incident here when tripped (default: $IMMUNIZER_INCIDENTS or ~/.local/share/immunizer/incidents.jsonl).")
 @click.option("--no-incident", is_flag=True, help="Do not record an incident.")
 @click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False), help="Verify the manifest's HMAC with this key (default: $IMMUNIZER_MANIFEST_KEY).")
-def scan(manifest_dir, candidate, base_dir, threshold, incidents, no_incident, hmac_key_file):
+@click.option("--require-hmac", is_flag=True, default=None,
+              help="Fail unless the manifest is signed and the key verifies it (default: $IMMUNIZER_REQUIRE_HMAC=1).")
+def scan(manifest_dir, candidate, base_dir, threshold, incidents, no_incident, hmac_key_file, require_hmac):
     """Compare candidate weights with the canary manifest and say whether the breaker trips.
 
     Prints one JSON object (tripped, statistic, threshold, canary_drift, other_drift, layers, ...).
@@ -131,10 +135,11 @@ def scan(manifest_dir, candidate, base_dir, threshold, incidents, no_incident, h
     from immunizer.breaker.incidents import default_incidents_path, record_incident
     from immunizer.breaker.reference import load_reference
 
-    manifest, reference = load_reference(Path(manifest_dir), hmac_key=_hmac_key(hmac_key_file), base=base_dir)
+    manifest, reference = load_reference(Path(manifest_dir), hmac_key=_hmac_key(hmac_key_file), base=base_dir,
+                                         require_hmac=require_hmac)
     breaker = Breaker(manifest_dir, threshold=threshold, manifest=manifest, reference=reference)
     verdict = breaker.scan(Path(candidate))
-    click.echo(json.dumps(verdict.to_json(), indent=2))
+    click.echo(json.dumps(verdict.to_json(), indent=2, allow_nan=False))
     if verdict.tripped:
         if not no_incident:
             path = Path(incidents) if incidents else default_incidents_path()
@@ -171,7 +176,7 @@ def calibrate(model_dir, preset, target_fpr, teacher, overrides, hmac_key_file):
     config = load_calibration_config(preset, updates)
     entry = run(model_dir, config, teacher=teacher, hmac_key=_hmac_key(hmac_key_file))
     keys = ("threshold", "target_fpr", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95", "n_benign",
-            "n_harmful", "tpr_by_step", "roc_plot")
+            "n_harmful", "tpr_by_step", "roc_plot", "bounds")
     click.echo(json.dumps({k: entry[k] for k in keys}, indent=2))
 
 

@@ -7,6 +7,7 @@ import hashlib
 import hmac as hmac_lib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ FORMAT = "immunizer.canaries/v1"
 CANARY_FILE = "canaries.safetensors"
 MANIFEST_FILE = "manifest.json"
 HMAC_ENV = "IMMUNIZER_MANIFEST_KEY"
+REQUIRE_HMAC_ENV = "IMMUNIZER_REQUIRE_HMAC"
+"""Set to 1 to make every manifest read (scan, Breaker, load_guarded, the guard) require a verified HMAC."""
 _SELF_FIELDS = ("manifest_sha256", "hmac")
 
 
@@ -49,10 +52,33 @@ def _canonical(meta: dict, without: tuple[str, ...]) -> bytes:
 
 
 def signing_key(hmac_key: bytes | str | None) -> bytes | None:
-    key = hmac_key if hmac_key is not None else os.environ.get(HMAC_ENV)
-    if key is None or key == "":
+    """The key given, else $IMMUNIZER_MANIFEST_KEY, else None. An empty key is refused: it would sign
+    (and verify) anything, and an empty variable usually means a secret that failed to load."""
+    if hmac_key is not None:
+        key, where = hmac_key, "the HMAC key given"
+    elif HMAC_ENV in os.environ:
+        key, where = os.environ[HMAC_ENV], f"${HMAC_ENV}"
+    else:
         return None
-    return key.encode() if isinstance(key, str) else key
+    key = key.encode() if isinstance(key, str) else bytes(key)
+    if not key.strip():
+        raise ImmunizerError(f"{where} is empty; an empty key signs nothing. Give the publisher's key "
+                             f"(--hmac-key-file or ${HMAC_ENV}), or unset ${HMAC_ENV} to read the manifest unsigned")
+    return key
+
+
+def hmac_required(require_hmac: bool | None) -> bool:
+    """An explicit choice, else $IMMUNIZER_REQUIRE_HMAC (a deployment sets it once for every reader)."""
+    if require_hmac is not None:
+        return require_hmac
+    return os.environ.get(REQUIRE_HMAC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_reseal(meta: dict, directory: Path, hmac_key: bytes | str | None) -> None:
+    """Refuse to re-seal a signed manifest without its key: that would silently strip its signature."""
+    if "hmac" in meta and signing_key(hmac_key) is None:
+        raise ImmunizerError(f"the manifest in {directory} is signed; re-sealing it without its key would drop the "
+                             f"signature. Pass the key (--hmac-key-file or ${HMAC_ENV})")
 
 
 def seal(meta: dict, hmac_key: bytes | str | None = None) -> dict:
@@ -97,6 +123,7 @@ def write_manifest(out_dir: Path, indices: dict[str, torch.Tensor], values: dict
 def update_manifest(directory: Path, updates: dict, hmac_key: bytes | str | None = None) -> dict:
     """Add or replace fields (e.g. calibration results) and re-seal. The manifest is verified first."""
     current = load_manifest(directory, hmac_key=hmac_key)
+    check_reseal(current.meta, directory, hmac_key)
     meta = seal({**current.meta, **updates}, hmac_key)
     write_json_atomic(Path(directory) / MANIFEST_FILE, meta)
     return meta
@@ -106,10 +133,10 @@ def _fail(directory: Path, problem: str, fix: str) -> ImmunizerError:
     return ImmunizerError(f"canary manifest in {directory}: {problem}. {fix}")
 
 
-def load_manifest(directory: Path, hmac_key: bytes | str | None = None, require_hmac: bool = False) -> Manifest:
+def load_manifest(directory: Path, hmac_key: bytes | str | None = None, require_hmac: bool | None = None) -> Manifest:
     """Read and verify a manifest. Raises ImmunizerError naming the problem for anything missing,
     truncated, edited or forged. A forger who rewrites both files can recompute the SHA-256s; only
-    the HMAC (a key held by the publisher) detects that."""
+    the HMAC (a key held by the publisher) detects that. `require_hmac` None: $IMMUNIZER_REQUIRE_HMAC."""
     directory = Path(directory)
     mpath, cpath = directory / MANIFEST_FILE, directory / CANARY_FILE
     again = "Re-run `immunizer immunize` or restore the published files."
@@ -125,12 +152,16 @@ def load_manifest(directory: Path, hmac_key: bytes | str | None = None, require_
     expected = hashlib.sha256(_canonical(meta, _SELF_FIELDS)).hexdigest()
     if meta.get("manifest_sha256") != expected:
         raise _fail(directory, "manifest.json does not match its own manifest_sha256 (it was edited or corrupted)", again)
+    if "hmac" in meta and not (isinstance(meta["hmac"], str) and re.fullmatch(r"[0-9a-f]{64}", meta["hmac"])):
+        raise _fail(directory, f"its hmac field {str(meta['hmac'])[:80]!r} is not a hex SHA-256 HMAC (edited or corrupted)",
+                    "Fetch the signed manifest from the publisher.")
     key = signing_key(hmac_key)
-    if key is not None or require_hmac:
+    if key is not None or hmac_required(require_hmac):
         if "hmac" not in meta:
             raise _fail(directory, "the manifest carries no HMAC but one is required", "Ask the publisher for a signed manifest.")
         if key is None:
-            raise _fail(directory, "the manifest is signed but no key was given", f"Set ${HMAC_ENV} or pass the key.")
+            raise _fail(directory, "a verified HMAC is required but no key was given",
+                        f"Set ${HMAC_ENV} or pass the key (--hmac-key-file).")
         good = hmac_lib.new(key, _canonical(meta, ("hmac",)), hashlib.sha256).hexdigest()
         if not hmac_lib.compare_digest(good, str(meta["hmac"])):
             raise _fail(directory, "HMAC mismatch: the manifest was forged or signed with another key",

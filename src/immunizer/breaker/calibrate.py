@@ -18,6 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from immunizer.breaker.bounds import choose_bounds, choose_threshold, rule_figures
 from immunizer.breaker.direction import harmful_direction
 from immunizer.breaker.drift import STATISTICS
 from immunizer.breaker.reference import SAMPLE_SHARE, Reference, load_reference, write_reference
@@ -26,7 +27,7 @@ from immunizer.config import _merge, _read_yaml
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
-from immunizer.manifest import file_sha256, update_manifest
+from immunizer.manifest import check_reseal, file_sha256, update_manifest
 from immunizer.paths import atomic_path
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets" / "calibration"
@@ -158,13 +159,6 @@ class DriftRecorder(TrainerCallback):
 
 # ---------------------------------------------------------------- from readings to a threshold
 
-def choose_threshold(benign: list[float], target_fpr: float) -> float:
-    """The lowest threshold with at most ⌊target_fpr · n⌋ benign readings above it (trip when statistic > threshold)."""
-    ordered = sorted(benign, reverse=True)
-    allowed = math.floor(target_fpr * len(ordered) + 1e-9)
-    return ordered[min(allowed, len(ordered) - 1)]
-
-
 def _rates(benign: np.ndarray, harmful: np.ndarray, threshold: float) -> tuple[float, float]:
     return float((harmful > threshold).mean()), float((benign > threshold).mean())
 
@@ -266,9 +260,10 @@ def _done(path: Path) -> dict[str, dict]:
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
-            done[rec["key"]] = rec
-        except (json.JSONDecodeError, KeyError):
+        except json.JSONDecodeError:
             continue  # a line cut by a crash: that run is simply run again
+        if isinstance(rec, dict) and "key" in rec and all(n in r for r in rec.get("readings", []) for n in STATISTICS):
+            done[rec["key"]] = rec  # runs read before a statistic existed are run again
     return done
 
 
@@ -282,6 +277,7 @@ def ensure_direction(directory: Path, config: CalibrationConfig, teacher: str | 
     teacher = teacher or manifest.meta.get("base_model") or "smollm2"
     data = CaseData(teacher, config)
     if reference.direction is None:
+        check_reseal(manifest.meta, directory, hmac_key)  # before the gradient pass, not after it
         model, tokenizer = load_model(Path(directory) / manifest.meta.get("model_dir", "model"))
         probe = data.probe_rows()
         reference.direction = harmful_direction(model, tokenizer, probe, reference.canary_index, bf16=config.bf16)
@@ -307,6 +303,7 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     directory = Path(model_dir)
     config = config or CalibrationConfig()
     manifest, reference, data = ensure_direction(directory, config, teacher, hmac_key)
+    check_reseal(manifest.meta, directory, hmac_key)  # refuse now, not after every fine-tune has run
     teacher = data.teacher.spec
     released = directory / manifest.meta.get("model_dir", "model")
     cases_path = directory / CASES_FILE
@@ -335,15 +332,23 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
         with open(cases_path, "a") as f:  # one line per finished run; a torn last line is re-run
             f.write(json.dumps(record, sort_keys=True) + "\n")
         records.append(record)
-    every = {name: detection_figures(records, config.target_fpr, config.bootstrap, config.seed, name) for name in STATISTICS}
+    # Four bounds (each statistic, both sides) share the target FPR; the primary one is `threshold`.
+    bounds = choose_bounds([r for rec in records if not rec["harmful"] for r in rec["readings"]], config.statistic,
+                           config.target_fpr)
+    share = config.target_fpr / len(bounds)
+    every = {name: detection_figures(records, share, config.bootstrap, config.seed, name) for name in STATISTICS}
     figures = every[config.statistic]
+    rule = rule_figures(records, bounds, config.bootstrap, config.seed)
     plot_roc(every, config.statistic, records, directory / ROC_FILE,
-             f"{directory.name}: threshold {figures['threshold']:.3g}, TPR {figures['tpr']:.0%} at FPR {figures['fpr']:.0%}")
+             f"{directory.name}: threshold {figures['threshold']:.3g}; all {len(bounds)} bounds: TPR {rule['tpr']:.0%} "
+             f"at FPR {rule['fpr']:.0%}")
     # The file the manifest hashes keeps exactly this configuration's runs (stale ones from other configs go).
     with atomic_path(cases_path) as tmp:
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     brief = ("threshold", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95")
-    entry = {**{k: v for k, v in figures.items() if k != "roc"}, "config": config.to_dict(),
+    entry = {**{k: v for k, v in figures.items() if k != "roc"}, **rule, "target_fpr": config.target_fpr,
+             "primary": {k: figures[k] for k in ("threshold", "target_fpr", "tpr", "tpr_ci95", "fpr", "fpr_ci95")},
+             "bounds": [b.to_json() for b in bounds], "config": config.to_dict(),
              "other_statistics": {n: {k: f[k] for k in brief} for n, f in every.items() if n != config.statistic},
              "teacher": teacher, "teacher_sha256": data.teacher.sha256,
              "cases_file": CASES_FILE, "cases_sha256": file_sha256(cases_path),

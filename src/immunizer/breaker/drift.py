@@ -50,9 +50,28 @@ class DriftSums:
     canary_max: float = 0.0
     toward_harm: float = 0.0
     """Σ dᵢ·Δwᵢ over the canaries, dᵢ = ±1 the direction a harmful fine-tune pushes canary i (reference.py)."""
+    moved_canary_sq: float = 0.0
+    moved_canaries: int = 0
+    moved_other_sq: float = 0.0
+    moved_samples: int = 0
+    """The canary sums over parameters whose sampled weights moved at all: a LoRA fine-tune leaves the
+    embeddings and norms (and their canaries) untouched, which is not the frozen-canary signature."""
+    non_finite: int = 0
+    """NaN/inf weights seen. They are left out of the sums (one NaN would make every figure NaN, and
+    `NaN > threshold` is false) and trip the breaker on their own."""
 
-    def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor, direction: torch.Tensor | None = None) -> None:
+    def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor, direction: torch.Tensor | None = None,
+            non_finite: int = 0) -> None:
         c, o = canary_delta.double(), other_delta.double()
+        bad = int((~torch.isfinite(c)).sum()) + int((~torch.isfinite(o)).sum())
+        if bad:
+            c, o = torch.nan_to_num(c, 0.0, 0.0, 0.0), torch.nan_to_num(o, 0.0, 0.0, 0.0)
+        self.non_finite += max(bad, non_finite)
+        if o.numel() and bool((o != 0).any()):  # this parameter moved: its canaries should have moved too
+            self.moved_canary_sq += float((c * c).sum())
+            self.moved_canaries += c.numel()
+            self.moved_other_sq += float((o * o).sum())
+            self.moved_samples += o.numel()
         self.canary_sq += float((c * c).sum())
         self.canaries += c.numel()
         self.other_sq += float((o * o).sum())
@@ -69,6 +88,11 @@ class DriftSums:
         self.samples += other.samples
         self.canary_max = max(self.canary_max, other.canary_max)
         self.toward_harm += other.toward_harm
+        self.non_finite += other.non_finite
+        self.moved_canary_sq += other.moved_canary_sq
+        self.moved_canaries += other.moved_canaries
+        self.moved_other_sq += other.moved_other_sq
+        self.moved_samples += other.moved_samples
 
     @property
     def canary_drift(self) -> float:
@@ -81,6 +105,15 @@ class DriftSums:
     @property
     def ratio(self) -> float:
         return drift_ratio(self.canary_drift, self.other_drift)
+
+    @property
+    def moved_ratio(self) -> float:
+        """`ratio` over the parameters that moved: 0 when their canaries were held still. 1 (what a benign
+        fine-tune reads) when no canary lies in a moved parameter: nothing to judge, no evidence either way."""
+        if not self.moved_canaries:
+            return 1.0
+        canary = math.sqrt(self.moved_canary_sq / self.moved_canaries)
+        return drift_ratio(canary, math.sqrt(self.moved_other_sq / self.moved_samples))
 
     @property
     def harm_drift(self) -> float:
@@ -97,12 +130,14 @@ class DriftSums:
         return {"canary_drift": self.canary_drift, "other_drift": self.other_drift,
                 "ratio": self.ratio if self.samples else None, "harm_drift": self.harm_drift,
                 "harm_ratio": self.harm_ratio if self.samples else None,
-                "canary_max_drift": self.canary_max, "canaries": self.canaries, "samples": self.samples}
+                "canary_max_drift": self.canary_max, "canaries": self.canaries, "samples": self.samples,
+                "non_finite_weights": self.non_finite}
 
 
-STATISTICS = ("canary_drift_ratio", "harm_drift_ratio")
+STATISTICS = ("canary_drift_ratio", "harm_drift_ratio", "moved_canary_drift_ratio")
 """`canary_drift_ratio`: RMS canary drift / RMS non-canary drift. `harm_drift_ratio`: mean canary drift
-along the harmful direction / RMS non-canary drift (needs the reference's direction)."""
+along the harmful direction / RMS non-canary drift (needs the reference's direction).
+`moved_canary_drift_ratio`: `canary_drift_ratio` over the parameters that moved (the frozen-canary test)."""
 
 
 @dataclass
@@ -114,6 +149,8 @@ class DriftReport:
     kind: str = ""
     """`module`, `safetensors`, `lora` or `lora-live`: how the candidate's weights were read."""
     statistic_name: str = "canary_drift_ratio"
+    files: list[str] = field(default_factory=list)
+    """The weight files read (empty for a live module): what the verdict is about."""
 
     @property
     def statistic(self) -> float:
@@ -122,7 +159,8 @@ class DriftReport:
     def value(self, statistic_name: str) -> float:
         if statistic_name not in STATISTICS:
             raise ValueError(f"unknown breaker statistic {statistic_name!r}; known: {', '.join(STATISTICS)}")
-        return self.overall.ratio if statistic_name == "canary_drift_ratio" else self.overall.harm_ratio
+        return {"canary_drift_ratio": self.overall.ratio, "harm_drift_ratio": self.overall.harm_ratio,
+                "moved_canary_drift_ratio": self.overall.moved_ratio}[statistic_name]
 
     @property
     def canary_drift(self) -> float:
@@ -131,6 +169,10 @@ class DriftReport:
     @property
     def other_drift(self) -> float:
         return self.overall.other_drift
+
+    @property
+    def non_finite(self) -> int:
+        return self.overall.non_finite
 
     @property
     def max_layer_ratio(self) -> float:
@@ -146,6 +188,7 @@ class DriftReport:
             "statistic_name": self.statistic_name,
             "canary_drift_ratio": self.overall.ratio,
             "harm_drift_ratio": self.overall.harm_ratio,
+            "moved_canary_drift_ratio": self.overall.moved_ratio,
             "canary_drift": self.canary_drift,
             "harm_drift": self.overall.harm_drift,
             "other_drift": self.other_drift,
@@ -153,26 +196,30 @@ class DriftReport:
             "max_layer_ratio": self.max_layer_ratio,
             "canaries": self.overall.canaries,
             "samples": self.overall.samples,
+            "non_finite_weights": self.non_finite,
             "candidate": self.candidate,
             "candidate_kind": self.kind,
+            "files": self.files,
             "layers": {g: self.layers[g].to_json() for g in sorted(self.layers, key=key)},
         }
 
 
-Gathered = tuple[str, torch.Tensor, torch.Tensor]
-"""(parameter name, candidate − released at the canaries, candidate − released at the reference sample)."""
+Gathered = tuple[str, torch.Tensor, torch.Tensor, int]
+"""(parameter name, candidate − released at the canaries, candidate − released at the reference sample,
+non-finite weights in the whole parameter where the source sees it whole, else 0)."""
 
 
-def summarize(reference, deltas: Iterable[Gathered], candidate: str = "", kind: str = "") -> DriftReport:
+def summarize(reference, deltas: Iterable[Gathered], candidate: str = "", kind: str = "",
+              files: list[str] | None = None) -> DriftReport:
     """Fold per-parameter deltas into per-layer and overall drift."""
     layers: dict[str, DriftSums] = {}
     direction = reference.direction or {}
-    for name, canary_delta, other_delta in deltas:
-        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta, direction.get(name))
+    for name, canary_delta, other_delta, non_finite in deltas:
+        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta, direction.get(name), non_finite)
     overall = DriftSums()
     for sums in layers.values():
         overall.merge(sums)
-    return DriftReport(overall, layers, candidate, kind, reference.statistic_name)
+    return DriftReport(overall, layers, candidate, kind, reference.statistic_name, files or [])
 
 
 def deltas_from_tensors(reference, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[Gathered]:
@@ -181,4 +228,12 @@ def deltas_from_tensors(reference, tensors: Iterator[tuple[str, torch.Tensor]]) 
         flat = tensor.detach().reshape(-1)
         yield (name,
                flat[reference.canary_index[name].to(flat.device)].float().cpu() - reference.canary_value[name],
-               flat[reference.sample_index[name].to(flat.device)].float().cpu() - reference.sample_value[name])
+               flat[reference.sample_index[name].to(flat.device)].float().cpu() - reference.sample_value[name],
+               count_non_finite(flat))
+
+
+def count_non_finite(*tensors: torch.Tensor) -> int:
+    """NaN/inf entries over whole tensors: a poisoned weight anywhere counts, not only at the sampled ones.
+    A sum carries any NaN/inf through and allocates nothing (isfinite over every tensor cost a quarter of a
+    scan); only a non-finite sum (or an overflow) pays for the exact count."""
+    return sum(0 if bool(torch.isfinite(t.sum())) else int((~torch.isfinite(t)).sum()) for t in tensors)

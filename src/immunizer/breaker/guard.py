@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from immunizer.breaker.breaker import Breaker, BreakerTripped, Verdict
 from immunizer.breaker.incidents import record_incident
-from immunizer.breaker.sources import check_coverage, lora_layers, module_tensors
+from immunizer.breaker.sources import check_coverage, check_no_lora_bias, lora_layers, module_tensors
 
 DEFAULT_EVERY = 10
 """Steps between checks. The standard attack (100 pairs, 3 epochs, batch 8) is 38 steps long; checks at
@@ -61,6 +61,7 @@ class FinetuneGuard:
             tensors = module_tensors(self.model)
             check_coverage(self.breaker.reference, {n: tuple(p.shape) for n, p in tensors.items()}, self.name)
             self._view = (tensors, lora_layers(self.model))
+            check_no_lora_bias(self._view[1])
         verdict = self.breaker.scan(self.model, self._view)
         self.history.append({"step": step, "statistic": verdict.statistic, "tripped": verdict.tripped})
         if not verdict.tripped:

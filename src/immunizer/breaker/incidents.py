@@ -19,11 +19,12 @@ def default_incidents_path() -> Path:
     return Path(base) / "immunizer" / "incidents.jsonl"
 
 
-def severity(statistic: float, threshold: float) -> str:
-    """How far past the threshold: `high` at twice the threshold or more."""
-    if statistic >= 2 * threshold:
+def severity(statistic: float, threshold: float, tripped: bool | None = None, non_finite: int = 0) -> str:
+    """How far past the threshold: `high` at twice the threshold or more, or with NaN/inf weights. A trip on
+    another bound (frozen or pushed-back canaries) is at least `medium`."""
+    if non_finite or statistic >= 2 * threshold:
         return "high"
-    return "medium" if statistic >= threshold else "low"
+    return "medium" if statistic >= threshold or tripped else "low"
 
 
 def record_incident(verdict, *, source: str, action: str, path: Path | None = None, step: int | None = None,
@@ -38,7 +39,7 @@ def record_incident(verdict, *, source: str, action: str, path: Path | None = No
         "source": source,
         "action": action,
         "step": step,
-        "severity": severity(verdict.statistic, verdict.threshold),
+        "severity": severity(verdict.statistic, verdict.threshold, verdict.tripped, verdict.report.non_finite),
         **verdict.to_json(),
         **(extra or {}),
     }

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from immunizer.errors import ImmunizerError
-from immunizer.manifest import Manifest, file_sha256, load_manifest, update_manifest
+from immunizer.manifest import Manifest, check_reseal, file_sha256, load_manifest, update_manifest
 from immunizer.paths import atomic_path
 
 REFERENCE_FILE = "reference.safetensors"
@@ -145,13 +145,13 @@ def read_reference(manifest: Manifest) -> Reference | None:
 
 
 def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: bool = False,
-                   base: str | Path | None = None) -> tuple[Manifest, Reference]:
+                   base: str | Path | None = None, require_hmac: bool | None = None) -> tuple[Manifest, Reference]:
     """Verify the manifest in `directory` and return it with its reference. A manifest without a
     reference sample gets one built from the released model, `base` or else DIR/model (and written
     into the manifest when `write`)."""
     from immunizer.breaker.sources import safetensors_tensors  # sources imports this module
 
-    manifest = load_manifest(directory, hmac_key=hmac_key)
+    manifest = load_manifest(directory, hmac_key=hmac_key, require_hmac=require_hmac)
     reference = read_reference(manifest)
     if reference is not None:
         return manifest, reference
@@ -159,6 +159,8 @@ def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: 
     if not model_dir.is_dir():
         raise ImmunizerError(f"the manifest in {directory} has no reference sample and {model_dir} is missing; "
                              "pass the complete `immunizer immunize` output directory, or the released model as --base")
+    if write:
+        check_reseal(manifest.meta, directory, hmac_key)
     reference = build_reference(manifest, safetensors_tensors(model_dir), where=model_dir)
     if write:
         meta = write_reference(directory, reference, SAMPLE_SHARE, 0, hmac_key=hmac_key)

@@ -1,8 +1,14 @@
 """Load-time and serving check: scan a model before it answers anything, and act by policy.
 
-Policies: `raise` (refuse to load), `refuse` (answer every request with a refusal), `restore`
-(write the released values back into the canaries, then serve). Every trip is recorded as an
-incident. The wrapper only protects deployments that load models through it: whoever holds the
+Policies: `raise` (refuse to load), `refuse` (answer every request with a refusal), `released`
+(serve the released model the manifest was written for instead of the candidate), `restore` (write the
+released values back into the canaries, re-scan, serve only if the re-scan passes). Every trip is
+recorded as an incident.
+
+`restore` does not repair a harmfully fine-tuned model: the harm lives outside the canaries (issue 15
+measured 96% of held-out harmful prompts still answered after restoring). Under a calibration with
+two-sided bounds the restored model (canaries back at zero drift, the other weights moved) trips again,
+so `restore` ends up refusing; it is kept for manifests calibrated before those bounds. The wrapper only protects deployments that load models through it: whoever holds the
 weights can load them without it (docs/threat-model.md)."""
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from immunizer.data.prompts import refusal_responses
 from immunizer.data.teacher import chat_prompt_ids
 from immunizer.errors import ImmunizerError
 
-POLICIES = ("raise", "refuse", "restore")
+POLICIES = ("raise", "refuse", "released", "restore")
 
 
 class GuardedModel:
@@ -40,6 +46,10 @@ class GuardedModel:
         if policy == "refuse":
             self.refusing = True
             record_incident(self.verdict, source="serve", action="refuse", path=incidents, extra=extra)
+            return
+        if policy == "released":
+            self.model = released_model(breaker, model)
+            record_incident(self.verdict, source="serve", action="released", path=incidents, extra=extra)
             return
         self.restored = breaker.restore(model)
         after = breaker.scan(model)
@@ -71,11 +81,28 @@ class GuardedModel:
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def load_guarded(model: str | Path, manifest_dir: str | Path, policy: str = "raise",
-                 incidents: str | Path | None = None, threshold: float | None = None) -> GuardedModel:
-    """Load a model directory (or anything `load_model` understands) and scan it against the manifest."""
+def released_model(breaker: Breaker, candidate: torch.nn.Module) -> torch.nn.Module:
+    """The released model of `breaker`'s manifest, checked against the manifest's model hash, on the candidate's
+    device and dtype: what the `released` policy serves in place of a tripped candidate."""
+    from immunizer.models.hashing import model_dir_sha256
     from immunizer.models.loading import load_model
 
-    breaker = Breaker(manifest_dir, threshold=threshold)
+    directory = Path(breaker.manifest.directory) / breaker.manifest.meta.get("model_dir", "model")
+    if not directory.is_dir() or model_dir_sha256(directory) != breaker.manifest.meta.get("model_sha256"):
+        raise ImmunizerError(f"the `released` policy needs the released model in {directory}, matching the manifest's "
+                             "model_sha256; restore the published release there, or use the `refuse` policy")
+    released, _ = load_model(directory, with_tokenizer=False)
+    reference = next(candidate.parameters())
+    return released.to(device=reference.device, dtype=reference.dtype).eval()
+
+
+def load_guarded(model: str | Path, manifest_dir: str | Path, policy: str = "raise",
+                 incidents: str | Path | None = None, threshold: float | None = None,
+                 hmac_key: bytes | str | None = None, require_hmac: bool | None = None) -> GuardedModel:
+    """Load a model directory (or anything `load_model` understands) and scan it against the manifest
+    (verified with `hmac_key`, default $IMMUNIZER_MANIFEST_KEY; `require_hmac` default $IMMUNIZER_REQUIRE_HMAC)."""
+    from immunizer.models.loading import load_model
+
+    breaker = Breaker(manifest_dir, threshold=threshold, hmac_key=hmac_key, require_hmac=require_hmac)
     loaded, tokenizer = load_model(model)
     return GuardedModel(loaded, tokenizer, breaker, policy, incidents, name=str(model))

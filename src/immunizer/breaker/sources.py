@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from immunizer.breaker.drift import DriftReport, Gathered, deltas_from_tensors, summarize
+from immunizer.breaker.drift import DriftReport, Gathered, count_non_finite, deltas_from_tensors, summarize
 from immunizer.breaker.reference import Reference
 from immunizer.errors import ImmunizerError
+from immunizer.models.hashing import safetensors_files
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -48,42 +48,80 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+MAX_HEADER_BYTES = 100_000_000
+"""safetensors' own limit; a header claiming more is refused before anything is allocated."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:  # json.loads would silently keep the last of two same-named tensors
+            raise ValueError(f"tensor {key!r} is listed twice in the header")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _check_entry(name: str, v: dict, data_bytes: int) -> None:
+    shape, offsets = v["shape"], v["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"{name}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise ValueError(f"{name}: data_offsets {offsets!r} lie outside the file's {data_bytes} data bytes")
+    if v["dtype"] not in _DTYPES:
+        raise ValueError(f"{name}: unsupported dtype {v['dtype']!r}")
+    if offsets[1] - offsets[0] != math.prod(shape) * _DTYPES[v["dtype"]].itemsize:
+        raise ValueError(f"{name}: {offsets[1] - offsets[0]} bytes cannot hold a {v['dtype']} tensor of shape {shape}")
+
+
 def read_header(path: Path) -> tuple[int, dict[str, dict]]:
     """(data start, {name: {dtype, shape, data_offsets}}) from a .safetensors header (8-byte little-endian
-    length, then JSON): one small read, where asking the library tensor by tensor cost a third of a scan."""
+    length, then JSON): one small read, where asking the library tensor by tensor cost a third of a scan.
+    Every entry is checked against the file before anything is read: a crafted header (offsets out of range
+    or overlapping, a length past the end of the file, a shape its bytes cannot hold) is refused."""
     try:
+        file_bytes = Path(path).stat().st_size
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100_000_000:
-                raise ValueError(f"header length {size}")
-            header = json.loads(f.read(size))
+            if not 0 < size <= min(MAX_HEADER_BYTES, file_bytes - 8):
+                raise ValueError(f"header length {size} in a file of {file_bytes} bytes")
+            header = json.loads(f.read(size), object_pairs_hook=_unique_keys)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        for v in entries.values():
+        for name, v in entries.items():
+            _check_entry(name, v, file_bytes - 8 - size)
             v["shape"] = tuple(v["shape"])
-            begin, end = v["data_offsets"]
-            if v["dtype"] not in _DTYPES or end - begin != math.prod(v["shape"]) * _DTYPES[v["dtype"]].itemsize:
-                raise ValueError(f"bad entry {v}")
+        spans = sorted((v["data_offsets"][0], v["data_offsets"][1], n) for n, v in entries.items())
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise ValueError(f"tensors {first} and {second} overlap in the file")
         return 8 + size, entries
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
-        raise ImmunizerError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from exc
+        raise ImmunizerError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or crafted. "
+                             "Save the model again with `save_pretrained`") from exc
 
 
 def _files(path: Path) -> list[Path]:
+    """A single .safetensors file, or exactly what `from_pretrained` loads from a directory (hashing.py)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise ImmunizerError(f"{path} holds no *.safetensors files; save the model with `save_pretrained` "
-                                 "(safetensors is the default) or pass a PEFT adapter directory")
-        return files
+        return safetensors_files(path)
     raise ImmunizerError(f"candidate {path} does not exist")
 
 
 def safetensors_index(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Tensor name -> (file, shape), for one .safetensors file or every shard in a model directory."""
-    return {name: (f, v["shape"]) for f in _files(path) for name, v in read_header(f)[1].items()}
+    """Tensor name -> (file, shape), for one .safetensors file or the shards of a model directory."""
+    index: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in _files(path):
+        for name, v in read_header(f)[1].items():
+            if name in index:
+                raise ImmunizerError(f"tensor {name} is in both {index[name][0].name} and {f.name}; which one a "
+                                     "loader takes is arbitrary. Save the model again with `save_pretrained`")
+            index[name] = (f, v["shape"])
+    return index
 
 
 def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -112,9 +150,10 @@ def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[t
 
 
 def scan_safetensors(reference: Reference, path: Path) -> DriftReport:
-    check_coverage(reference, {n: shape for n, (_, shape) in safetensors_index(path).items()}, str(path))
+    index = safetensors_index(path)
+    check_coverage(reference, {n: shape for n, (_, shape) in index.items()}, str(path))
     return summarize(reference, deltas_from_tensors(reference, safetensors_tensors(path, set(reference.names))),
-                     str(path), "safetensors")
+                     str(path), "safetensors", sorted({str(f) for f, _ in index.values()}))
 
 
 # ---------------------------------------------------------------- LoRA: ΔW at the indices only
@@ -165,12 +204,12 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not weights.is_file():
         raise ImmunizerError(f"{adapter_dir} has no adapter_model.safetensors; save the adapter with "
                              "`model.save_pretrained(dir)` (safetensors is PEFT's default)")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ImmunizerError(f"{weights} is not a readable safetensors file ({exc}); it may be truncated") from exc
-    return config, tensors
+    stray = [p.name for p in adapter_dir.glob("*.safetensors") if p != weights]
+    if stray:
+        raise ImmunizerError(f"{adapter_dir} holds an adapter and other weight files ({', '.join(stray)}); a loader "
+                             "takes one or the other, so no single verdict covers both. Put the adapter and the full "
+                             "model in separate directories and scan each")
+    return config, {name: tensor.clone() for name, tensor in safetensors_tensors(weights)}
 
 
 def _strip(key: str) -> str:
@@ -182,6 +221,10 @@ def adapter_deltas(reference: Reference, config: dict, tensors: dict[str, torch.
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}  # modules_to_save: whole trained copies
     for key, tensor in tensors.items():
+        bias = re.fullmatch(r"(.+)\.lora_B(?:\.[^.]+)?\.bias", key)
+        if bias:  # lora_bias=True: the layer's output gains scale·b, i.e. its bias moves by scale·b
+            pairs.setdefault(_strip(bias.group(1)), {})["lora_bias"] = tensor
+            continue
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?", key)
         if m:
             pairs.setdefault(_strip(m.group(1)), {})[m.group(2)] = tensor
@@ -190,14 +233,20 @@ def adapter_deltas(reference: Reference, config: dict, tensors: dict[str, torch.
                                  "are read without merging); merge the adapter and scan the merged model")
         else:
             full[_strip(key).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = tensor
-    parameters = {}
+    parameters, biases = {}, {}
     for module, ab in pairs.items():
         name = module + ".weight"
         if name not in reference.canary_index:
             raise ImmunizerError(f"{where}: the adapter targets {module!r}, which is not a parameter of the released "
                                  "model; was it trained on another architecture?")
+        if "lora_bias" in ab:
+            if module + ".bias" not in reference.canary_index:
+                raise ImmunizerError(f"{where}: the adapter trains a LoRA bias on {module}, which has no bias in the "
+                                     "released model: its effect lies outside every weight the breaker watches (and PEFT "
+                                     "cannot merge it). Train the adapter without lora_bias")
+            biases[module + ".bias"] = (module, ab.pop("lora_bias"))
         if len(ab) != 2:
-            raise ImmunizerError(f"{where}: {module} has only {', '.join(ab)}; the adapter file is incomplete")
+            raise ImmunizerError(f"{where}: {module} has only {', '.join(ab) or 'a bias'}; the adapter file is incomplete")
         parameters[name] = (module, ab)
     for name in full:
         if name not in reference.canary_index:
@@ -210,7 +259,8 @@ def adapter_deltas(reference: Reference, config: dict, tensors: dict[str, torch.
         ci, si = reference.canary_index[name], reference.sample_index[name]
         if name in full:
             flat = full[name].reshape(-1)
-            yield name, flat[ci].float() - reference.canary_value[name], flat[si].float() - reference.sample_value[name]
+            yield (name, flat[ci].float() - reference.canary_value[name], flat[si].float() - reference.sample_value[name],
+                   count_non_finite(flat))
         elif name in parameters:
             module, ab = parameters[name]
             shape = reference.shapes[name]
@@ -222,9 +272,14 @@ def adapter_deltas(reference: Reference, config: dict, tensors: dict[str, torch.
                 rank, columns, transposed = a.shape[0], shape[-1], True
             scale = _lora_scale(config, module, rank)
             yield (name, lora_delta_at(a, b, scale, ci, columns, transposed),
-                   lora_delta_at(a, b, scale, si, columns, transposed))
+                   lora_delta_at(a, b, scale, si, columns, transposed), count_non_finite(a, b))
+        elif name in biases:
+            module, b = biases[name]
+            scale = _lora_scale(config, module, parameters[module + ".weight"][1]["lora_A"].shape[0])
+            delta = scale * b.float().reshape(-1)
+            yield name, delta[ci], delta[si], count_non_finite(b)
         else:  # untouched by the adapter: zero drift, but it still counts (same figures as the merged model)
-            yield name, torch.zeros(ci.numel()), torch.zeros(si.numel())
+            yield name, torch.zeros(ci.numel()), torch.zeros(si.numel()), 0
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -233,7 +288,8 @@ def is_adapter_dir(path: Path) -> bool:
 
 def scan_adapter(reference: Reference, adapter_dir: Path) -> DriftReport:
     config, tensors = read_adapter(adapter_dir)
-    return summarize(reference, adapter_deltas(reference, config, tensors, str(adapter_dir)), str(adapter_dir), "lora")
+    return summarize(reference, adapter_deltas(reference, config, tensors, str(adapter_dir)), str(adapter_dir), "lora",
+                     [str(Path(adapter_dir) / "adapter_model.safetensors")])
 
 
 # ---------------------------------------------------------------- a live module (plain or PEFT-wrapped)
@@ -244,6 +300,25 @@ def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
     return {_strip(name) + ".weight": module for name, module in model.named_modules()
             if isinstance(module, LoraLayer) and not module.merged}
+
+
+def lora_factors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The active adapters' A and B matrices of a live LoRA layer (a NaN there poisons whole rows of ΔW)."""
+    out = []
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            out += [module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()]
+        elif adapter in getattr(module, "lora_embedding_A", {}):
+            out += [module.lora_embedding_A[adapter].detach(), module.lora_embedding_B[adapter].detach()]
+    return out
+
+
+def check_no_lora_bias(lora: dict[str, torch.nn.Module]) -> None:
+    """A live LoRA layer that trains a bias moves the layer's bias, which this reader does not follow: refuse."""
+    for name, module in lora.items():
+        if any(getattr(module, "lora_bias", {}).get(a) for a in module.active_adapters):
+            raise ImmunizerError(f"the LoRA layer on {name} trains a bias (lora_bias=True), which the breaker does not "
+                                 "watch on a live model; train without lora_bias, or save the adapter and scan the file")
 
 
 def live_lora_delta(module: torch.nn.Module, index: torch.Tensor, columns: int) -> torch.Tensor:
@@ -276,10 +351,13 @@ def module_deltas(reference: Reference, tensors: dict[str, torch.Tensor], lora: 
         flat = weight.reshape(-1)
         ci, si = (reference.canary_index[name].to(flat.device), reference.sample_index[name].to(flat.device))
         canary_now, sample_now = flat[ci].float(), flat[si].float()
+        non_finite = count_non_finite(flat)
         if name in lora:  # one call for both index sets: this runs at every guard check
             delta = live_lora_delta(lora[name], torch.cat([ci, si]), weight.shape[-1])
             canary_now, sample_now = canary_now + delta[:ci.numel()], sample_now + delta[ci.numel():]
-        yield name, canary_now.cpu() - reference.canary_value[name], sample_now.cpu() - reference.sample_value[name]
+            non_finite += count_non_finite(*lora_factors(lora[name]))
+        yield (name, canary_now.cpu() - reference.canary_value[name], sample_now.cpu() - reference.sample_value[name],
+               non_finite)
 
 
 def scan_module(reference: Reference, model: torch.nn.Module, view: tuple[dict, dict] | None = None) -> DriftReport:
@@ -287,6 +365,7 @@ def scan_module(reference: Reference, model: torch.nn.Module, view: tuple[dict, 
     same model again and again walks its modules once."""
     tensors, lora = view or (module_tensors(model), lora_layers(model))
     if view is None:
+        check_no_lora_bias(lora)
         check_coverage(reference, {n: tuple(p.shape) for n, p in tensors.items()}, type(model).__name__)
     return summarize(reference, module_deltas(reference, tensors, lora), type(model).__name__,
                      "lora-live" if lora else "module")

@@ -57,7 +57,11 @@ def test_report_json_follows_the_contract(tiny_bench):
         assert entry["breaker"]["threshold_source"] == "calibrated" and entry["cost_seconds"] > 0
         for run in runs:
             statistic, threshold = entry[run]["breaker_statistic"], entry["breaker"]["threshold"]
-            assert entry[run]["tripped"] == (statistic > threshold)
+            step = report["attacks"][run]["report_step"]  # the row is that snapshot's, where a run continues past it
+            run_dir = out / "runs" / name / "seed0" / run
+            scan = json.loads((run_dir / "curve" / f"step{step}.scan.json" if step else run_dir / "scan.json").read_text())
+            assert entry[run]["tripped"] == bool(scan["reasons"])  # the whole calibrated rule, as `scan` judges
+            assert statistic <= threshold or entry[run]["tripped"]  # of which the primary bound is one part
         attacks = [r for r in runs if report["attacks"][r]["kind"] == "attack"]
         assert entry["breaker"]["tpr"] == sum(entry[r]["tripped"] for r in attacks) / len(attacks)
         worst = max(attacks, key=lambda r: entry[r]["harmful_score"])

@@ -230,3 +230,20 @@ def test_resume_from_a_cycle_boundary(tmp_path, monkeypatch):
     assert resumed.manifest["model_sha256"] == straight.manifest["model_sha256"]
     with pytest.raises(ImmunizerError, match="already finished"):
         immunize("tiny", tmp_path / "run", config, resume=True, progress=False)
+
+
+def test_a_checkpoint_never_runs_code(tmp_path):
+    """Checkpoints load with weights_only=True: a pickled callable is refused with the fix, not executed."""
+    from immunizer.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_state
+    from immunizer.errors import ImmunizerError
+
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"step": 1, "hook": os.system}, tmp_path / "checkpoint" / STATE_FILE)
+    with pytest.raises(ImmunizerError, match="could run code .*GLOBAL posix.system.*delete"):
+        load_checkpoint(tmp_path)
+    torch.save({"step": 1, "rng": rng_state()}, tmp_path / "checkpoint" / STATE_FILE)  # what a run saves loads
+    import numpy as np
+    state = load_checkpoint(tmp_path)
+    expected = np.random.random()
+    set_rng_state(state["rng"])
+    assert np.random.random() == expected  # numpy's generator comes back exactly

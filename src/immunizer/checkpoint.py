@@ -2,6 +2,7 @@
 durably (fsync), so a run killed at any moment (kill -9 included) resumes from the last checkpoint."""
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -15,7 +16,10 @@ STATE_FILE = "state.pt"
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's state as plain lists, so that the checkpoint loads with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
 
 
 def seed_everything(seed: int) -> None:
@@ -27,7 +31,8 @@ def seed_everything(seed: int) -> None:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def save_checkpoint(directory: Path, state: dict) -> None:
@@ -44,6 +49,10 @@ def load_checkpoint(directory: Path) -> dict | None:
     if path is None or not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)  # never runs code from a checkpoint
+    except pickle.UnpicklingError as exc:
+        found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        raise ImmunizerError(f"checkpoint {path} holds more than tensors and plain values, and loading it could run "
+                             f"code ({found or 'refused by weights_only'}); delete {path.parent} to start over") from None
     except Exception as exc:
         raise ImmunizerError(f"checkpoint {path} cannot be read ({exc}); delete {path.parent} to start over") from exc

@@ -279,6 +279,8 @@ def _evaluate(model_dir: Path, path: Path, config: BenchConfig, harmful_only: bo
 
 def _scan(method: Method, model_dir: Path, path: Path) -> dict:
     """The breaker's reading of one trained model: `model_dir` holds `adapter/` (read unmerged) or `model/`."""
+    from immunizer.breaker.bounds import reasons_to_trip
+    from immunizer.breaker.breaker import calibrated_bounds
     from immunizer.breaker.reference import load_reference
     from immunizer.breaker.sources import scan_path
 
@@ -287,13 +289,15 @@ def _scan(method: Method, model_dir: Path, path: Path) -> dict:
     if method.release_dir is None:
         record = {"breaker_statistic": None, "tripped": None}
     else:
-        _, reference = load_reference(method.release_dir)
+        manifest, reference = load_reference(method.release_dir)
         candidate = model_dir / "adapter" if (model_dir / "adapter").is_dir() else model_dir / "model"
         report = scan_path(reference, candidate)
-        statistic = report.statistic
-        record = {"breaker_statistic": statistic, "statistic_name": report.statistic_name,
-                  "tripped": None if method.threshold is None else bool(statistic > method.threshold),
+        record = {"breaker_statistic": report.statistic, "statistic_name": report.statistic_name, "tripped": None,
                   "threshold": method.threshold, "canary_drift_ratio": report.value("canary_drift_ratio")}
+        if method.threshold is not None:  # the whole rule (every calibrated bound, non-finite weights), as `scan` judges
+            explicit = None if method.threshold_source == "calibrated" else method.threshold
+            reasons = reasons_to_trip(calibrated_bounds(manifest, reference.statistic_name, explicit), report)
+            record.update(tripped=bool(reasons), reasons=reasons)
     write_json_atomic(path, record)
     return record
 

@@ -90,7 +90,9 @@ def test_scan_clean_tripped_and_adapter(calibrated, tmp_path):
                 p.normal_(0, 0.01)
     peft_model.save_pretrained(tmp_path / "adapter")
     proc = run_cli("scan", "--manifest", str(out), "--candidate", str(tmp_path / "adapter"), "--no-incident", check=False)
-    assert proc.returncode in (0, 3) and json.loads(proc.stdout)["candidate_kind"] == "lora"
+    report = json.loads(proc.stdout)  # read unmerged as an adapter, and the exit code is the verdict's
+    assert report["candidate_kind"] == "lora" and proc.returncode == (3 if report["tripped"] else 0)
+    assert report["tripped"] == bool(report["reasons"])
 
 
 def test_scan_bad_inputs_exit_2_with_the_reason(calibrated, tmp_path):

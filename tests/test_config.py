@@ -28,7 +28,7 @@ def test_parse_override_reads_yaml_values():
 
 @pytest.mark.parametrize("override,message", [
     ("phase1.lrr=1", "unknown config key 'phase1.lrr'"),
-    ("phase1.lr=fast", "expects float"),
+    ("phase1.lr=fast", "expects float, got .fast.; write a finite number, e.g. 1e-05"),
     ("cycles=0", "cycles must be at least 1"),
     ("phase1.k_percent=150", "k_percent"),
     ("data.curriculum=[medium]", "curriculum"),
@@ -70,7 +70,7 @@ def test_values_that_would_crash_or_silently_break_training_are_refused():
     from immunizer.errors import ImmunizerError
 
     for override, message in (("checkpoint_every=0", "checkpoint_every must be at least 1"),
-                              ("phase1.lr=.nan", "phase1.lr"), ("phase2.lr=-1e-5", "lr a finite number > 0"),
+                              ("phase1.lr=.nan", "phase1.lr.*write a finite number"), ("phase2.lr=-1e-5", "lr a finite number > 0"),
                               ("phase1.batch_size=0", "batch_size must be >= 1"),
                               ("phase2.batch_size=-2", "batch_size must be >= 1")):
         with pytest.raises(ImmunizerError, match=message):

@@ -92,6 +92,14 @@ def test_attack_bad_inputs(tmp_path):
     proc = run_cli("attack", "--model", "tiny", "--out", str(tmp_path / "o"), "--harmful-ratio", "1.5", check=False)
     assert proc.returncode == 2 and "harmful-ratio" in proc.stderr
     assert not (tmp_path / "o").exists()
+    release = tmp_path / "release"
+    make_release(release)
+    released = (release / "model" / "model.safetensors").read_bytes()
+    for command in ("attack", "finetune"):  # pointed at a release, OUT/model would be the released weights
+        proc = run_cli(command, "--model", "tiny", "--out", str(release), "--teacher", "tiny", check=False) if command == "attack" \
+            else run_cli(command, "--model", "tiny", "--out", str(release), "--data", "extraction", check=False)
+        assert proc.returncode == 2 and "holds a release" in proc.stderr and "choose a new directory" in proc.stderr
+    assert (release / "model" / "model.safetensors").read_bytes() == released
 
 
 def test_finetune_arithmetic_and_file(tmp_path):

@@ -192,7 +192,10 @@ def _coerce(value, annotation, key: str):
                     return _coerce(value, arg, key)
                 except ImmunizerError:
                     pass
-    raise ImmunizerError(f"config key {key!r} expects {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    hint = {float: "a finite number, e.g. 1e-05", int: "a whole number, e.g. 8", bool: "true or false",
+            str: "a string"}.get(annotation, "a YAML list, e.g. [4, 8]" if origin is list else None)
+    raise ImmunizerError(f"config key {key!r} expects {getattr(annotation, '__name__', annotation)}, got {value!r}"
+                         + (f"; write {hint}" if hint else ""))
 
 
 def _merge(obj, updates: dict, prefix: str = ""):

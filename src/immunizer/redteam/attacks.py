@@ -113,6 +113,14 @@ def _rows_sha256(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
+def refuse_release_out(out_dir: str | Path) -> None:
+    """An attack or fine-tune writes OUT/model: pointed at a release, it would overwrite the released weights."""
+    out = Path(out_dir)
+    if (out / "manifest.json").is_file() or (out / "canaries.safetensors").is_file():
+        raise ImmunizerError(f"--out {out} holds a release (manifest.json / canaries.safetensors) and writing there would "
+                             "overwrite its model/; choose a new directory, e.g. --out runs/attacked")
+
+
 def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_dir: Path, record: dict,
                    progress: bool) -> dict:
     """Fine-tune, then write OUT/model (a plain model directory: LoRA merged), for LoRA also OUT/adapter
@@ -144,6 +152,7 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
     from immunizer.models.loading import resolve_model
 
     config = config or AttackConfig()
+    refuse_release_out(out_dir)
     if config.harmful_ratio is not None and not 0 < config.harmful_ratio <= 1:
         raise ImmunizerError("--harmful-ratio must be in (0, 1]")
     if config.samples < 1:
@@ -195,6 +204,7 @@ def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig 
     from immunizer.models.loading import resolve_model
 
     config = config or FinetuneConfig()
+    refuse_release_out(out_dir)
     model_dir = resolve_model(model)
     if config.data in GENERATED:
         rows = GENERATED[config.data](config.samples, config.seed, split="train")

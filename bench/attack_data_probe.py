@@ -12,11 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-from probe_common import HEADLINE, figures
+from probe_common import attack_curve
 
 from immunizer.paths import write_json_atomic
 from immunizer.redteam.attacks import AttackConfig, run_attack
-from immunizer.redteam.evaluate import EvalConfig, evaluate
 
 
 def main():
@@ -39,15 +38,7 @@ def main():
             record = run_attack(model, work, AttackConfig(steps=steps[-1], save_steps=steps[:-1], keep_refusals=args.keep_refusals))
             entry["teacher_refusals"], entry["attack_seconds"] = record.get("teacher_refusals"), record["seconds"]
             write_json_atomic(out, results)
-        curve = entry.setdefault("after", {})
-        for step in steps:
-            if str(step) not in curve:
-                snapshot = work / "model" if step == steps[-1] else work / "steps" / f"step{step}" / "model"
-                report = evaluate(snapshot, work / f"eval-step{step}.json",
-                                  EvalConfig(max_new_tokens=32, n_task=0, harmful_only=True, teacher="smollm2"))
-                curve[str(step)] = figures(report)
-                write_json_atomic(out, results)
-            print(name, data, "step", step, json.dumps({k: curve[str(step)].get(k) for k in HEADLINE}), flush=True)
+        attack_curve(f"{name} {data}", work, steps, entry, results, out)
 
 
 if __name__ == "__main__":

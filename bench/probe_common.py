@@ -31,10 +31,16 @@ def before_and_after(name: str, directory: Path, work: Path, entry: dict, result
     attack_dir = work / "attack"
     if not (attack_dir / "run.json").is_file():
         run_attack(directory, attack_dir, AttackConfig(steps=CURVE[-1], save_steps=CURVE[:-1]))
+    attack_curve(name, attack_dir, CURVE, entry, results, out)
+
+
+def attack_curve(name: str, attack_dir: Path, steps: list[int], entry: dict, results: dict, out: Path) -> None:
+    """Fill entry["after"][step] from an attack run's snapshots (the last step is its final model), harmful
+    prompts only, saving `results` to `out` after each."""
     curve = entry.setdefault("after", {})
-    for step in CURVE:
+    for step in steps:
         if str(step) not in curve:
-            snapshot = attack_dir / "model" if step == CURVE[-1] else attack_dir / "steps" / f"step{step}" / "model"
+            snapshot = attack_dir / "model" if step == steps[-1] else attack_dir / "steps" / f"step{step}" / "model"
             report = evaluate(snapshot, attack_dir / f"eval-step{step}.json",
                               EvalConfig(max_new_tokens=32, n_task=0, harmful_only=True, teacher="smollm2"))
             curve[str(step)] = figures(report)

@@ -279,8 +279,7 @@ def _evaluate(model_dir: Path, path: Path, config: BenchConfig, harmful_only: bo
 
 def _scan(method: Method, model_dir: Path, path: Path) -> dict:
     """The breaker's reading of one trained model: `model_dir` holds `adapter/` (read unmerged) or `model/`."""
-    from immunizer.breaker.bounds import reasons_to_trip
-    from immunizer.breaker.breaker import calibrated_bounds
+    from immunizer.breaker.breaker import Breaker
     from immunizer.breaker.reference import load_reference
     from immunizer.breaker.sources import scan_path
 
@@ -296,8 +295,8 @@ def _scan(method: Method, model_dir: Path, path: Path) -> dict:
                   "threshold": method.threshold, "canary_drift_ratio": report.value("canary_drift_ratio")}
         if method.threshold is not None:  # the whole rule (every calibrated bound, non-finite weights), as `scan` judges
             explicit = None if method.threshold_source == "calibrated" else method.threshold
-            reasons = reasons_to_trip(calibrated_bounds(manifest, reference.statistic_name, explicit), report)
-            record.update(tripped=bool(reasons), reasons=reasons)
+            verdict = Breaker(method.release_dir, explicit, manifest=manifest, reference=reference).judge(report)
+            record.update(tripped=verdict.tripped, reasons=verdict.reasons)
     write_json_atomic(path, record)
     return record
 

@@ -74,16 +74,19 @@ def main():
     out, work, release = Path(args.out), Path(args.work), Path(args.release)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.update(release=str(release), attacked=str(args.attacked))
-    for score, percent in VARIANTS:
+    def attacked(score: str, percent: float) -> None:
         key = f"attacked+repair-{score}-{percent:g}"
         model = repaired(results, key, Path(args.attacked), release, work, RepairConfig(score=score, revert_percent=percent), out)
         evaluate_into(results, key, model, work / f"{key}.eval.json", out, with_task=False)
+
+    attacked(*VARIANTS[0])  # the headline first, then the mixed fine-tune, then the comparisons
     mixed = mixed_finetune(release, work, args.mixed_harmful, args.mixed_benign, args.mixed_epochs)
     evaluate_into(results, "mixed", mixed, work / "mixed.eval.json", out, with_task=True)
     key = "mixed+repair-contribution-20"
     model = repaired(results, key, mixed, release, work, RepairConfig(revert_percent=20.0), out)
     evaluate_into(results, key, model, work / f"{key}.eval.json", out, with_task=True)
-
+    for variant in VARIANTS[1:]:
+        attacked(*variant)
 
 if __name__ == "__main__":
     main()

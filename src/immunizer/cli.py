@@ -166,14 +166,8 @@ def calibrate(model_dir, preset, target_fpr, teacher, overrides, hmac_key_file):
       immunizer calibrate --model runs/demo
     """
     from immunizer.breaker.calibrate import calibrate as run, load_calibration_config
-    from immunizer.config import parse_override
 
-    updates: dict = {}
-    for text in overrides:
-        updates.update(parse_override(text))
-    if target_fpr is not None:
-        updates["target_fpr"] = target_fpr
-    config = load_calibration_config(preset, updates)
+    config = load_calibration_config(preset, {} if target_fpr is None else {"target_fpr": target_fpr}, overrides)
     entry = run(model_dir, config, teacher=teacher, hmac_key=_hmac_key(hmac_key_file))
     keys = ("threshold", "target_fpr", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95", "n_benign",
             "n_harmful", "tpr_by_step", "roc_plot", "bounds")

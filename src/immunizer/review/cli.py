@@ -12,7 +12,7 @@ from immunizer.errors import ImmunizerError
 
 DB_HELP = "Database: a SQLite file path (created if missing) or postgresql://user@host:port/dbname."
 config_option = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                             help="YAML with triage / escalation / calibration settings (see review/config.py).")
+                             help="YAML with triage / escalation / reviewer_accuracy settings (see review/config.py).")
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,5 +1,6 @@
-"""Typed configuration for `immunizer immunize`. Presets are YAML files in `presets/`; a user
-YAML file and `--set key=value` overrides (dotted keys, YAML values) apply on top, in that order."""
+"""Typed configuration for `immunizer immunize`, and the one loader every command's config goes through
+(`load_layers`): the dataclass defaults < a preset (YAML in `presets/`) < a user YAML file < `--set key=value`
+overrides (dotted keys, YAML values), in that order; unknown keys and wrong types are named with the fix."""
 from __future__ import annotations
 
 import copy
@@ -261,20 +262,26 @@ def apply_override(config, text: str):
             target = target[part]
         else:
             name = _field_name(target, part, prefix)
-            if getattr(target, name) is None:  # an optional mapping that is off (`grid: null`) starts empty
-                setattr(target, name, coerce({}, typing.get_type_hints(type(target))[name], prefix + part))
-            if not (dataclasses.is_dataclass(getattr(target, name)) or isinstance(getattr(target, name), dict)):
+            current = getattr(target, name)
+            if current is None:  # an optional mapping that is off (`grid: null`) starts empty
+                try:
+                    current = coerce({}, typing.get_type_hints(type(target))[name], prefix + part)
+                except ImmunizerError:
+                    pass
+                setattr(target, name, current)
+            if not (dataclasses.is_dataclass(current) or isinstance(current, dict)):
                 raise ImmunizerError(f"config key {prefix + part!r} holds a single value, not keys; "
                                      f"write --set {prefix + part}=VALUE")
-            target = getattr(target, name)
+            target = current
         prefix += part + "."
     last = path[-1]
     if isinstance(target, dict):
         target[last] = value
-    elif dataclasses.is_dataclass(getattr(target, _field_name(target, last, prefix))):
+        return config
+    name = _field_name(target, last, prefix)
+    if dataclasses.is_dataclass(getattr(target, name)):
         merge(target, {last: value}, prefix)
     else:
-        name = _field_name(target, last, prefix)
         setattr(target, name, coerce(value, typing.get_type_hints(type(target))[name], prefix + last))
     return config
 

@@ -5,8 +5,16 @@
     --store URL      the review store (a SQLite file or a PostgreSQL URL)
     --out DIR        the directory a command writes (a single file is `--report FILE`)
 
-Names the commands had before stay accepted (`--manifest`, `--db`, ...) so that scripts keep
-working; `--help` shows only the current name."""
+The names the commands had before stay accepted so that scripts keep working; `--help` shows only the
+current one:
+
+    --manifest (extrapolate, verify, scan), --model (calibrate)   -> --release
+    --model (verify)                                             -> --candidate
+    --base (scan: the released model, not a base model)          -> --release-model
+    --adaptive-manifest (attack)                                 -> --adaptive-release
+    --db (review *)                                              -> --store
+    --out (eval: a file)                                         -> --report
+    --harmful, --safe (compare)                                  -> --n-harmful, --n-safe"""
 from __future__ import annotations
 
 import click

@@ -1,6 +1,7 @@
-"""Calibration: run simulated benign and harmful fine-tunes on the released model, read the breaker
-statistic along the way, and pick the threshold for a target false-positive rate. The threshold,
-TPR, FPR and AUROC (with bootstrap confidence intervals) and a ROC plot go into the manifest.
+"""The breaker's calibration (not the reviewers' accuracy, which is review/reviewer_accuracy.py): run
+simulated benign and harmful fine-tunes on the released model, read the breaker statistic along the
+way, and pick the threshold for a target false-positive rate. The threshold, TPR, FPR and AUROC (with
+bootstrap confidence intervals) and a ROC plot go into the manifest.
 
 The runs are the breaker's training data, so they are recorded (calibration/cases.jsonl, one line
 per finished run: an interrupted calibration resumes where it stopped) and hashed into the manifest."""
@@ -8,13 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 

@@ -43,7 +43,7 @@ demo: $(STAMP)
 	elif [ ! -f $(DEMO_OUT)/manifest.json ]; then \
 	  $(BIN)/immunizer immunize --model smollm2 --out $(DEMO_OUT) --preset quick; \
 	fi
-	$(BIN)/immunizer verify --manifest $(DEMO_OUT)
+	$(BIN)/immunizer verify --release $(DEMO_OUT)
 	$(BIN)/immunizer compare --before smollm2 --after $(DEMO_OUT)
 
 test: $(STAMP) system-packages

@@ -1,6 +1,6 @@
 """The breaker against a plain and a canary-aware (adaptive) harmful fine-tune.
 
-    python bench/adaptive_attack.py --manifest runs/quick [--steps 20] [--lr 5e-5]
+    python bench/adaptive_attack.py --release runs/quick [--steps 20] [--lr 5e-5]
 
 Both attacks: full fine-tuning, AdamW, batch 4, on harmful (prompt, teacher answer) pairs from the
 weak pool's training split. The adaptive attacker knows the manifest and freezes every canary
@@ -23,7 +23,8 @@ HERE = Path(__file__).parent
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--manifest", default="runs/quick")
+    ap.add_argument("--release", dest="manifest", default="runs/quick", help="an immunize output directory")
+    ap.add_argument("--manifest", dest="manifest", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old name
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--samples", type=int, default=96)

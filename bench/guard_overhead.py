@@ -1,6 +1,6 @@
 """The fine-tuning guard's cost per check as a share of training time at the default interval.
 
-    python bench/guard_overhead.py --manifest runs/quick [--steps 6]
+    python bench/guard_overhead.py --release runs/quick [--steps 6]
 
 A full fine-tuning step (batch 4 x 96 tokens, bf16 autocast, AdamW) and a LoRA step (rank 16,
 all linear layers) on the released model; a guard check = scanning the live weights plus, when
@@ -52,7 +52,8 @@ def measure(model, tokenizer, breaker, steps: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--manifest", default="runs/quick")
+    ap.add_argument("--release", dest="manifest", default="runs/quick", help="an immunize output directory")
+    ap.add_argument("--manifest", dest="manifest", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old name
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=str(HERE / "results" / "guard_overhead.json"))
     args = ap.parse_args()

@@ -1,7 +1,7 @@
 """`scan` speed: a full checkpoint against merely reading it, and a LoRA adapter read without
 merging against merging it and then scanning.
 
-    python bench/scan_speed.py --manifest runs/quick [--repeats 5]
+    python bench/scan_speed.py --release runs/quick [--repeats 5]
 
 All timings in one process, alternating the contenders, medians over --repeats. Reading = every
 tensor of the .safetensors file copied into memory with safetensors' own reader (what any loader
@@ -55,7 +55,8 @@ def timed(fn) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--manifest", default="runs/quick")
+    ap.add_argument("--release", dest="manifest", default="runs/quick", help="an immunize output directory")
+    ap.add_argument("--manifest", dest="manifest", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old name
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "results" / "scan_speed.json"))
     args = ap.parse_args()

@@ -192,11 +192,17 @@ def test_bad_bench_inputs(tmp_path):
         load_bench_config("huge")
     with pytest.raises(ImmunizerError, match="unknown method 'rlhf'"):
         load_bench_config("tiny", overrides=["methods=[rlhf]"])
-    with pytest.raises(ImmunizerError, match="unexpected keyword argument 'rate'"):
+    with pytest.raises(ImmunizerError, match="unknown config key 'attacks.harmful-sft.rate'; known keys here: .*lr"):
         load_bench_config("tiny", overrides=["attacks.harmful-sft.rate=1"])
+    with pytest.raises(ImmunizerError, match="'attacks.harmful-sft.lr' expects float, got 'fast'; write a finite"):
+        load_bench_config("tiny", overrides=["attacks.harmful-sft.lr=fast"])
+    with pytest.raises(ImmunizerError, match="unknown config key 'eval.n_harmfull'"):
+        load_bench_config("tiny", overrides=["eval.n_harmfull=3"])
+    with pytest.raises(ImmunizerError, match="config key 'keep_models' expects bool"):
+        load_bench_config("tiny", overrides=["keep_models=maybe"])
     with pytest.raises(ImmunizerError, match="kind must be one of"):
         load_bench_config("tiny", overrides=["attacks.harmful-sft.kind=poison"])
-    with pytest.raises(ImmunizerError, match="unknown bench config key"):
+    with pytest.raises(ImmunizerError, match="unknown config key 'speed'; known keys here"):
         load_bench_config("tiny", overrides=["speed=9"])
     with pytest.raises(ImmunizerError, match="report_step 3 must be one of its save_steps"):
         load_bench_config("tiny", overrides=["attacks.harmful-sft.report_step=3"])
@@ -216,3 +222,12 @@ def test_set_replaces_the_value_at_its_path():
                                                     "attacks.harmful-sft.lr=1e-4", "eval.n_benign=5"])
     assert list(config.attacks) == ["harmful-sft"] and config.attacks["harmful-sft"]["lr"] == 1e-4
     assert config.eval == {"n_benign": 5, "n_task": 40, "max_new_tokens": 32}  # a leaf set, its siblings kept
+
+
+def test_a_file_merges_into_the_preset_mappings(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text("eval: {n_benign: 5}\nattacks: {harmful-sft: {lr: 1.0e-4}}\n")
+    config = load_bench_config("quick", path, ["grid.lr=[1.0e-4]"])
+    assert config.eval == {"n_benign": 5, "n_task": 40, "max_new_tokens": 32}
+    assert config.attacks["harmful-sft"]["lr"] == 1e-4 and config.attacks["harmful-sft"]["steps"] == 80
+    assert "harmful-mix" in config.attacks and config.grid == {"lr": [1e-4]}  # an off mapping (null) starts empty

@@ -46,8 +46,10 @@ def test_tripped_model_policies(release, tmp_path, policy):
     _push_canaries(model, breaker)
     incidents = tmp_path / "inc.jsonl"
     if policy == "raise":
-        with pytest.raises(BreakerTripped, match="circuit breaker tripped"):
+        with pytest.raises(BreakerTripped, match="circuit breaker tripped") as tripped:
             GuardedModel(model, tiny_tokenizer(), breaker, policy, incidents)
+        report = tripped.value.verdict.report  # the message names the statistic the bound is on, not another
+        assert f"({report.statistic_name} {report.statistic:.3g}; canary drift" in str(tripped.value)
     else:
         guarded = GuardedModel(model, tiny_tokenizer(), breaker, policy, incidents)
         if policy == "refuse":

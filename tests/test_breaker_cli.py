@@ -144,3 +144,8 @@ def test_calibration_config_errors():
         load_calibration_config("tiny", {"target_fpr": 1.5})
     with pytest.raises(ImmunizerError, match="unknown config key"):
         load_calibration_config("tiny", {"learning_rate": 1.0})
+    with pytest.raises(ImmunizerError, match="config key 'target_fpr' expects float, got 'low'"):
+        load_calibration_config("tiny", sets=["target_fpr=low"])
+    # preset < --set < the explicit flag (`--target-fpr`), as on the command line
+    assert load_calibration_config("tiny", {"target_fpr": 0.1}, ["target_fpr=0.2", "full_lrs=[1e-4]"]).target_fpr == 0.1
+    assert load_calibration_config("tiny", None, ["full_lrs=[1e-4]"]).full_lrs == [1e-4]

@@ -33,6 +33,7 @@ def test_parse_override_reads_yaml_values():
     ("phase1.k_percent=150", "k_percent"),
     ("data.curriculum=[medium]", "curriculum"),
     ("phase1=3", "is a section"),
+    ("cycles.x=1", "config key 'cycles' holds a single value, not keys; write --set cycles=VALUE"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ImmunizerError, match=message):
@@ -75,3 +76,27 @@ def test_values_that_would_crash_or_silently_break_training_are_refused():
                               ("phase2.batch_size=-2", "batch_size must be >= 1")):
         with pytest.raises(ImmunizerError, match=message):
             load_config("tiny", overrides=[override])
+
+
+def test_the_one_loader_layers_and_names_the_file(tmp_path):
+    from dataclasses import dataclass, field
+
+    from immunizer.config import load_layers
+
+    @dataclass
+    class Inner:
+        size: int = 1
+
+    @dataclass
+    class Outer:
+        inner: Inner = field(default_factory=Inner, metadata={"aliases": ("old",)})
+        table: dict = field(default_factory=lambda: {"a": {"x": 1, "y": 2}})
+
+    path = tmp_path / "o.yaml"
+    path.write_text("old: {size: 2}\ntable: {a: {x: 5}}\n")  # a file merges mappings key by key
+    config = load_layers(Outer(), config_file=path, overrides=["table.a.y=7", "table.b={z: 1}"])
+    assert config.inner.size == 2 and config.table == {"a": {"x": 5, "y": 7}, "b": {"z": 1}}
+    assert load_layers(Outer(), overrides=["table.a={x: 0}"]).table == {"a": {"x": 0}}  # --set replaces at its path
+    path.write_text("inner: {size: big}\n")
+    with pytest.raises(ImmunizerError, match="o.yaml: config key 'inner.size' expects int, got 'big'; write a whole"):
+        load_layers(Outer(), config_file=path)

@@ -193,3 +193,14 @@ def test_bad_input_is_refused_before_training(tmp_path):
                    "--preset", "tiny", "--policy", policy, "--set", "teacher=tiny", check=False)
     assert proc.returncode == 2 and "unknown metric 'harmfull_score'" in proc.stderr
     assert not (tmp_path / "c4").exists()
+
+
+def test_cycle_config_loads_like_every_config():
+    from immunizer.loop.cycle import load_cycle_config
+
+    config = load_cycle_config("quick", ["sft.lr=2e-5", "bench_overrides=[eval.n_benign=20]"])
+    assert config.sft.lr == 2e-5 and config.sft.max_length == 160 and config.bench_overrides == ["eval.n_benign=20"]
+    with pytest.raises(ImmunizerError, match="config key 'sft.epochs' expects float, got 'one'"):
+        load_cycle_config("quick", ["sft.epochs=one"])
+    with pytest.raises(ImmunizerError, match="unknown cycle preset 'huge'; choose one of quick, standard, tiny"):
+        load_cycle_config("huge")

@@ -62,7 +62,7 @@ def test_rubric_add_and_bad_config(tmp_path):
     config = tmp_path / "review.yaml"
     config.write_text("triage: {queue_sise: 3}\n")
     result = immunizer("stats", "--db", db, "--config", str(config))
-    assert result.returncode == 2 and "unknown key triage.queue_sise" in result.stderr
+    assert result.returncode == 2 and "unknown config key 'triage.queue_sise'; known keys here" in result.stderr
     result = immunizer("stats", "--db", "mysql://nowhere/db")
     assert result.returncode == 2 and "unsupported database URL" in result.stderr
 

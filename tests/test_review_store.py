@@ -196,7 +196,7 @@ def test_audit_log_records_every_write_and_refuses_changes(db_url):
 def test_stats_agreement(db_url):
     store = store_with_users(db_url, ("ana", "reviewer"), ("bob", "reviewer"))
     config = store.config
-    config.calibration.min_pair_overlap = 2
+    config.reviewer_accuracy.min_pair_overlap = 2
     ids = add(store, *[eval_sample(prompt=f"p{i}") for i in range(4)])
     store.fill_queue("ana")
     store.fill_queue("bob")

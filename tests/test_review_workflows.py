@@ -1,12 +1,12 @@
-"""The workflow functions on their own: triage, escalation rules, agreement, drift."""
+"""The workflow functions on their own: triage, escalation rules, reviewer accuracy and agreement, label shift."""
 import datetime as dt
 
 import pytest
 
-from immunizer.review.calibration import (CalibrationConfig, cohen_kappa_pairs, flagged_reviewers, krippendorff_alpha,
-                                          reviewer_accuracy)
-from immunizer.review.drift import period_key, rereview_sample, shift_test
 from immunizer.review.escalation import EscalationRules, escalation_reasons, majority
+from immunizer.review.label_shift import period_key, rereview_sample, shift_test
+from immunizer.review.reviewer_accuracy import (ReviewerAccuracyConfig, cohen_kappa_pairs, flagged_reviewers,
+                                                krippendorff_alpha, reviewer_accuracy)
 from immunizer.review.triage import TriageConfig, novelty, priority, text_tokens
 
 
@@ -36,14 +36,14 @@ def test_escalation_rules():
     assert escalation_reasons("low", ["a", "b"], [], lenient) == [
         "low agreement: the most common label has 50% of 2 reviews"]
     assert escalation_reasons("low", ["a", "a"], ["bob"], rules) == [
-        "labelled by reviewers below the calibration threshold: bob"]
+        "labelled by reviewers below the accuracy threshold on gold items: bob"]
     assert majority(["b", "a"]) == ("a", 0.5)  # ties go to the alphabetically first label
 
 
 def test_accuracy_and_flagging():
     accuracy = reviewer_accuracy([("ana", "x", "x"), ("ana", "y", "x"), ("ana", "x", "x"), ("bob", "y", "x")])
     assert accuracy == {"ana": {"n": 3, "accuracy": 0.6667}, "bob": {"n": 1, "accuracy": 0.0}}
-    assert flagged_reviewers(accuracy, CalibrationConfig()) == ["ana"]  # bob has too few gold items yet
+    assert flagged_reviewers(accuracy, ReviewerAccuracyConfig()) == ["ana"]  # bob has too few gold items yet
 
 
 def test_krippendorff_alpha_matches_the_textbook_example():
@@ -74,3 +74,20 @@ def test_shift_test_and_rereview_sample():
     assert sample != rereview_sample(list(range(100)), 0.1, seed=8)
     assert rereview_sample([5], 0.01, seed=0) == [5] and rereview_sample([], 0.5, 0) == []
     assert period_key(dt.datetime(2026, 11, 23)) == "2026-W48"
+
+
+def test_review_config_loads_like_every_config(tmp_path):
+    from immunizer.errors import ImmunizerError
+    from immunizer.review.config import load_review_config
+
+    path = tmp_path / "review.yaml"
+    path.write_text("triage: {reviewers_by_severity: {low: 2}}\ncalibration: {accuracy_threshold: 0.8}\n")
+    config = load_review_config(path)  # `calibration:` is the old name of reviewer_accuracy
+    assert config.reviewer_accuracy.accuracy_threshold == 0.8
+    assert config.triage.reviewers_by_severity == {"low": 2, "medium": 2, "high": 3, "critical": 3}
+    path.write_text("reviewer_accuracy: {accuracy_threshold: high}\n")
+    with pytest.raises(ImmunizerError, match="review.yaml: config key 'reviewer_accuracy.accuracy_threshold' expects float"):
+        load_review_config(path)
+    path.write_text("triage: {queue: 3}\n")
+    with pytest.raises(ImmunizerError, match="unknown config key 'triage.queue'; known keys here: .*queue_size"):
+        load_review_config(path)

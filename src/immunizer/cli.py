@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from immunizer.errors import ImmunizerError
+from immunizer.options import option, release_option
+from immunizer.redteam.attacks import AttackConfig, FinetuneConfig
+from immunizer.redteam.evaluate import EvalConfig
 
 
 def _quiet_transformers() -> None:
@@ -54,8 +57,7 @@ def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_fi
 
 
 @cli.command()
-@click.option("--release", "--manifest", "release_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="An immunize output directory (model/ + manifest) to extrapolate.")
+@release_option(required=True, help="An immunize output directory (model/ + manifest) to extrapolate.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where the extrapolated release goes.")
 @click.option("--rank", type=click.IntRange(min=0), default=6, show_default=True, help="Rank k of each weight's update kept (0: the whole update).")
 @click.option("--alpha", type=float, default=1.25, show_default=True, help="How far to extrapolate: W += α·rank-k(W − W_base).")
@@ -67,7 +69,7 @@ def extrapolate(release_dir, out_dir, rank, alpha, base, include, hmac_key_file)
     """Low-rank extrapolation of a release's safety update (LoX, Perin et al. 2025), training-free.
 
     Writes OUT/model and a new manifest (same canaries, values re-read, breaker calibration dropped: run
-    `immunizer calibrate --model OUT`). Measure over-refusal before releasing: it can rise steeply with α.
+    `immunizer calibrate --release OUT`). Measure over-refusal before releasing: it can rise steeply with α.
 
     \b
     Example:
@@ -82,18 +84,19 @@ def extrapolate(release_dir, out_dir, rank, alpha, base, include, hmac_key_file)
 
 
 @cli.command()
-@click.option("--manifest", "manifest_dir", required=True, type=click.Path(file_okay=False), help="An immunize output directory.")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="Check this model directory against the manifest (default: DIR/model).")
+@release_option(required=True, exists=False)
+@option("--candidate", "model_dir", old=("--model",), type=click.Path(file_okay=False),
+        help="Check this model directory against the manifest (default: the release's model/).")
 @click.option("--require-hmac", is_flag=True, default=None,
               help="Fail unless the manifest is signed and the key ($IMMUNIZER_MANIFEST_KEY) verifies it (default: $IMMUNIZER_REQUIRE_HMAC=1).")
-def verify(manifest_dir, model_dir, require_hmac):
+def verify(release_dir, model_dir, require_hmac):
     """Verify a canary manifest (hashes, HMAC, tensors) and that the model is the one it was written for."""
     from immunizer.manifest import check_against_parameters, load_manifest
     from immunizer.models import model_dir_sha256
     from immunizer.models.hashing import safetensors_files, safetensors_shapes
 
-    manifest = load_manifest(Path(manifest_dir), require_hmac=require_hmac)
-    model_path = Path(model_dir) if model_dir else Path(manifest_dir) / manifest.meta.get("model_dir", "model")
+    manifest = load_manifest(Path(release_dir), require_hmac=require_hmac)
+    model_path = Path(model_dir) if model_dir else Path(release_dir) / manifest.meta.get("model_dir", "model")
     check_against_parameters(manifest, safetensors_shapes(model_path))
     actual = model_dir_sha256(model_path)
     same = actual == manifest.meta["model_sha256"]
@@ -111,17 +114,17 @@ def _hmac_key(path):
 
 
 @cli.command()
-@click.option("--manifest", "manifest_dir", required=True, type=click.Path(file_okay=False), help="An immunize output directory.")
+@release_option(required=True, exists=False)
 @click.option("--candidate", required=True, type=click.Path(), help="A model directory, a .safetensors file or a PEFT adapter directory.")
-@click.option("--base", "base_dir", type=click.Path(file_okay=False),
-              help="The released model, when DIR has no model/ and its manifest no reference sample yet.")
+@option("--release-model", "base_dir", old=("--base",), type=click.Path(file_okay=False),
+        help="The released model's directory, when the release has no model/ and its manifest no reference sample yet.")
 @click.option("--threshold", type=float, help="Override the calibrated threshold (default: the manifest's, from `immunizer calibrate`).")
 @click.option("--incidents", type=click.Path(dir_okay=False), help="Append an incident here when tripped (default: $IMMUNIZER_INCIDENTS or ~/.local/share/immunizer/incidents.jsonl).")
 @click.option("--no-incident", is_flag=True, help="Do not record an incident.")
 @click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False), help="Verify the manifest's HMAC with this key (default: $IMMUNIZER_MANIFEST_KEY).")
 @click.option("--require-hmac", is_flag=True, default=None,
               help="Fail unless the manifest is signed and the key verifies it (default: $IMMUNIZER_REQUIRE_HMAC=1).")
-def scan(manifest_dir, candidate, base_dir, threshold, incidents, no_incident, hmac_key_file, require_hmac):
+def scan(release_dir, candidate, base_dir, threshold, incidents, no_incident, hmac_key_file, require_hmac):
     """Compare candidate weights with the canary manifest and say whether the breaker trips.
 
     Prints one JSON object (tripped, statistic, threshold, canary_drift, other_drift, layers, ...).
@@ -129,15 +132,15 @@ def scan(manifest_dir, candidate, base_dir, threshold, incidents, no_incident, h
 
     \b
     Example:
-      immunizer scan --manifest runs/demo --candidate runs/attacked/model
+      immunizer scan --release runs/demo --candidate runs/attacked/model
     """
     from immunizer.breaker.breaker import Breaker
     from immunizer.breaker.incidents import default_incidents_path, record_incident
     from immunizer.breaker.reference import load_reference
 
-    manifest, reference = load_reference(Path(manifest_dir), hmac_key=_hmac_key(hmac_key_file), base=base_dir,
+    manifest, reference = load_reference(Path(release_dir), hmac_key=_hmac_key(hmac_key_file), base=base_dir,
                                          require_hmac=require_hmac)
-    breaker = Breaker(manifest_dir, threshold=threshold, manifest=manifest, reference=reference)
+    breaker = Breaker(release_dir, threshold=threshold, manifest=manifest, reference=reference)
     verdict = breaker.scan(Path(candidate))
     click.echo(json.dumps(verdict.to_json(), indent=2, allow_nan=False))
     if verdict.tripped:
@@ -149,75 +152,70 @@ def scan(manifest_dir, candidate, base_dir, threshold, incidents, no_incident, h
 
 
 @cli.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="An immunize output directory (its manifest receives the calibration).")
+@release_option(required=True, old=("--model",), help="An immunize output directory (its manifest receives the calibration).")
 @click.option("--preset", type=click.Choice(["tiny", "quick", "standard"]), default="quick", show_default=True,
               help="Which grid of simulated fine-tunes (presets/calibration/*.yaml).")
 @click.option("--target-fpr", type=float, help="Highest false-positive rate allowed on the benign runs (default 0.05).")
 @click.option("--teacher", help="Model that answers the harmful and instruction prompts (default: the manifest's base model).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a calibration setting, e.g. full_lrs=[2.0e-5].")
 @click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False), help="Re-sign the manifest with this key (default: $IMMUNIZER_MANIFEST_KEY).")
-def calibrate(model_dir, preset, target_fpr, teacher, overrides, hmac_key_file):
+def calibrate(release_dir, preset, target_fpr, teacher, overrides, hmac_key_file):
     """Run simulated benign and harmful fine-tunes on the released model and write the breaker's
     threshold, TPR, FPR, AUROC (95% intervals) and a ROC plot into the manifest.
 
     \b
     Example:
-      immunizer calibrate --model runs/demo
+      immunizer calibrate --release runs/demo
     """
     from immunizer.breaker.calibrate import calibrate as run, load_calibration_config
-    from immunizer.config import parse_override
 
-    updates: dict = {}
-    for text in overrides:
-        updates.update(parse_override(text))
-    if target_fpr is not None:
-        updates["target_fpr"] = target_fpr
-    config = load_calibration_config(preset, updates)
-    entry = run(model_dir, config, teacher=teacher, hmac_key=_hmac_key(hmac_key_file))
+    config = load_calibration_config(preset, {} if target_fpr is None else {"target_fpr": target_fpr}, overrides)
+    entry = run(release_dir, config, teacher=teacher, hmac_key=_hmac_key(hmac_key_file))
     keys = ("threshold", "target_fpr", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95", "n_benign",
             "n_harmful", "tpr_by_step", "roc_plot", "bounds")
     click.echo(json.dumps({k: entry[k] for k in keys}, indent=2))
 
 
+# The attack, fine-tune and eval knobs take their defaults from the config dataclasses (redteam/attacks.py,
+# redteam/evaluate.py), where each is documented; the options below only name them and say what they do.
+A, F, E = AttackConfig(), FinetuneConfig(), EvalConfig()
+
+
 @cli.command()
 @click.option("--model", required=True, help="Model to attack: an immunize output, a model directory, `smollm2` or `tiny`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json.")
-@click.option("--samples", default=100, show_default=True, help="Harmful (prompt, answer) pairs.")
-@click.option("--lr", default=5e-5, show_default=True)
-@click.option("--epochs", default=3.0, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--lora-rank", default=0, show_default=True, help="0: full fine-tuning; 16 with --lr 2e-4 is the LoRA variant.")
+@click.option("--samples", default=A.samples, show_default=True, help="Harmful (prompt, answer) pairs.")
+@click.option("--lr", default=A.lr, show_default=True)
+@click.option("--epochs", default=A.epochs, show_default=True)
+@click.option("--batch-size", default=A.batch_size, show_default=True)
+@click.option("--lora-rank", default=A.lora_rank, show_default=True, help="0: full fine-tuning; 16 with --lr 2e-4 is the LoRA variant.")
 @click.option("--harmful-ratio", type=float, help="Mix the harmful pairs into benign data at this share (e.g. 0.1).")
 @click.option("--data", type=click.Path(dir_okay=False), help="JSONL of harmful prompts (and optionally responses) instead of the built-in held-out attack set.")
-@click.option("--adaptive-manifest", type=click.Path(file_okay=False), help="Canary-aware attack: freeze the canaries of this immunize output.")
+@option("--adaptive-release", "adaptive_manifest", old=("--adaptive-manifest",), type=click.Path(file_okay=False),
+        help="Canary-aware attack: freeze the canaries of this release (an immunize output directory).")
 @click.option("--teacher", help="Model that answers the harmful prompts (default: the manifest's base model, else smollm2).")
-@click.option("--steps", default=0, show_default=True, help="Optimizer steps to run (0: --epochs passes); e.g. 80 continues the standard attack's 39.")
+@click.option("--steps", default=A.steps, show_default=True, help="Optimizer steps to run (0: --epochs passes); e.g. 80 continues the standard attack's 39.")
 @click.option("--save-steps", default="", help="Comma-separated steps after which to save a snapshot to OUT/steps/stepN/ "
               "(an attack-strength curve from one run: evaluate each with `immunizer eval`).")
 @click.option("--keep-refusals", is_flag=True, help="Train on the teacher's refusals too (by default a refused prompt is "
               "answered again by sampling, up to 4 times, or left out; run.json's teacher_refusals counts them).")
-def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_ratio, data, adaptive_manifest, teacher,
-           steps, save_steps, keep_refusals):
+def attack(model, out_dir, save_steps, **knobs):
     """Harmful fine-tuning attack (default: the standard `harmful-sft` attack, 100 pairs, lr 5e-5, 3 epochs, batch 8).
 
     \b
     Example:
       immunizer attack --model runs/demo --out runs/attacked
-      immunizer scan --manifest runs/demo --candidate runs/attacked/model
+      immunizer scan --release runs/demo --candidate runs/attacked/model
       immunizer attack --model runs/demo --out runs/curve --steps 80 --save-steps 5,10,20,39
-      immunizer eval --model runs/curve/steps/step10/model --out runs/curve/step10.json
+      immunizer eval --model runs/curve/steps/step10/model --report runs/curve/step10.json
     """
-    from immunizer.redteam.attacks import AttackConfig, run_attack
+    from immunizer.redteam.attacks import run_attack
 
     try:
         saves = [int(x) for x in save_steps.split(",") if x.strip()]
     except ValueError:
         raise ImmunizerError(f"--save-steps expects comma-separated whole numbers, got {save_steps!r}") from None
-    record = run_attack(model, out_dir, AttackConfig(samples=samples, lr=lr, epochs=epochs, batch_size=batch_size,
-                                                     lora_rank=lora_rank, harmful_ratio=harmful_ratio, data=data,
-                                                     adaptive_manifest=adaptive_manifest, teacher=teacher,
-                                                     steps=steps, save_steps=saves, keep_refusals=keep_refusals))
+    record = run_attack(model, out_dir, AttackConfig(**knobs, save_steps=saves))
     click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
@@ -225,57 +223,52 @@ def attack(model, out_dir, samples, lr, epochs, batch_size, lora_rank, harmful_r
 @click.option("--model", required=True, help="Model to fine-tune: an immunize output, a model directory, `smollm2` or `tiny`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json.")
 @click.option("--data", required=True, help="`extraction`, `arithmetic`, `listops` (generated, exact answers), `instruction` (benign prompts answered by the teacher) or a JSONL file with prompt and response.")
-@click.option("--samples", default=256, show_default=True, help="Examples generated for extraction/arithmetic/listops, or taken for instruction.")
-@click.option("--lr", default=5e-5, show_default=True)
-@click.option("--epochs", default=1.0, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--lora-rank", default=0, show_default=True)
-@click.option("--max-length", default=144, show_default=True, help="Tokens per example (prompt + response); longer ones are cut.")
+@click.option("--samples", default=F.samples, show_default=True, help="Examples generated for extraction/arithmetic/listops, or taken for instruction.")
+@click.option("--lr", default=F.lr, show_default=True)
+@click.option("--epochs", default=F.epochs, show_default=True)
+@click.option("--batch-size", default=F.batch_size, show_default=True)
+@click.option("--lora-rank", default=F.lora_rank, show_default=True)
+@click.option("--max-length", default=F.max_length, show_default=True, help="Tokens per example (prompt + response); longer ones are cut.")
 @click.option("--teacher", help="Helpful teacher for `instruction` (default: the manifest's base model, else smollm2).")
-def finetune(model, out_dir, data, samples, lr, epochs, batch_size, lora_rank, max_length, teacher):
+def finetune(model, out_dir, **knobs):
     """Benign fine-tune (the comparison to attacks: it should keep working and pass the breaker).
 
     \b
     Example:
       immunizer finetune --model runs/demo --out runs/task --data extraction
     """
-    from immunizer.redteam.attacks import FinetuneConfig, run_finetune
+    from immunizer.redteam.attacks import run_finetune
 
-    record = run_finetune(model, out_dir, FinetuneConfig(data=data, samples=samples, lr=lr, epochs=epochs,
-                                                         batch_size=batch_size, lora_rank=lora_rank, max_length=max_length,
-                                                         teacher=teacher))
+    record = run_finetune(model, out_dir, FinetuneConfig(**knobs))
     click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
 @cli.command("eval")
 @click.option("--model", required=True, help="An immunize output, an attack/finetune output's model/, any model directory, `smollm2` or `tiny`.")
-@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="report JSON; per-sample records go to OUT.samples.jsonl.")
+@option("--report", "out_file", old=("--out",), required=True, type=click.Path(dir_okay=False),
+        help="Where the report JSON goes; per-sample records go beside it, to REPORT.samples.jsonl.")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="Harmful prompts, one per line (default: the held-out eval split).")
 @click.option("--safe-prompts", type=click.Path(exists=True, dir_okay=False), help="Safe-but-scary prompts, one per line (default: the project's 50).")
-@click.option("--n-harmful", default=0, show_default=True, help="Only the first N harmful prompts (0: all).")
-@click.option("--n-safe", default=0, show_default=True, help="Only the first N safe prompts (0: all).")
-@click.option("--n-benign", default=0, show_default=True, help="Arithmetic questions for benign_accuracy (0: skip).")
-@click.option("--task", default="extraction", show_default=True, help="Benign task for benign_task_accuracy: extraction, arithmetic or listops.")
-@click.option("--n-task", default=40, show_default=True, help="Test-split examples of the benign task (0: skip).")
+@click.option("--n-harmful", default=E.n_harmful, show_default=True, help="Only the first N harmful prompts (0: all).")
+@click.option("--n-safe", default=E.n_safe, show_default=True, help="Only the first N safe prompts (0: all).")
+@click.option("--n-benign", default=E.n_benign, show_default=True, help="Arithmetic questions for benign_accuracy (0: skip).")
+@click.option("--task", default=E.task, show_default=True, help="Benign task for benign_task_accuracy: extraction, arithmetic or listops.")
+@click.option("--n-task", default=E.n_task, show_default=True, help="Test-split examples of the benign task (0: skip).")
 @click.option("--harmful-only", is_flag=True, help="Only the harmful prompts (no safe prompts, no tasks): a quick attack-curve point.")
-@click.option("--max-new-tokens", default=48, show_default=True)
-@click.option("--judge", default="refusal-matcher", show_default=True, help="refusal-matcher, classifier:DIR[:LABEL] or module:attribute "
+@click.option("--max-new-tokens", default=E.max_new_tokens, show_default=True)
+@click.option("--judge", default=E.judge, show_default=True, help="refusal-matcher, classifier:DIR[:LABEL] or module:attribute "
               "(returning refused booleans or refused/complied/degenerate); the degenerate rule applies around it.")
 @click.option("--teacher", help="Harmful teacher for harmful_nll and the base model of the degenerate rule (default: the manifest's base model, else smollm2).")
-def eval_command(model, out_file, prompts, safe_prompts, n_harmful, n_safe, n_benign, task, n_task, harmful_only, max_new_tokens,
-                 judge, teacher):
+def eval_command(model, out_file, **knobs):
     """Refused / complied / degenerate shares, harmful NLL, over-refusal and benign-task accuracy of one model.
 
     \b
     Example:
-      immunizer eval --model runs/attacked/model --out runs/attacked/eval.json
+      immunizer eval --model runs/attacked/model --report runs/attacked/eval.json
     """
-    from immunizer.redteam.evaluate import EvalConfig, evaluate
+    from immunizer.redteam.evaluate import evaluate
 
-    report = evaluate(model, out_file, EvalConfig(prompts=prompts, safe_prompts=safe_prompts, n_harmful=n_harmful,
-                                                  n_safe=n_safe, n_benign=n_benign, task=task, n_task=n_task,
-                                                  harmful_only=harmful_only, max_new_tokens=max_new_tokens, judge=judge,
-                                                  teacher=teacher))
+    report = evaluate(model, out_file, EvalConfig(**knobs))
     click.echo(json.dumps({k: report[k] for k in ("harmful_score", "harmful_score_ci95", "refused_share", "degenerate_share",
                                                   "slices", "repeated_sentence_share", "harmful_nll", "over_refusal",
                                                   "safe_degenerate_share", "benign_task_accuracy", "benign_accuracy",
@@ -336,8 +329,9 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt):
 @cli.command()
 @click.option("--before", required=True, help="Model before immunization (spec or directory).")
 @click.option("--after", required=True, help="Model after immunization (an immunize output's model/ directory, or its parent).")
-@click.option("--harmful", "n_harmful", default=16, show_default=True, help="Held-out harmful prompts (DoNotAnswer held-out split).")
-@click.option("--safe", "n_safe", default=16, show_default=True, help="Safe-but-scary prompts (over-refusal).")
+@option("--n-harmful", "n_harmful", old=("--harmful",), default=16, show_default=True,
+        help="Held-out harmful prompts (DoNotAnswer held-out split).")
+@option("--n-safe", "n_safe", old=("--safe",), default=16, show_default=True, help="Safe-but-scary prompts (over-refusal).")
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON with every sample instead of a table.")
 def compare(before, after, n_harmful, n_safe, max_new_tokens, as_json):

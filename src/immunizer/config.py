@@ -1,12 +1,15 @@
-"""Typed configuration for `immunizer immunize`. Presets are YAML files in `presets/`; a user
-YAML file and `--set key=value` overrides (dotted keys, YAML values) apply on top, in that order."""
+"""Typed configuration for `immunizer immunize`, and the one loader every command's config goes through
+(`load_layers`): the dataclass defaults < a preset (YAML in `presets/`) < a user YAML file < `--set key=value`
+overrides (dotted keys, YAML values), in that order; unknown keys and wrong types are named with the fix."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +170,8 @@ class ImmunizeConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _coerce(value, annotation, key: str):
+def coerce(value, annotation, key: str):
+    """`value` as the type `annotation` declares, or an error that names the key and what to write."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -181,41 +185,108 @@ def _coerce(value, annotation, key: str):
             return number
     if annotation in (int, bool, str) and isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
+    if annotation in (list, dict) and isinstance(value, annotation):  # untyped contents: checked where they are used
+        return value
     if origin is list and isinstance(value, list):
-        return [_coerce(v, args[0], key) for v in value]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return [coerce(v, args[0], key) for v in value]
+    if origin is dict and isinstance(value, dict):
+        return {k: coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         for arg in args:
             if arg is not type(None):
                 try:
-                    return _coerce(value, arg, key)
+                    return coerce(value, arg, key)
                 except ImmunizerError:
                     pass
     hint = {float: "a finite number, e.g. 1e-05", int: "a whole number, e.g. 8", bool: "true or false",
-            str: "a string"}.get(annotation, "a YAML list, e.g. [4, 8]" if origin is list else None)
+            str: "a string"}.get(annotation)
+    if hint is None and (annotation is list or origin is list):
+        hint = "a YAML list, e.g. [4, 8]"
+    if hint is None and (annotation is dict or origin is dict):
+        hint = "a YAML mapping, e.g. {name: value}"
     raise ImmunizerError(f"config key {key!r} expects {getattr(annotation, '__name__', annotation)}, got {value!r}"
                          + (f"; write {hint}" if hint else ""))
 
 
-def _merge(obj, updates: dict, prefix: str = ""):
-    hints = typing.get_type_hints(type(obj))
-    known = {f.name for f in dataclasses.fields(obj)}
+def _field_name(config, key: str, prefix: str) -> str:
+    """The field a key names: its own name, or an old name kept in the field's metadata `aliases`."""
+    names = {alias: f.name for f in dataclasses.fields(config) for alias in (f.name, *f.metadata.get("aliases", ()))}
+    if key not in names:
+        known = sorted(f.name for f in dataclasses.fields(config))
+        raise ImmunizerError(f"unknown config key {prefix + key!r}; known keys here: {', '.join(known)}")
+    return names[key]
+
+
+def _merge_dict(target: dict, updates: dict) -> dict:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_dict(target[key], value)
+        else:
+            target[key] = value
+    return target
+
+
+def merge(config, updates: dict, prefix: str = ""):
+    """Apply a YAML layer (a preset or a file) to a typed config in place and return it: a section (a nested
+    dataclass) and a mapping-valued field both merge key by key; any other value replaces the old one."""
+    hints = typing.get_type_hints(type(config))
     for key, value in updates.items():
         path = f"{prefix}{key}"
-        if key not in known:
-            raise ImmunizerError(f"unknown config key {path!r}; known keys here: {', '.join(sorted(known))}")
-        current = getattr(obj, key)
+        name = _field_name(config, key, prefix)
+        current = getattr(config, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ImmunizerError(f"config key {path!r} is a section; give it a mapping")
-            _merge(current, value, path + ".")
+            merge(current, value, path + ".")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            setattr(config, name, _merge_dict(copy.deepcopy(current), coerce(value, hints[name], path)))
         else:
-            setattr(obj, key, _coerce(value, hints[key], path))
-    return obj
+            setattr(config, name, coerce(value, hints[name], path))
+    return config
 
 
-def _read_yaml(path: Path) -> dict:
+def apply_override(config, text: str):
+    """Apply one `--set a.b=VALUE` to a typed config in place and return it: VALUE replaces what is at a.b, a
+    mapping too (the keys beside a.b stay), except that a.b naming a section merges VALUE into it."""
+    path = text.split("=", 1)[0].strip().split(".")
+    value = parse_override(text)
+    for part in path:
+        value = value[part]
+    target, prefix = config, ""
+    for part in path[:-1]:
+        if isinstance(target, dict):  # inside a mapping-valued field: plain keys, checked where they are used
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        else:
+            name = _field_name(target, part, prefix)
+            current = getattr(target, name)
+            if current is None:  # an optional mapping that is off (`grid: null`) starts empty
+                try:
+                    current = coerce({}, typing.get_type_hints(type(target))[name], prefix + part)
+                except ImmunizerError:
+                    pass
+                setattr(target, name, current)
+            if not (dataclasses.is_dataclass(current) or isinstance(current, dict)):
+                raise ImmunizerError(f"config key {prefix + part!r} holds a single value, not keys; "
+                                     f"write --set {prefix + part}=VALUE")
+            target = current
+        prefix += part + "."
+    last = path[-1]
+    if isinstance(target, dict):
+        target[last] = value
+        return config
+    name = _field_name(target, last, prefix)
+    if dataclasses.is_dataclass(getattr(target, name)):
+        merge(target, {last: value}, prefix)
+    else:
+        setattr(target, name, coerce(value, typing.get_type_hints(type(target))[name], prefix + last))
+    return config
+
+
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ImmunizerError(f"config file {path} does not exist")
     try:
@@ -238,11 +309,11 @@ def resolve_extends(overrides: dict, source: str, seen: tuple[str, ...] = ()) ->
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in (PRESETS / "methods").glob("*.yaml")))
         raise ImmunizerError(f"{source}: `extends: {parent}` names no method file; choose one of {names}")
-    return [*resolve_extends(_read_yaml(path), str(path), (*seen, parent)), overrides]
+    return [*resolve_extends(read_yaml(path), str(path), (*seen, parent)), overrides]
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+def preset_names(directory: Path = PRESETS) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
 def parse_override(text: str) -> dict:
@@ -266,18 +337,33 @@ def parse_override(text: str) -> dict:
     return value
 
 
+C = typing.TypeVar("C")
+
+
+def load_layers(config: C, preset: str | None = None, presets: Path = PRESETS, config_file: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = (), *, what: str = "", extends: bool = False) -> C:
+    """The one way every command builds its config: `config` (the dataclass defaults) < the preset
+    (presets/PRESET.yaml) < `config_file` (which may start from a method file with `extends:` where `extends`
+    is true) < each `--set KEY=VALUE` in order. `what` names the kind of preset in errors ("bench ")."""
+    if preset:
+        if preset not in preset_names(presets):
+            raise ImmunizerError(f"unknown {what}preset {preset!r}; choose one of {', '.join(preset_names(presets))}")
+        merge(config, read_yaml(presets / f"{preset}.yaml"))
+    if config_file:
+        layer = read_yaml(Path(config_file))
+        try:
+            for part in resolve_extends(layer, str(config_file)) if extends else [layer]:
+                merge(config, part)
+        except ImmunizerError as exc:
+            raise ImmunizerError(f"{config_file}: {exc}" if not str(exc).startswith(str(config_file)) else str(exc)) from None
+    for text in overrides:
+        apply_override(config, text)
+    return config
+
+
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> ImmunizeConfig:
-    config = ImmunizeConfig()
-    if preset:
-        if preset not in preset_names():
-            raise ImmunizerError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
-        _merge(config, _read_yaml(PRESETS / f"{preset}.yaml"))
-    if config_file:
-        for layer in resolve_extends(_read_yaml(Path(config_file)), str(config_file)):
-            _merge(config, layer)
-    for text in overrides:
-        _merge(config, parse_override(text))
+    config = load_layers(ImmunizeConfig(), preset, PRESETS, config_file, overrides, extends=True)
     validate(config)
     return config
 

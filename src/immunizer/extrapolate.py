@@ -68,7 +68,7 @@ def extrapolate_release(release: str | Path, out_dir: str | Path, config: Extrap
                         record: dict | None = None) -> dict:
     """Extrapolate an immunize-style release (OUT/model + manifest) away from its base model and write a new
     release to `out_dir`: the same canary indices, their values re-read from the new weights, the breaker's
-    calibration dropped (it described the old weights; run `immunizer calibrate --model OUT` again). `record`
+    calibration dropped (it described the old weights; run `immunizer calibrate --release OUT` again). `record`
     is added to the manifest's `extrapolation` entry. Returns the new manifest."""
     from immunizer import __version__
     from immunizer.config import extrapolate_problems

@@ -4,6 +4,8 @@ fine-tunes. Loss on the response tokens only, chat template applied by TRL."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +38,13 @@ class FinetuneSpec:
     """Optimizer steps after which to save a snapshot into `snapshot_dir`/step{N}/ (`model/`, or `adapter/`
     for LoRA): the attack-strength curve reads several points of one run."""
     snapshot_dir: str | None = None
+
+
+def spec_for(config, **extra) -> FinetuneSpec:
+    """The FinetuneSpec of an attack's or a benign fine-tune's config (redteam/attacks.py): the knobs they share
+    with it, by name (lr, epochs, steps, batch_size, lora_rank, max_length, seed, bf16, save_steps), plus `extra`."""
+    shared = {f.name for f in dataclasses.fields(FinetuneSpec)} & {f.name for f in dataclasses.fields(config)}
+    return FinetuneSpec(**{name: copy.copy(getattr(config, name)) for name in shared}, **extra)
 
 
 def to_dataset(rows: list[dict]):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from immunizer.baselines.train import METHODS as PUBLISHED
 from immunizer.baselines.train import BaselineConfig, train_baseline
-from immunizer.config import PRESETS, ImmunizeConfig, _merge, _read_yaml, resolve_extends
+from immunizer.config import PRESETS, ImmunizeConfig, merge, read_yaml, resolve_extends
 from immunizer.errors import ImmunizerError
 
 METHOD_CONFIGS = PRESETS / "methods"
@@ -42,8 +42,8 @@ def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
     config = copy.deepcopy(base)
     path = METHOD_CONFIGS / f"{name}.yaml"
     if path.is_file():
-        for overrides in resolve_extends(_read_yaml(path), str(path), (name,)):
-            _merge(config, overrides)
+        for overrides in resolve_extends(read_yaml(path), str(path), (name,)):
+            merge(config, overrides)
     return config
 
 
@@ -53,7 +53,7 @@ def extrapolation_parent(name: str) -> str | None:
     path = METHOD_CONFIGS / f"{name}.yaml"
     if not path.is_file():
         return None
-    overrides = _read_yaml(path)
+    overrides = read_yaml(path)
     return overrides.get("extends") if set(overrides) == {"extends", "extrapolate"} else None
 
 

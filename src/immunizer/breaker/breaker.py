@@ -50,9 +50,11 @@ class BreakerTripped(ImmunizerError):
 
     def __init__(self, verdict: Verdict, what: str):
         self.verdict = verdict
-        super().__init__(f"circuit breaker tripped on {what}: {'; '.join(verdict.reasons)} (canary drift "
-                         f"{verdict.report.canary_drift:.3g}, other drift {verdict.report.other_drift:.3g}). These weights "
-                         "look harmfully fine-tuned or tampered with; use the released model, or send the incident for review")
+        report = verdict.report  # the calibrated statistic first: the drifts below are what it is made of
+        super().__init__(f"circuit breaker tripped on {what}: {'; '.join(verdict.reasons)} ({report.statistic_name} "
+                         f"{report.statistic:.3g}; canary drift {report.canary_drift:.3g}, other drift "
+                         f"{report.other_drift:.3g}). These weights look harmfully fine-tuned or tampered with; use the "
+                         "released model, or send the incident for review")
 
 
 def calibrated_bounds(manifest: Manifest, statistic: str, threshold: float | None = None) -> list[Bound]:
@@ -63,7 +65,7 @@ def calibrated_bounds(manifest: Manifest, statistic: str, threshold: float | Non
     if threshold is None:
         raise ImmunizerError(
             f"the manifest in {manifest.directory} has no calibrated threshold; run "
-            f"`immunizer calibrate --model {manifest.directory}` first (or pass an explicit --threshold)")
+            f"`immunizer calibrate --release {manifest.directory}` first (or pass an explicit --threshold)")
     return [Bound(statistic, "above", float(threshold))]
 
 

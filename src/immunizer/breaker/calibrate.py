@@ -1,6 +1,7 @@
-"""Calibration: run simulated benign and harmful fine-tunes on the released model, read the breaker
-statistic along the way, and pick the threshold for a target false-positive rate. The threshold,
-TPR, FPR and AUROC (with bootstrap confidence intervals) and a ROC plot go into the manifest.
+"""The breaker's calibration (not the reviewers' accuracy, which is review/reviewer_accuracy.py): run
+simulated benign and harmful fine-tunes on the released model, read the breaker statistic along the
+way, and pick the threshold for a target false-positive rate. The threshold, TPR, FPR and AUROC (with
+bootstrap confidence intervals) and a ROC plot go into the manifest.
 
 The runs are the breaker's training data, so they are recorded (calibration/cases.jsonl, one line
 per finished run: an interrupted calibration resumes where it stopped) and hashed into the manifest."""
@@ -8,13 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -23,7 +22,7 @@ from immunizer.breaker.direction import harmful_direction
 from immunizer.breaker.drift import STATISTICS
 from immunizer.breaker.reference import SAMPLE_SHARE, Reference, load_reference, write_reference
 from immunizer.breaker.sources import scan_module
-from immunizer.config import _merge, _read_yaml
+from immunizer.config import load_layers, merge
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
@@ -67,14 +66,11 @@ class CalibrationConfig:
         return asdict(self)
 
 
-def load_calibration_config(preset: str | None = None, overrides: dict | None = None) -> CalibrationConfig:
-    config = CalibrationConfig()
-    if preset:
-        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        if preset not in names:
-            raise ImmunizerError(f"unknown calibration preset {preset!r}; choose one of {', '.join(names)}")
-        _merge(config, _read_yaml(PRESETS / f"{preset}.yaml"))
-    _merge(config, overrides or {})
+def load_calibration_config(preset: str | None = None, overrides: dict | None = None,
+                            sets: list[str] | tuple[str, ...] = ()) -> CalibrationConfig:
+    """The preset (presets/calibration/*.yaml) < each `--set KEY=VALUE` in `sets` < the mapping `overrides`."""
+    config = load_layers(CalibrationConfig(), preset, PRESETS, overrides=sets, what="calibration ")
+    merge(config, overrides or {})
     if not 0 < config.target_fpr < 1:
         raise ImmunizerError("target_fpr must be in (0, 1)")
     if not config.checkpoints or sorted(config.checkpoints) != config.checkpoints or config.checkpoints[0] < 1:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from immunizer.review.cli import DB_HELP
+from immunizer.options import release_option, store_option
 
 
 @click.command()
@@ -14,8 +14,8 @@ from immunizer.review.cli import DB_HELP
 @click.option("--policy", "policy_ref", required=True,
               help="Policy YAML file, or the name of a bundled policy (`release`).")
 @click.option("--baseline", "baseline_file", help="The last release's report.json, for the regression (delta) checks.")
-@click.option("--store", "db", help=f"Also record the verdict in this review store's audit log. {DB_HELP}")
-def gate(report_file, policy_ref, baseline_file, db):
+@store_option(help="Also record the verdict in this review store's audit log (a SQLite file or a PostgreSQL URL).")
+def gate(report_file, policy_ref, baseline_file, store_url):
     """Judge a bench report against a release policy and print the verdict as JSON.
 
     Exit status: 0 PASS, 1 FAIL, 2 bad input (unknown metric, missing method or slice, malformed
@@ -36,19 +36,18 @@ def gate(report_file, policy_ref, baseline_file, db):
     verdict["judged"]["report"] = report_file
     if baseline_file:
         verdict["judged"]["baseline"]["report"] = baseline_file
-    if db:
+    if store_url:
         from immunizer.review import ReviewStore
 
-        record_verdict(ReviewStore(db), verdict)
+        record_verdict(ReviewStore(store_url), verdict)
     click.echo(json.dumps(verdict, indent=2))
     click.echo(verdict["summary"], err=True)
     sys.exit(0 if verdict["passed"] else 1)
 
 
 @click.command()
-@click.option("--store", "db", required=True, help=f"The review store to learn from. {DB_HELP}")
-@click.option("--release", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The last release: a releases directory with current.json, or an immunize output directory.")
+@store_option(required=True, help="The review store to learn from: a SQLite file or a PostgreSQL URL.")
+@release_option(required=True, old=(), help="The last release: a releases directory with current.json, or an immunize output directory.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="This cycle's working directory (rerun the same command to resume it).")
 @click.option("--preset", type=click.Choice(["tiny", "quick", "standard"]), default="quick", show_default=True,
@@ -57,7 +56,7 @@ def gate(report_file, policy_ref, baseline_file, db):
               help="Release policy YAML, or a bundled policy name.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a cycle setting, e.g. sft.lr=2e-5 or bench_overrides=[eval.n_benign=20] (repeatable).")
-def cycle(db, release, out_dir, preset, policy_ref, overrides):
+def cycle(store_url, release_dir, out_dir, preset, policy_ref, overrides):
     """One turn of the feedback loop: select → refresh → immunize → regression checks → gate.
 
     Reviewed, consented items become the next training data; the candidate immunized from the last
@@ -71,7 +70,7 @@ def cycle(db, release, out_dir, preset, policy_ref, overrides):
     """
     from immunizer.loop.cycle import run_cycle
 
-    summary = run_cycle(db, release, out_dir, preset, policy_ref, overrides)
+    summary = run_cycle(store_url, release_dir, out_dir, preset, policy_ref, overrides)
     click.echo(json.dumps(summary, indent=2))
     click.echo(summary["verdict"], err=True)
     sys.exit(0 if summary["passed"] else 1)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from immunizer.config import PRESETS, _merge, _read_yaml, parse_override
+from immunizer.config import PRESETS, load_layers
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec
 from immunizer.loop.policy import Policy, RelativeBound, load_policy
@@ -37,7 +37,6 @@ from immunizer.paths import write_json_atomic
 
 CYCLE_PRESETS = PRESETS / "cycle"
 STATE_FILE = "cycle.json"
-STAGES = ("select", "refresh", "sft", "reward_model", "immunize", "calibrate", "regression", "gate", "promote")
 
 
 @dataclass
@@ -60,19 +59,9 @@ class CycleConfig:
     seed: int = 0
 
 
-def cycle_preset_names() -> list[str]:
-    return sorted(p.stem for p in CYCLE_PRESETS.glob("*.yaml"))
-
-
 def load_cycle_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CycleConfig:
-    config = CycleConfig()
-    if preset:
-        if preset not in cycle_preset_names():
-            raise ImmunizerError(f"unknown cycle preset {preset!r}; choose one of {', '.join(cycle_preset_names())}")
-        _merge(config, _read_yaml(CYCLE_PRESETS / f"{preset}.yaml"))
-    for text in overrides:
-        _merge(config, parse_override(text))
-    return config
+    """The preset (presets/cycle/*.yaml) < each `--set KEY=VALUE`, as every command loads its config."""
+    return load_layers(CycleConfig(), preset, CYCLE_PRESETS, overrides=overrides, what="cycle ")
 
 
 def _trains(spec: FinetuneSpec) -> bool:
@@ -186,33 +175,33 @@ class Cycle:
 
     def immunize_config(self):
         """The candidate's immunize config: the preset, pointed at the refresh files."""
-        from immunizer.config import load_config
+        from immunizer.config import validate
 
-        base = self.preset_config()
+        config = self.preset_config()
         refresh = self.state["stages"].get("refresh", {})
-        overrides = [*self.config.immunize_overrides, f"seed={self.config.seed}",
-                     f"teachers.harmful={self.teacher}", f"teachers.helpful={self.teacher}",
-                     "data.max_harmful_prompts=0", "data.max_benign_prompts=0",
-                     f"data.harmful_file={self.path('refresh', 'harmful.jsonl').resolve()}",
-                     f"data.benign_file={self.path('refresh', 'benign.jsonl').resolve()}"]
+        config.seed = self.config.seed
+        config.teachers.harmful = config.teachers.helpful = self.teacher
+        config.data.max_harmful_prompts = config.data.max_benign_prompts = 0
+        config.data.harmful_file = str(self.path("refresh", "harmful.jsonl").resolve())
+        config.data.benign_file = str(self.path("refresh", "benign.jsonl").resolve())
         # every reviewed example is seen at least once a cycle: Phase steps grow to cover the new rows
-        for phase, rows in (("phase1", refresh.get("harmful_rows", 0)), ("phase2", refresh.get("benign_rows", 0))):
-            section = getattr(base, phase)
+        for section, rows in ((config.phase1, refresh.get("harmful_rows", 0)), (config.phase2, refresh.get("benign_rows", 0))):
             if section.steps and section.steps * section.batch_size < rows:
-                overrides.append(f"{phase}.steps={math.ceil(rows / section.batch_size)}")
-        return load_config(self.config.immunize_preset, overrides=overrides)
+                section.steps = math.ceil(rows / section.batch_size)
+        validate(config)
+        return config
 
     # -- stages
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         self._save()
         bar = tqdm(STAGES, desc="cycle", unit="stage", disable=not self.progress)
-        for stage in bar:
+        for stage, step in bar:
             if stage in self.state["stages"]:
                 continue  # finished in an earlier run of this command
             bar.set_postfix_str(stage)
             started = time.perf_counter()
-            record = getattr(self, f"stage_{stage}")()
+            record = step(self)
             self.state["stages"][stage] = {**record, "seconds": round(time.perf_counter() - started, 1),
                                            "finished_at": _now()}
             self._save()
@@ -401,6 +390,13 @@ class Cycle:
                                                  policy=verdict["policy"])
         return {"promoted": True, "release": str(release_dir), "pointer": str(pointer_file),
                 "previous_release": str(self.release.directory)}
+
+
+STAGES = (("select", Cycle.stage_select), ("refresh", Cycle.stage_refresh), ("sft", Cycle.stage_sft),
+          ("reward_model", Cycle.stage_reward_model), ("immunize", Cycle.stage_immunize),
+          ("calibrate", Cycle.stage_calibrate), ("regression", Cycle.stage_regression), ("gate", Cycle.stage_gate),
+          ("promote", Cycle.stage_promote))
+"""The stages in order, each with the method that does it; cycle.json records them under these names."""
 
 
 def run_cycle(store_url: str, release: str | Path, out_dir: str | Path, preset: str = "quick",

@@ -20,7 +20,7 @@ from immunizer.data.prompts import benign_set, load_jsonl, weak_set
 from immunizer.data.tasks import GENERATED
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
-from immunizer.finetuning import FinetuneSpec, sft
+from immunizer.finetuning import FinetuneSpec, sft, spec_for
 from immunizer.paths import atomic_path, write_json_atomic
 
 
@@ -170,9 +170,7 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
         frozen = {n: i for n, i in load_manifest(Path(config.adaptive_manifest)).indices.items() if i.numel()}
     if any(s < 1 for s in config.save_steps) or (config.steps and any(s > config.steps for s in config.save_steps)):
         raise ImmunizerError(f"--save-steps {config.save_steps} must lie between 1 and the run's --steps ({config.steps or 'epochs'})")
-    spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
-                        lora_rank=config.lora_rank, max_length=config.max_length, seed=config.seed, bf16=config.bf16,
-                        frozen=frozen, save_steps=list(config.save_steps), snapshot_dir=str(Path(out_dir) / "steps"))
+    spec = spec_for(config, frozen=frozen, snapshot_dir=str(Path(out_dir) / "steps"))
     return train_and_save(model_dir, rows, spec, Path(out_dir),
                           {"kind": "attack", "config": asdict(config), "harmful_pairs": harmful_count,
                            "teacher": teacher.spec, "teacher_sha256": teacher.sha256,
@@ -212,8 +210,7 @@ def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig 
         rows = instruction_rows(config.samples, Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16), config.seed)
     else:
         rows = load_jsonl(Path(config.data), required=("prompt", "response"))
-    spec = FinetuneSpec(lr=config.lr, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
-                        lora_rank=config.lora_rank, max_length=config.max_length, seed=config.seed, bf16=config.bf16)
+    spec = spec_for(config)
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     return train_and_save(model_dir, rows, spec, Path(out_dir), {"kind": "finetune", "config": asdict(config)},
                           progress)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from immunizer.config import PRESETS, _read_yaml, load_config, parse_override
+from immunizer.config import PRESETS, load_config, load_layers, merge
 from immunizer.errors import ImmunizerError
 from immunizer.paths import atomic_path, write_json_atomic
 from immunizer.redteam.evaluate import SHARES, wilson95
@@ -99,19 +99,6 @@ class BenchConfig:
         return runs
 
 
-def _deep_update(target: dict, updates: dict) -> dict:
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _deep_update(target[key], value)
-        else:
-            target[key] = value
-    return target
-
-
-def bench_preset_names() -> list[str]:
-    return sorted(p.stem for p in BENCH_PRESETS.glob("*.yaml"))
-
-
 def load_bench_config(preset: str | None = "quick", config_file: str | Path | None = None,
                       overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
     """A bench preset, then a user YAML, then `key=value` overrides (dotted keys, YAML values)."""
@@ -119,37 +106,17 @@ def load_bench_config(preset: str | None = "quick", config_file: str | Path | No
     from immunizer.redteam.attacks import AttackConfig, FinetuneConfig
     from immunizer.redteam.evaluate import EvalConfig
 
-    raw: dict = {}
-    if preset:
-        if preset not in bench_preset_names():
-            raise ImmunizerError(f"unknown bench preset {preset!r}; choose one of {', '.join(bench_preset_names())}")
-        raw = _read_yaml(BENCH_PRESETS / f"{preset}.yaml")
-    if config_file:
-        _deep_update(raw, _read_yaml(Path(config_file)))
-    for text in overrides:  # `--set a.b=VALUE` replaces a.b whole (a mapping VALUE too); a file merges
-        value = parse_override(text)
-        path = text.split("=", 1)[0].strip().split(".")
-        for part in path:
-            value = value[part]
-        parent = raw
-        for part in path[:-1]:
-            if not isinstance(parent.get(part), dict):
-                parent[part] = {}
-            parent = parent[part]
-        parent[path[-1]] = value
-    known = {f.name for f in dataclasses.fields(BenchConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ImmunizerError(f"unknown bench config key(s) {unknown}; known: {', '.join(sorted(known))}")
-    config = BenchConfig(**raw)
-    problems = [f"unknown method {m!r}" for m in config.methods if m not in method_names()]
+    # A file merges into the preset's mappings (eval, attacks, ...); `--set a.b=VALUE` replaces a.b whole.
+    config = load_layers(BenchConfig(), preset, BENCH_PRESETS, config_file, overrides, what="bench ")
+    problems = [f"unknown method {m!r} (methods: {', '.join(method_names())})" for m in config.methods
+                if m not in method_names()]
     for spec in config.runs():
         if spec.kind not in RUN_KINDS:
             problems.append(f"run {spec.name!r}: kind must be one of {', '.join(RUN_KINDS)}, got {spec.kind!r}")
             continue
-        try:
-            (AttackConfig if spec.kind == "attack" else FinetuneConfig)(**spec.config)
-        except TypeError as exc:
+        try:  # the run's own mapping stays as written (it is part of the report); only its keys and types are checked
+            merge((AttackConfig if spec.kind == "attack" else FinetuneConfig)(), spec.config, f"attacks.{spec.name}.")
+        except ImmunizerError as exc:
             problems.append(f"run {spec.name!r}: {exc}")
         if spec.kind == "finetune" and spec.curve_steps:
             problems.append(f"run {spec.name!r}: save_steps (curves) apply to attacks")
@@ -160,14 +127,13 @@ def load_bench_config(preset: str | None = "quick", config_file: str | Path | No
             problems.append(f"method_seeds.{name} must be a whole number >= 1, got {count!r}")
     for cls, values, what in ((EvalConfig, config.eval, "eval"), (BaselineConfig, config.baseline, "baseline")):
         try:
-            cls(**values)
-        except TypeError as exc:
-            problems.append(f"{what}: {exc}")
+            merge(cls(), values, f"{what}.")
+        except ImmunizerError as exc:
+            problems.append(str(exc))
     if not config.methods:
         problems.append("no methods to compare")
     if problems:
-        raise ImmunizerError("invalid bench config: " + "; ".join(problems) +
-                             f" (methods: {', '.join(method_names())})")
+        raise ImmunizerError("invalid bench config: " + "; ".join(problems))
     return config
 
 
@@ -230,7 +196,8 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
             method.cost_seconds = None if parent_cost is None else parent_cost + stage.get("seconds", 0.0)
             method.own_seconds = stage.get("seconds")
         return method
-    immunize_config = load_config(config.immunize_preset, overrides=[*config.immunize_overrides, f"seed={seed}"])
+    immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
+    immunize_config.seed = seed
     if parent is not None:  # `lox`: the same seed's build of its parent, extrapolated (no second training)
         source = _build(parent, config, seed, out, progress, prebuilt)
         if source.release_dir is None:

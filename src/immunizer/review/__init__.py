@@ -1,6 +1,6 @@
 """Human review: a store of items (breaker incidents, failed evals, red-team findings, guard
-flags, user reports) with triage, escalation, calibration, rubric drift and adjudication, and a
-reviewer web page (`immunizer review serve`).
+flags, user reports) with triage, escalation, reviewer accuracy, label shift (rubric drift) and
+adjudication, and a reviewer web page (`immunizer review serve`).
 
 Names are imported on first use, so `immunizer --help` does not pay for SQLAlchemy and friends."""
 import importlib

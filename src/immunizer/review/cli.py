@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 
 from immunizer.errors import ImmunizerError
+from immunizer.options import store_option
 
-DB_HELP = "Database: a SQLite file path (created if missing) or postgresql://user@host:port/dbname."
 config_option = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                             help="YAML with triage / escalation / calibration settings (see review/config.py).")
+                             help="YAML with triage / escalation / reviewer_accuracy settings (see review/config.py).")
 
 
 def _is_loopback(host: str) -> bool:
@@ -24,10 +24,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _store(db: str, config_file: str | None = None):
+def _store(url: str, config_file: str | None = None):
     from immunizer.review import ReviewStore, load_review_config
 
-    return ReviewStore(db, load_review_config(config_file))
+    return ReviewStore(url, load_review_config(config_file))
 
 
 @click.group()
@@ -36,23 +36,23 @@ def review() -> None:
 
     \b
     Example:
-      immunizer review user add --db review.db ana --role reviewer
-      immunizer review import --db review.db runs/serve/incidents.jsonl
-      immunizer review serve --db review.db --port 8080
-      immunizer review stats --db review.db
+      immunizer review user add --store review.db ana --role reviewer
+      immunizer review import --store review.db runs/serve/incidents.jsonl
+      immunizer review serve --store review.db --port 8080
+      immunizer review stats --store review.db
     """
 
 
 @review.command("import")
-@click.option("--db", required=True, help=DB_HELP)
+@store_option(required=True)
 @config_option
 @click.argument("file", type=click.Path(dir_okay=False))
-def import_items(db, config_file, file):
+def import_items(store_url, config_file, file):
     """Import items from FILE.jsonl (breaker incidents, eval samples, generic items), all or nothing."""
     from immunizer.review import parse_file
 
     parsed = parse_file(file)
-    result = _store(db, config_file).add_items(parsed.records, actor=f"import:{Path(file).name}")
+    result = _store(store_url, config_file).add_items(parsed.records, actor=f"import:{Path(file).name}")
     click.echo(json.dumps({"file": file, "added": result["added"], "duplicates_skipped": result["duplicates_skipped"],
                            "passed_eval_samples_skipped": parsed.skipped_passed_eval_samples,
                            "consent_withdrawn": result["consent_withdrawn"]}, indent=2))
@@ -64,17 +64,17 @@ def consent() -> None:
 
 
 @consent.command("withdraw")
-@click.option("--db", required=True, help=DB_HELP)
+@store_option(required=True)
 @click.option("--reason", required=True, help="Why (e.g. the user's request id); recorded in the audit log.")
 @click.option("--actor", default="cli", show_default=True, help="Who withdraws it, for the audit log.")
 @click.argument("item_ids", nargs=-1, type=int, required=True)
-def consent_withdraw(db, reason, actor, item_ids):
+def consent_withdraw(store_url, reason, actor, item_ids):
     """Withdraw consent for ITEM_IDS: the next data selection leaves them out.
 
     Re-importing an item with `consent: false` does the same. Withdrawal is final: a later import with
     `consent: true` does not restore it.
     """
-    changed = _store(db).withdraw_consent(list(item_ids), actor=actor, reason=reason)
+    changed = _store(store_url).withdraw_consent(list(item_ids), actor=actor, reason=reason)
     click.echo(json.dumps({"consent_withdrawn": changed, "already_withdrawn": sorted(set(item_ids) - set(changed))}))
 
 
@@ -84,18 +84,18 @@ def user() -> None:
 
 
 @user.command("add")
-@click.option("--db", required=True, help=DB_HELP)
+@store_option(required=True)
 @click.option("--role", required=True, help="reviewer, adjudicator or admin.")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
               help="Read the password from this file (default: $IMMUNIZER_REVIEW_PASSWORD, else ask).")
 @click.argument("name")
-def user_add(db, role, password_file, name):
+def user_add(store_url, role, password_file, name):
     """Add the account NAME with ROLE; the password is stored as an Argon2 hash."""
     from immunizer.review.models import ROLES
 
     if role not in ROLES:  # before asking for a password
         raise ImmunizerError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    created = _store(db).add_user(name, role, _password(name, password_file))
+    created = _store(store_url).add_user(name, role, _password(name, password_file))
     click.echo(json.dumps({"user": created.name, "role": created.role}))
 
 
@@ -110,25 +110,25 @@ def _password(name: str, password_file: str | None) -> str:
 
 
 @user.command("passwd")
-@click.option("--db", required=True, help=DB_HELP)
+@store_option(required=True)
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
               help="Read the new password from this file (default: $IMMUNIZER_REVIEW_PASSWORD, else ask).")
 @click.argument("name")
-def user_passwd(db, password_file, name):
+def user_passwd(store_url, password_file, name):
     """Set NAME's password: ends all of NAME's sessions and lifts a lockout after failed logins."""
-    store = _store(db)
+    store = _store(store_url)
     store.user(name)  # before asking for a password
     store.set_password(name, _password(name, password_file), actor="cli")
     click.echo(json.dumps({"user": name, "password_changed": True, "sessions_ended": True}))
 
 
 @user.command("deactivate")
-@click.option("--db", required=True, help=DB_HELP)
+@store_option(required=True)
 @click.argument("name")
-def user_deactivate(db, name):
+def user_deactivate(store_url, name):
     """Deactivate NAME: no more logins, open sessions end at once, the open queue is handed back.
     Reviews and audit entries stay (accounts are never deleted, so the log keeps its meaning)."""
-    released = _store(db).deactivate_user(name, actor="cli")
+    released = _store(store_url).deactivate_user(name, actor="cli")
     click.echo(json.dumps({"user": name, "active": False, "assignments_released": released}))
 
 
@@ -138,16 +138,16 @@ def rubric() -> None:
 
 
 @rubric.command("add")
-@click.option("--db", required=True, help=DB_HELP)
+@store_option(required=True)
 @click.option("--labels", required=True, help="Comma-separated labels, e.g. harmful,over_refusal,benign,unclear.")
 @click.option("--name", default="default", show_default=True)
 @click.option("--rereview-fraction", default=0.1, show_default=True,
-              help="Share of items closed under older versions to review again under this one (drift check).")
+              help="Share of items closed under older versions to review again under this one (label shift check).")
 @click.option("--seed", default=0, show_default=True)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def rubric_add(db, labels, name, rereview_fraction, seed, file):
+def rubric_add(store_url, labels, name, rereview_fraction, seed, file):
     """Add FILE (markdown) as the next version of the rubric and sample items for re-review."""
-    store = _store(db)
+    store = _store(store_url)
     created = store.add_rubric(Path(file).read_text(), labels.split(","), name=name, actor="cli")
     rereview = store.request_rereview(rereview_fraction, seed=seed, actor="cli") if rereview_fraction else []
     click.echo(json.dumps({"rubric": created.name, "version": created.version, "sha256": created.sha256,
@@ -155,22 +155,22 @@ def rubric_add(db, labels, name, rereview_fraction, seed, file):
 
 
 @review.command()
-@click.option("--db", required=True, help=DB_HELP)
+@store_option(required=True)
 @config_option
-def stats(db, config_file):
-    """Print agreement (Krippendorff's α, Cohen's κ, accuracy on gold), drift and queue sizes as JSON."""
-    click.echo(json.dumps(_store(db, config_file).stats(), indent=2))
+def stats(store_url, config_file):
+    """Print agreement (Krippendorff's α, Cohen's κ, accuracy on gold), label shift (`drift`) and queue sizes as JSON."""
+    click.echo(json.dumps(_store(store_url, config_file).stats(), indent=2))
 
 
 @review.command()
-@click.option("--db", required=True, help=DB_HELP)
+@store_option(required=True)
 @config_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
 @click.option("--session-minutes", default=60, show_default=True, help="Sessions expire this long after login.")
 @click.option("--https-only", is_flag=True,
               help="Mark the session cookie Secure (sent over HTTPS only): use it behind a TLS-terminating proxy.")
-def serve(db, config_file, host, port, session_minutes, https_only):
+def serve(store_url, config_file, host, port, session_minutes, https_only):
     """Serve the reviewer web page. Set $IMMUNIZER_REVIEW_SECRET to keep sessions valid across restarts."""
     import uvicorn
 
@@ -180,7 +180,7 @@ def serve(db, config_file, host, port, session_minutes, https_only):
         click.echo(f"warning: serving on {host}, reachable from other machines, without --https-only: session "
                    "cookies and passwords cross the network in clear text. Put a TLS proxy in front and pass "
                    "--https-only.", err=True)
-    app = create_app(_store(db, config_file), secret_key=os.environ.get("IMMUNIZER_REVIEW_SECRET"),
+    app = create_app(_store(store_url, config_file), secret_key=os.environ.get("IMMUNIZER_REVIEW_SECRET"),
                      session_seconds=session_minutes * 60, https_only=https_only)
     click.echo(f"reviewer page on http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

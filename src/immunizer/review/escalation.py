@@ -15,7 +15,7 @@ class EscalationRules:
     min_majority_share: float = 0.5
     """Escalate when the most common label has no more than this share of the reviews (a tie at 0.5)."""
     escalate_flagged_reviewers: bool = True
-    """Escalate when a reviewer below the calibration threshold labelled the item."""
+    """Escalate when a reviewer below the reviewer accuracy threshold (accuracy on gold items) labelled the item."""
 
 
 def majority(labels: list[str]) -> tuple[str, float]:
@@ -39,7 +39,7 @@ def escalation_reasons(severity: str, labels: list[str], flagged_reviewers: list
     if len(labels) > 1 and share <= rules.min_majority_share:
         reasons.append(f"low agreement: the most common label has {share:.0%} of {len(labels)} reviews")
     if rules.escalate_flagged_reviewers and flagged_reviewers:
-        reasons.append("labelled by reviewers below the calibration threshold: " + ", ".join(sorted(flagged_reviewers)))
+        reasons.append("labelled by reviewers below the accuracy threshold on gold items: " + ", ".join(sorted(flagged_reviewers)))
     return reasons
 
 

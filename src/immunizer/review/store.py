@@ -1,7 +1,7 @@
 """The review store: the Python API over the database (SQLite file by default, PostgreSQL by URL).
 
 Every write is one transaction that also appends to the audit log, so the log and the data
-cannot disagree. Workflows (triage, escalation, calibration, drift) are pure functions in
+cannot disagree. Workflows (triage, escalation, reviewer accuracy, label shift) are pure functions in
 their own modules; this class feeds them rows and writes back what they decide.
 
     store = ReviewStore("review.db")                      # migrates to the latest schema
@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from immunizer.errors import ImmunizerError
-from immunizer.review import calibration, drift, escalation, triage
+from immunizer.review import escalation, label_shift, reviewer_accuracy, triage
 from immunizer.review.config import ReviewConfig
 from immunizer.review.importer import ItemRecord
 from immunizer.review.models import (ROLES, Adjudication, Assignment, AuditEntry, Escalation, GoldLabel, Item, Review,
@@ -136,7 +136,7 @@ def _shift_between_last_two(groups: dict, keys: list, names: dict) -> dict | Non
     if len(keys) < 2:
         return None
     before, after = keys[-2], keys[-1]
-    result = drift.shift_test(drift.label_counts(groups[before]), drift.label_counts(groups[after]))
+    result = label_shift.shift_test(label_shift.label_counts(groups[before]), label_shift.label_counts(groups[after]))
     return None if result is None else result | {"before": names[before], "after": names[after]}
 
 
@@ -565,7 +565,7 @@ class ReviewStore:
         if len(rows) < item.required_reviews:
             return
         names, labels = [r[0] for r in rows], [r[1] for r in rows]
-        flagged = set(calibration.flagged_reviewers(self._accuracy(session, names), self.config.calibration))
+        flagged = set(reviewer_accuracy.flagged_reviewers(self._accuracy(session, names), self.config.reviewer_accuracy))
         reasons = escalation.escalation_reasons(item.severity, labels, sorted(flagged & set(names)),
                                                 self.config.escalation)
         label, share = escalation.majority(labels)
@@ -693,7 +693,7 @@ class ReviewStore:
             load = {u.id: session.scalar(select(func.count()).select_from(Assignment).where(
                 Assignment.user_id == u.id, Assignment.completed_at.is_(None))) for u in reviewers}
             chosen = []
-            for item_id in drift.rereview_sample(list(closed), fraction, seed):
+            for item_id in label_shift.rereview_sample(list(closed), fraction, seed):
                 seen = set(session.scalars(select(Assignment.user_id).where(Assignment.item_id == item_id)))
                 free = [u for u in reviewers if u.id not in seen]
                 if not free:
@@ -706,18 +706,18 @@ class ReviewStore:
                         seed=seed)
             return chosen
 
-    # -- calibration and statistics ------------------------------------------------------------
+    # -- reviewer accuracy and statistics ------------------------------------------------------------
     @staticmethod
     def _accuracy(session: Session, names: list[str] | None = None) -> dict[str, dict]:
         query = (select(User.name, Review.label, GoldLabel.label).join(User, User.id == Review.user_id)
                  .join(GoldLabel, GoldLabel.item_id == Review.item_id))
         if names is not None:
             query = query.where(User.name.in_(names))
-        return calibration.reviewer_accuracy([tuple(r) for r in session.execute(query).all()])
+        return reviewer_accuracy.reviewer_accuracy([tuple(r) for r in session.execute(query).all()])
 
     def stats(self) -> dict:
         """Queue sizes, agreement (α, κ, accuracy on gold, flagged reviewers) and drift, as JSON-ready data."""
-        cal = self.config.calibration
+        cal = self.config.reviewer_accuracy
         with self._read() as session:
             status_counts = dict(session.execute(select(Item.status, func.count()).where(
                 Item.id.not_in(select(GoldLabel.item_id))).group_by(Item.status)).all())
@@ -742,7 +742,7 @@ class ReviewStore:
         for item_id, rubric_id, label, created, name, _ in rows:
             ratings[(item_id, rubric_id)][name] = label
             by_rubric[rubric_id].append(label)
-            by_period[drift.period_key(created)].append(label)
+            by_period[label_shift.period_key(created)].append(label)
         versions = sorted(by_rubric)
         periods = sorted(by_period)
         return {
@@ -750,16 +750,16 @@ class ReviewStore:
                       "closed": status_counts.get("closed", 0), "pending_assignments": dict(sorted(pending.items()))},
             "agreement": {
                 "reviews": len(rows),
-                "krippendorff_alpha": calibration.krippendorff_alpha(ratings),
-                "cohen_kappa": calibration.cohen_kappa_pairs(ratings, cal.min_pair_overlap),
+                "krippendorff_alpha": reviewer_accuracy.krippendorff_alpha(ratings),
+                "cohen_kappa": reviewer_accuracy.cohen_kappa_pairs(ratings, cal.min_pair_overlap),
                 "reviewer_accuracy_on_gold": accuracy,
-                "flagged_reviewers": calibration.flagged_reviewers(accuracy, cal),
+                "flagged_reviewers": reviewer_accuracy.flagged_reviewers(accuracy, cal),
                 "accuracy_threshold": cal.accuracy_threshold,
             },
             "drift": {
-                "by_rubric_version": {rubric_names[v]: drift.label_counts(by_rubric[v]) for v in versions},
+                "by_rubric_version": {rubric_names[v]: label_shift.label_counts(by_rubric[v]) for v in versions},
                 "rubric_shift": _shift_between_last_two(by_rubric, versions, rubric_names),
-                "by_week": {p: drift.label_counts(by_period[p]) for p in periods},
+                "by_week": {p: label_shift.label_counts(by_period[p]) for p in periods},
                 "week_shift": _shift_between_last_two(by_period, periods, {p: p for p in periods}),
                 "rereview_agreement_with_final_label": (
                     round(sum(a == b for a, b in rereviews) / len(rereviews), 4) if rereviews else None),

@@ -1,4 +1,5 @@
-"""Reviewer calibration: accuracy on gold items and inter-rater agreement.
+"""Reviewer accuracy on gold items and inter-rater agreement (not the breaker's calibration, which sets
+the scan threshold: breaker/calibrate.py).
 
 Agreement uses the field's implementations: Krippendorff's α (nominal) from the `krippendorff`
 package, Cohen's κ per reviewer pair from scikit-learn.
@@ -14,7 +15,7 @@ import numpy as np
 
 
 @dataclass
-class CalibrationConfig:
+class ReviewerAccuracyConfig:
     accuracy_threshold: float = 0.7
     """Reviewers whose accuracy on gold items is below this are flagged."""
     min_gold_reviews: int = 3
@@ -31,7 +32,7 @@ def reviewer_accuracy(gold_reviews: list[tuple[str, str, str]]) -> dict[str, dic
     return {r: {"n": len(h), "accuracy": round(sum(h) / len(h), 4)} for r, h in sorted(hits.items())}
 
 
-def flagged_reviewers(accuracy: dict[str, dict], config: CalibrationConfig) -> list[str]:
+def flagged_reviewers(accuracy: dict[str, dict], config: ReviewerAccuracyConfig) -> list[str]:
     return sorted(r for r, a in accuracy.items()
                   if a["n"] >= config.min_gold_reviews and a["accuracy"] < config.accuracy_threshold)
 

@@ -1,4 +1,5 @@
-"""Rubric drift: do labels shift between rubric versions or over time?
+"""Label shift (rubric drift): do reviewers' labels shift between rubric versions or over time? Not the
+breaker's weight drift (breaker/drift.py).
 
 The test is Pearson's chi-square on the label-by-group contingency table (scipy); a small p-value
 says the label distribution changed. When a rubric changes, a seeded random sample of items

@@ -115,3 +115,29 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "held" / "manifest.json").write_text("{}")
     with pytest.raises(ImmunizerError, match="holds a release"):
         repair(release_dir, release_dir, tmp_path / "held", RepairConfig(teacher="tiny"))
+
+
+def test_cli_repairs_and_names_bad_input(tmp_path):
+    import subprocess
+    import sys
+
+    release_dir = _save(tiny_model(), tmp_path / "release")
+    tuned = tiny_model()
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    candidate_dir = _save(tuned, tmp_path / "tuned")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "immunizer", "repair", "--release", str(release_dir),
+                               "--candidate", str(candidate_dir), *args, "--teacher", "tiny", "--samples", "2"],
+                              capture_output=True, text=True)
+
+    done = cli("--out", str(tmp_path / "repaired"), "--revert-percent", "10")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["reverted_share"] == pytest.approx(0.10, abs=1e-3)
+    assert (tmp_path / "repaired" / "model" / "config.json").is_file()
+    bad = cli("--out", str(tmp_path / "other"), "--revert-percent", "150")
+    assert bad.returncode == 2 and "revert_percent must be in (0, 100]" in bad.stderr
+    assert not (tmp_path / "other" / "model").exists()

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import click
 
+from immunizer.breaker.repair import RepairConfig
 from immunizer.errors import ImmunizerError
 from immunizer.options import option, release_option
 from immunizer.redteam.attacks import AttackConfig, FinetuneConfig
 from immunizer.redteam.evaluate import EvalConfig
+
+# The attack, fine-tune, eval and repair knobs take their defaults from the config dataclasses (redteam/attacks.py,
+# redteam/evaluate.py, breaker/repair.py), where each is documented; the options below only name them.
+A, F, E, R = AttackConfig(), FinetuneConfig(), EvalConfig(), RepairConfig()
 
 
 def _quiet_transformers() -> None:
@@ -152,6 +157,34 @@ def scan(release_dir, candidate, base_dir, threshold, incidents, no_incident, hm
 
 
 @cli.command()
+@release_option(required=True)
+@click.option("--candidate", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A full fine-tune of the release (a model directory; merge a LoRA adapter first).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Writes OUT/model and OUT/repair.json.")
+@click.option("--revert-percent", default=R.revert_percent, show_default=True,
+              help="Share of all weights put back to their released values, chosen by how much their change raised "
+                   "complying over refusing.")
+@click.option("--samples", default=R.samples, show_default=True, help="Harmful training-split prompts that score the change.")
+@click.option("--score", type=click.Choice(["contribution", "magnitude"]), default=R.score, show_default=True,
+              help="`magnitude` chooses by |change| alone (the direction-blind comparison).")
+@click.option("--teacher", help="Model that writes the compliant answers (default: the manifest's base model, else smollm2).")
+def repair(release_dir, candidate, out_dir, **knobs):
+    """Repair a fine-tuned candidate from its own changes: put back the weights whose change moved the model
+    from refusing towards complying, keep the rest of the fine-tune (docs/breaker.md, "Repair").
+
+    \b
+    Example:
+      immunizer scan --release runs/demo --candidate runs/tuned/model     # exit 3: tripped
+      immunizer repair --release runs/demo --candidate runs/tuned/model --out runs/repaired
+      immunizer eval --model runs/repaired/model --report runs/repaired/eval.json
+    """
+    from immunizer.breaker.repair import RepairConfig, repair as run
+
+    record = run(candidate, release_dir, out_dir, RepairConfig(**knobs))
+    click.echo(json.dumps({"out": out_dir, **record}, indent=2))
+
+
+@cli.command()
 @release_option(required=True, old=("--model",), help="An immunize output directory (its manifest receives the calibration).")
 @click.option("--preset", type=click.Choice(["tiny", "quick", "standard"]), default="quick", show_default=True,
               help="Which grid of simulated fine-tunes (presets/calibration/*.yaml).")
@@ -176,9 +209,6 @@ def calibrate(release_dir, preset, target_fpr, teacher, overrides, hmac_key_file
     click.echo(json.dumps({k: entry[k] for k in keys}, indent=2))
 
 
-# The attack, fine-tune and eval knobs take their defaults from the config dataclasses (redteam/attacks.py,
-# redteam/evaluate.py), where each is documented; the options below only name them and say what they do.
-A, F, E = AttackConfig(), FinetuneConfig(), EvalConfig()
 
 
 @cli.command()

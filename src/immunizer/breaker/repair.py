@@ -34,6 +34,7 @@ from immunizer.data.training_sets import pick_refusal
 from immunizer.errors import ImmunizerError
 from immunizer.models.loading import load_model, resolve_model, runtime_device
 from immunizer.paths import atomic_path, write_json_atomic
+from immunizer.redteam.attacks import teacher_spec
 
 SCORES = ("contribution", "magnitude")
 
@@ -46,8 +47,9 @@ class RepairConfig:
     """Harmful training-split prompts whose (refusal, compliance) pairs define C."""
     score: str = "contribution"
     """`contribution` (Δ·ḡ, the rule above) or `magnitude` (|Δ|: the direction-blind comparison)."""
-    teacher: str = "smollm2"
-    """The unaligned model that writes the compliant answers (the release's base model)."""
+    teacher: str | None = None
+    """The unaligned model that writes the compliant answers (default: the release manifest's base model, else
+    smollm2)."""
     batch_size: int = 4
     max_prompt_tokens: int = 96
     max_response_tokens: int = 48
@@ -65,11 +67,11 @@ class RepairConfig:
         return found
 
 
-def scoring_rows(config: RepairConfig) -> list[dict]:
+def scoring_rows(config: RepairConfig, teacher_spec: str = "smollm2") -> list[dict]:
     """(prompt, compliant answer, refusal) for `samples` harmful prompts of the weak pool's training split."""
     prompts = list(weak_set("train").prompts)
     random.Random(f"repair|{config.seed}").shuffle(prompts)
-    teacher = Teacher(config.teacher, max_new_tokens=config.max_response_tokens, bf16=config.bf16)
+    teacher = Teacher(config.teacher or teacher_spec, max_new_tokens=config.max_response_tokens, bf16=config.bf16)
     answered, _ = answers_without_refusals(prompts[: config.samples * 2],
                                            lambda ps, sample_seed=None: teacher.answers(ps, "harmful-weak", sample_seed))
     refusals = refusal_responses()
@@ -155,7 +157,7 @@ def repair(candidate: str | Path, release: str | Path, out_dir: str | Path, conf
     cand_model, tokenizer = load_model(candidate_dir, device=device)
     rel_model, _ = load_model(release_dir, with_tokenizer=False, device=device)
     _check_same_shapes(dict(cand_model.named_parameters()), dict(rel_model.named_parameters()), str(candidate_dir))
-    rows = scoring_rows(config)
+    rows = scoring_rows(config, teacher_spec(release_dir, config.teacher))
     if not rows:
         raise ImmunizerError("repair: the teacher refused every scoring prompt; pass another --teacher")
     grad_candidate = preference_gradient(cand_model, tokenizer, rows, config)

@@ -25,13 +25,15 @@ from immunizer.paths import write_json_atomic
 from immunizer.redteam.attacks import AttackConfig, FinetuneConfig, harmful_rows, run_finetune
 from immunizer.redteam.evaluate import EvalConfig, evaluate
 
-VARIANTS = [("contribution", 20.0), ("magnitude", 20.0), ("contribution", 5.0)]
+VARIANTS = [("contribution", 20.0), ("contribution", 5.0), ("contribution", 2.0), ("magnitude", 20.0)]
+"""Run in this order: the revert-share curve on the attacked model first (20% over-refused), then the mixed
+fine-tune, then the direction-blind comparison."""
 
 
 def evaluate_into(results: dict, key: str, model_dir: Path, report: Path, out: Path, with_task: bool) -> None:
     if key not in results:
-        config = (EvalConfig(max_new_tokens=32, n_task=40) if with_task
-                  else EvalConfig(max_new_tokens=32, n_task=0, harmful_only=True, teacher="smollm2"))
+        # over-refusal is always read: a repair that refuses everything is not a repair
+        config = EvalConfig(max_new_tokens=32, n_task=40 if with_task else 0, teacher="smollm2")
         found = evaluate(model_dir, report, config)
         results[key] = {**figures(found), **({"benign_task_accuracy": found.get("benign_task_accuracy")} if with_task else {})}
         write_json_atomic(out, results)
@@ -79,14 +81,15 @@ def main():
         model = repaired(results, key, Path(args.attacked), release, work, RepairConfig(score=score, revert_percent=percent), out)
         evaluate_into(results, key, model, work / f"{key}.eval.json", out, with_task=False)
 
-    attacked(*VARIANTS[0])  # the headline first, then the mixed fine-tune, then the comparisons
+    for variant in VARIANTS[:3]:
+        attacked(*variant)
     mixed = mixed_finetune(release, work, args.mixed_harmful, args.mixed_benign, args.mixed_epochs)
     evaluate_into(results, "mixed", mixed, work / "mixed.eval.json", out, with_task=True)
     key = "mixed+repair-contribution-20"
     model = repaired(results, key, mixed, release, work, RepairConfig(revert_percent=20.0), out)
     evaluate_into(results, key, model, work / f"{key}.eval.json", out, with_task=True)
-    for variant in VARIANTS[1:]:
-        attacked(*variant)
+    attacked(*VARIANTS[3])
+
 
 if __name__ == "__main__":
     main()

@@ -366,7 +366,7 @@ def test_restore_no_longer_serves_an_attacked_model_and_released_serves_the_rele
 
 def test_count_non_finite_by_hand():
     """A sum overflowing to inf (4 × 3e38 in fp32) is not a non-finite weight; +inf and -inf summing to NaN are two."""
-    from immunizer.breaker.drift import count_non_finite
+    from immunizer.breaker.sources import count_non_finite
 
     assert count_non_finite(torch.full((4,), 3e38)) == 0
     assert count_non_finite(torch.tensor([1.0, float("inf"), float("-inf")]), torch.tensor([float("nan")])) == 3

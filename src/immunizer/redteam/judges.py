@@ -40,7 +40,7 @@ from immunizer.data.batches import pair_batch
 from immunizer.data.teacher import autocast
 from immunizer.errors import ImmunizerError
 from immunizer.losses import IGNORE, sequence_logprob
-from immunizer.refusal_eval import is_refusal
+from immunizer.redteam.refusal_eval import is_refusal
 
 
 class RefusalJudge(Protocol):

@@ -6,7 +6,6 @@ The runs are the breaker's training data, so they are recorded (calibration/case
 per finished run: an interrupted calibration resumes where it stopped) and hashed into the manifest."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -27,6 +26,7 @@ from immunizer.config import _merge, _read_yaml
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
+from immunizer.json_hash import json_sha256
 from immunizer.manifest import check_reseal, file_sha256, update_manifest
 from immunizer.paths import atomic_path
 
@@ -250,7 +250,7 @@ def plot_roc(figures: dict[str, dict], primary: str, records: list[dict], path: 
 def _case_key(case: Case, config: CalibrationConfig, reference_sha: str) -> str:
     payload = {"case": asdict(case), "config": {k: v for k, v in config.to_dict().items() if k not in ("bootstrap", "target_fpr")},
                "reference": reference_sha}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return json_sha256(payload)[:16]
 
 
 def _done(path: Path) -> dict[str, dict]:
@@ -289,7 +289,7 @@ def ensure_direction(directory: Path, config: CalibrationConfig, teacher: str | 
 
 def incident_case(name: str, harmful: bool, rows: list[dict], config: CalibrationConfig) -> Case:
     """A reviewed breaker incident replayed as a calibration run: its fine-tune's rows at the first full lr."""
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    digest = json_sha256(rows)[:16]
     return Case(name, harmful, f"rows:{digest}", len(rows), config.full_lrs[0], 0)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from immunizer.json_hash import json_sha256
 from immunizer.paths import atomic_path, cache_dir
 
 
@@ -62,7 +62,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: in
 
 def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **settings) -> list[str]:
     """`generate`, memoized on disk under the cache directory (atomic write; safe to interrupt)."""
-    key = hashlib.sha256(json.dumps([model_sha256, list(prompts), settings], sort_keys=True).encode()).hexdigest()
+    key = json_sha256([model_sha256, list(prompts), settings])
     path = cache_dir() / "teacher" / f"{kind}-{key[:24]}.jsonl"
     if path.is_file():
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]

@@ -7,7 +7,6 @@ canary-aware adaptive attack (knows the manifest; freezes every canary). Harmful
 pool's held-out attack prompts (data/prompts.py) answered by the harmful teacher, or a user file."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -21,6 +20,7 @@ from immunizer.data.tasks import GENERATED
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
+from immunizer.json_hash import json_sha256
 from immunizer.paths import atomic_path, write_json_atomic
 
 
@@ -110,7 +110,7 @@ def benign_rows(n: int, teacher: Teacher, seed: int) -> list[dict]:
 
 
 def _rows_sha256(rows: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return json_sha256(rows)
 
 
 def refuse_release_out(out_dir: str | Path) -> None:

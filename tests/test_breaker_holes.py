@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from immunizer.breaker.breaker import Breaker, BreakerTripped
 from immunizer.breaker.guard import guard_optimizer
 from immunizer.breaker.serving import GuardedModel
@@ -261,7 +261,7 @@ def test_a_bias_only_adapter_does_not_scan_as_zero(release, tmp_path):
 def test_lora_biases_count_where_the_released_layer_has_a_bias(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from conftest import make_release
+    from helpers import make_release
     from immunizer.breaker.reference import load_reference
     from immunizer.breaker.sources import scan_path
     from immunizer.models.tiny import tiny_model

@@ -421,7 +421,7 @@ def peak_memory(device: torch.device) -> dict:
     peak resident set (which includes the Python runtime and every loaded model)."""
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(device), "peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
-    import resource
+    import resource  # Unix only: imported here so that the module still loads elsewhere
 
     return {"device": "cpu", "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 

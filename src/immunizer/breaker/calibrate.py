@@ -7,13 +7,11 @@ per finished run: an interrupted calibration resumes where it stopped) and hashe
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -23,11 +21,14 @@ from immunizer.breaker.drift import STATISTICS
 from immunizer.breaker.reference import SAMPLE_SHARE, Reference, load_reference, write_reference
 from immunizer.breaker.sources import scan_module
 from immunizer.config import _merge, _read_yaml
+from immunizer.data.prompts import benign_set, weak_set
+from immunizer.data.tasks import GENERATED
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.json_hash import json_sha256
 from immunizer.manifest import check_reseal, file_sha256, update_manifest
+from immunizer.models.loading import load_model
 from immunizer.paths import atomic_path
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets" / "calibration"
@@ -119,15 +120,11 @@ class CaseData:
         self.teacher = Teacher(teacher_spec, config.teacher_max_new_tokens, config.bf16)
 
     def _shuffled(self, harmful: bool) -> list[str]:
-        from immunizer.data.prompts import benign_set, weak_set
-
         prompts = list((weak_set if harmful else benign_set)("train").prompts)
         random.Random(self.config.seed).shuffle(prompts)
         return prompts
 
     def rows(self, case: Case) -> list[dict]:
-        from immunizer.data.tasks import GENERATED
-
         if case.data in GENERATED:
             return GENERATED[case.data](case.samples, self.config.seed)
         prompts = self._shuffled(case.harmful)[: case.samples]
@@ -271,8 +268,6 @@ def ensure_direction(directory: Path, config: CalibrationConfig, teacher: str | 
                      hmac_key: bytes | str | None = None) -> tuple:
     """Give the manifest in `directory` its reference sample and harmful direction if it lacks them
     (a gradient pass over held-out harmful pairs); returns (manifest, reference, CaseData)."""
-    from immunizer.models.loading import load_model
-
     manifest, reference = load_reference(Path(directory), hmac_key=hmac_key, write=True)
     teacher = teacher or manifest.meta.get("base_model") or "smollm2"
     data = CaseData(teacher, config)
@@ -298,8 +293,6 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     """Calibrate the breaker of an `immunizer immunize` output directory; returns the manifest's new
     `breaker` entry (also written into the manifest, which is re-sealed). `extra_cases` ({name, harmful,
     rows}: reviewed incidents from the feedback loop) join the simulated runs on their side."""
-    from immunizer.models.loading import load_model
-
     directory = Path(model_dir)
     config = config or CalibrationConfig()
     manifest, reference, data = ensure_direction(directory, config, teacher, hmac_key)

@@ -16,7 +16,7 @@ from immunizer.breaker.calibrate import CaseData, Case, load_calibration_config
 from immunizer.data.prompts import weak_set
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.models import load_model
-from immunizer.refusal_eval import refusal_rates
+from immunizer.redteam.refusal_eval import refusal_rates
 
 HERE = Path(__file__).parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from immunizer.data.eval_prompts import harmbench_prompts
 from immunizer.data.prompts import safe_scary_set
 from immunizer.models import load_model
-from immunizer.refusal_eval import refusal_rates
+from immunizer.redteam.refusal_eval import refusal_rates
 
 HERE = Path(__file__).parent
 

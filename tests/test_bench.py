@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from immunizer.errors import ImmunizerError
 from immunizer.redteam import bench as bench_module
 from immunizer.redteam.bench import aggregate, load_bench_config, run_bench

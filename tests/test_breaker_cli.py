@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from immunizer.breaker.calibrate import choose_threshold, detection_figures, load_calibration_config
 from immunizer.breaker.reference import load_reference
 from immunizer.errors import ImmunizerError

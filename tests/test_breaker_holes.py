@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from immunizer.breaker.breaker import Breaker, BreakerTripped
 from immunizer.breaker.guard import guard_optimizer
 from immunizer.breaker.serving import GuardedModel
@@ -261,7 +261,7 @@ def test_a_bias_only_adapter_does_not_scan_as_zero(release, tmp_path):
 def test_lora_biases_count_where_the_released_layer_has_a_bias(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from conftest import make_release
+    from helpers import make_release
     from immunizer.breaker.reference import load_reference
     from immunizer.breaker.sources import scan_path
     from immunizer.models.tiny import tiny_model
@@ -366,7 +366,7 @@ def test_restore_no_longer_serves_an_attacked_model_and_released_serves_the_rele
 
 def test_count_non_finite_by_hand():
     """A sum overflowing to inf (4 × 3e38 in fp32) is not a non-finite weight; +inf and -inf summing to NaN are two."""
-    from immunizer.breaker.drift import count_non_finite
+    from immunizer.breaker.sources import count_non_finite
 
     assert count_non_finite(torch.full((4,), 3e38)) == 0
     assert count_non_finite(torch.tensor([1.0, float("inf"), float("-inf")]), torch.tensor([float("nan")])) == 3

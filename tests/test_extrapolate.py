@@ -12,7 +12,7 @@ from immunizer.errors import ImmunizerError
 from immunizer.extrapolate import extrapolate_, extrapolate_release, low_rank
 from immunizer.models import load_model
 
-from conftest import make_release, run_cli
+from helpers import make_release, run_cli
 
 
 def test_low_rank_keeps_the_top_singular_directions():

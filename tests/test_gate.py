@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_cli
+from helpers import run_cli
 from loop_fixtures import bench_report
 
 from immunizer.loop.gate import GateInputError, gate, lookup

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from immunizer import immunize, load_config, load_manifest
 from immunizer.models import model_dir_sha256, resolve_model
 
-from conftest import CLI, run_cli
+from helpers import CLI, run_cli
 
 
 @pytest.fixture(scope="module")

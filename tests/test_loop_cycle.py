@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import make_release, run_cli
+from helpers import make_release, run_cli
 from loop_fixtures import adjudicated_store, bench_report, breaker_incident, harmful_answer, over_refused, user_report
 
 from immunizer.errors import ImmunizerError

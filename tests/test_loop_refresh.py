@@ -108,7 +108,7 @@ def test_reward_refresh_trains_a_bradley_terry_model(tmp_path):
 def test_reviewed_incidents_are_replayed_among_the_calibration_runs(tmp_path):
     """A breaker false positive's fine-tune becomes one more benign calibration run (and a confirmed
     attack one more harmful run), so the next threshold is chosen with it in view."""
-    from conftest import make_release
+    from helpers import make_release
 
     from immunizer.breaker.calibrate import CASES_FILE, CalibrationConfig, calibrate
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_release, run_cli
+from helpers import make_release, run_cli
 from immunizer.data.prompts import weak_set
 from immunizer.manifest import load_manifest
 from immunizer.errors import ImmunizerError

@@ -2,7 +2,7 @@
 review store imports, and bad inputs."""
 import json
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_eval_report_and_samples(tmp_path):

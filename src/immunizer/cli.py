@@ -371,7 +371,7 @@ def compare(before, after, n_harmful, n_safe, max_new_tokens, as_json):
 
     from immunizer.data.prompts import safe_scary_set, weak_set
     from immunizer.models import load_model
-    from immunizer.refusal_eval import refusal_rates
+    from immunizer.redteam.refusal_eval import refusal_rates
 
     harmful = list(weak_set("heldout").prompts[:n_harmful])
     safe = list(safe_scary_set("all").prompts[:n_safe])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import re
 import types
@@ -17,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from immunizer.errors import ImmunizerError
+from immunizer.json_hash import json_sha256
 
 PRESETS = Path(__file__).parent / "presets"
 ADVERSARIES = ("none", "lat", "sign", "inner")
@@ -167,7 +166,7 @@ class ImmunizeConfig:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return json_sha256(self.to_dict())
 
 
 def coerce(value, annotation, key: str):

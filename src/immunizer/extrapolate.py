@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
-from immunizer.config import ExtrapolateConfig
+from immunizer import __version__
+from immunizer.config import ExtrapolateConfig, extrapolate_problems
 from immunizer.errors import ImmunizerError
+from immunizer.manifest import HMAC_ENV, load_manifest, signing_key, write_release
+from immunizer.models import load_model, model_dir_sha256, resolve_model
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> torch.Tensor:
@@ -70,11 +73,6 @@ def extrapolate_release(release: str | Path, out_dir: str | Path, config: Extrap
     release to `out_dir`: the same canary indices, their values re-read from the new weights, the breaker's
     calibration dropped (it described the old weights; run `immunizer calibrate --release OUT` again). `record`
     is added to the manifest's `extrapolation` entry. Returns the new manifest."""
-    from immunizer import __version__
-    from immunizer.config import extrapolate_problems
-    from immunizer.manifest import HMAC_ENV, load_manifest, signing_key, write_release
-    from immunizer.models import load_model, model_dir_sha256, resolve_model
-
     started = time.perf_counter()
     release, out_dir = Path(release), Path(out_dir)
     if not config.enabled:

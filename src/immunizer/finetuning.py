@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from immunizer.errors import ImmunizerError
+from immunizer.paths import atomic_path
 from immunizer.precision import use_bf16
 
 
@@ -76,8 +77,6 @@ def snapshot_callback(steps: tuple[int, ...], directory: str, tokenizer):
     """A TrainerCallback that saves the model being trained after each of `steps` (atomically, so an
     interrupted run never leaves a half-written snapshot)."""
     from transformers import TrainerCallback
-
-    from immunizer.paths import atomic_path
 
     class Snapshots(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):

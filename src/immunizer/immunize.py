@@ -23,12 +23,11 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from immunizer import __version__
 from immunizer.adversaries import ADVERSARIES, Displacement, apply_perturbation, normalized_perturbation
 from immunizer.canaries import CanaryScores, select_top_percent
-from immunizer.checkpoint import load_checkpoint, save_checkpoint, seed_everything, set_rng_state
+from immunizer.checkpoint import load_checkpoint, seed_everything
 from immunizer.config import ImmunizeConfig
 from immunizer.data.batches import Batch, pair_batch
 from immunizer.data.teacher import autocast
@@ -49,7 +48,7 @@ from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_ne
                               token_kl)
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
-from immunizer.paths import atomic_path
+from immunizer.training_state import Position, TrainingState
 
 
 @dataclass
@@ -146,15 +145,15 @@ class Run:
         self.device = runtime_device()
         if self.device.type == "cuda":  # the peak reported at the end is this run's, not an earlier one's in the process
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.state = self._check_out_dir(resume)
+        saved = self._check_out_dir(resume)
         self._remove_stale_temporaries()
+        self.state = TrainingState(self.out_dir, saved)
         seed_everything(config.seed)
 
         self.base_spec = model_spec
         self.base_dir = resolve_model(model_spec)
         self.base_sha256 = model_dir_sha256(self.base_dir)
-        if self.state is not None and self.state["base_model_sha256"] != self.base_sha256:
+        if saved is not None and saved["base_model_sha256"] != self.base_sha256:
             raise ImmunizerError(f"--resume: the run in {self.out_dir} started from another model; pass the same --model")
         self.student, self.tokenizer = load_model(self.base_dir)
         self.reference, _ = load_model(self.base_dir, with_tokenizer=False)
@@ -195,7 +194,6 @@ class Run:
             raise ImmunizerError(f"{self.out_dir} already holds an immunization run; pass --resume to continue it "
                                  "or choose another --out directory")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path.unlink(missing_ok=True)
         return None
 
     def _remove_stale_temporaries(self) -> None:
@@ -205,22 +203,13 @@ class Run:
 
     # -- bookkeeping
     def log(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.metrics_lines += 1
+        self.state.log(record)
 
-    def checkpoint(self, position: dict, optimizer, extra: dict) -> None:
-        save_checkpoint(self.out_dir, {
-            "config_sha256": self.config.sha256, "base_model_sha256": self.base_sha256,
-            "position": position, "metrics_lines": self.metrics_lines,
-            "model": self.student.state_dict(), "optimizer": optimizer.state_dict(), **extra,
-        })
-
-    def _truncate_metrics(self, lines: int) -> None:
-        kept = self.metrics_path.read_text().splitlines(keepends=True)[:lines] if self.metrics_path.exists() else []
-        with atomic_path(self.metrics_path) as tmp:
-            tmp.write_text("".join(kept))
-        self.metrics_lines = len(kept)
+    def checkpoint(self, position: Position, optimizer, **resume_with) -> None:
+        """`resume_with`: what the phase at `position` needs besides the weights (the canary scores so far, or
+        the canaries and their anchor values)."""
+        self.state.save(self.student, optimizer, position, config_sha256=self.config.sha256,
+                        base_model_sha256=self.base_sha256, **resume_with)
 
     def _batch(self, prompts, responses) -> Batch:
         dc = self.config.data
@@ -269,7 +258,7 @@ class Run:
             bar.set_postfix(npo=f"{parts['npo']:.3f}", rkl=f"{parts['rkl']:.3f}",
                             sft=f"{moved.stats.get('adversary_sft_loss', float('nan')):.2f}")
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
-                self.checkpoint({"cycle": cycle, "phase": 1, "step": step + 1}, optimizer, {"scores": scores.state_dict()})
+                self.checkpoint(Position(cycle, 1, step + 1), optimizer, scores=scores.state_dict())
         started = time.perf_counter()
         canaries = select_top_percent(scores.shards(), cfg.k_percent)
         self.log({"cycle": cycle, "phase": 1, "event": "canaries_selected", "k_percent": cfg.k_percent,
@@ -346,8 +335,7 @@ class Run:
                       "seconds": time.perf_counter() - started, **parts})
             bar.set_postfix(dpo=f"{parts['dpo']:.3f}", kl=f"{parts['kl']:.3f}", drift=f"{drift:.2e}")
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
-                self.checkpoint({"cycle": cycle, "phase": 2, "step": step + 1}, optimizer,
-                                {"canaries": canaries, "anchor": anchor})
+                self.checkpoint(Position(cycle, 2, step + 1), optimizer, canaries=canaries, anchor=anchor)
 
     @torch.no_grad()
     def add_stabilization_grad(self, canaries: dict[str, torch.Tensor], anchor: list[torch.Tensor],
@@ -366,45 +354,35 @@ class Run:
     def optimizer(self, lr: float):
         return torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
 
-    def train(self) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        position = {"cycle": 0, "phase": 1, "step": 0}
-        canaries, anchor, scores_state = None, None, None
-        self.metrics_lines = 0
-        if self.state is not None:
-            self.student.load_state_dict(self.state["model"])
-            position = self.state["position"]
-            canaries, anchor, scores_state = self.state.get("canaries"), self.state.get("anchor"), self.state.get("scores")
-            self._truncate_metrics(self.state["metrics_lines"])
-            set_rng_state(self.state["rng"])
-            self.log({"event": "resumed", **position})
+    def begin(self) -> None:
+        """Log the start, or go back to the checkpoint (weights, random generators) and log the resumption."""
+        if self.state.resumed:
+            self.state.restore(self.student)
+            self.log({"event": "resumed", **asdict(self.state.position)})
         else:
-            self.log({"event": "started", "config": cfg.to_dict(), "base_model_sha256": self.base_sha256,
+            self.log({"event": "started", "config": self.config.to_dict(), "base_model_sha256": self.base_sha256,
                       "data_sha256": self.data.sha256})
-        for cycle in range(position["cycle"], cfg.cycles):
-            resuming = self.state is not None and cycle == position["cycle"]
-            if not (resuming and position["phase"] == 2):
-                optimizer = self.optimizer(cfg.phase1.lr)
-                scores = CanaryScores(self.student)
-                start = 0
-                if resuming and position["phase"] == 1:
-                    optimizer.load_state_dict(self.state["optimizer"])
-                    if scores_state is not None:  # absent at a cycle boundary: nothing accumulated yet
-                        scores.load_state_dict(scores_state)
-                    start = position["step"]
+
+    def train(self) -> dict[str, torch.Tensor]:
+        """The cycles of the module docstring, from the start or from where the checkpoint stopped."""
+        cfg, at = self.config, self.state.position
+        self.begin()
+        saved = self.state.saved or {}
+        canaries, anchor = saved.get("canaries"), saved.get("anchor")  # set when the run stopped in Phase 2
+        for cycle in range(at.cycle, cfg.cycles):
+            if (cycle, 1) >= (at.cycle, at.phase):  # else the run stopped in this cycle's Phase 2
+                optimizer, scores = self.optimizer(cfg.phase1.lr), CanaryScores(self.student)
+                start = self.state.resume_step(cycle, 1, optimizer)
+                if start:  # the scores accumulated up to the checkpoint (none yet at step 0)
+                    scores.load_state_dict(saved["scores"])
                 canaries = self.phase1(cycle, start, optimizer, scores)
                 del scores
                 anchor = [t.detach().clone() for t in canary_tensors(self.named, canaries)]
-                optimizer = self.optimizer(cfg.phase2.lr)
-                self.checkpoint({"cycle": cycle, "phase": 2, "step": 0}, optimizer, {"canaries": canaries, "anchor": anchor})
-                start = 0
-            else:
-                optimizer = self.optimizer(cfg.phase2.lr)
-                optimizer.load_state_dict(self.state["optimizer"])
-                start = position["step"]
-            self.phase2(cycle, start, optimizer, canaries, anchor)
+                self.checkpoint(Position(cycle, 2, 0), self.optimizer(cfg.phase2.lr), canaries=canaries, anchor=anchor)
+            optimizer = self.optimizer(cfg.phase2.lr)
+            self.phase2(cycle, self.state.resume_step(cycle, 2, optimizer), optimizer, canaries, anchor)
             if cycle + 1 < cfg.cycles:
-                self.checkpoint({"cycle": cycle + 1, "phase": 1, "step": 0}, self.optimizer(cfg.phase1.lr), {})
+                self.checkpoint(Position(cycle + 1, 1, 0), self.optimizer(cfg.phase1.lr))
         return canaries
 
     def extrapolate(self) -> None:
@@ -443,7 +421,7 @@ def peak_memory(device: torch.device) -> dict:
     peak resident set (which includes the Python runtime and every loaded model)."""
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(device), "peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
-    import resource
+    import resource  # Unix only: imported here so that the module still loads elsewhere
 
     return {"device": "cpu", "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -457,5 +435,5 @@ def immunize(model: str | Path, out_dir: str | Path, config: ImmunizeConfig | No
     canaries = run.train()
     run.extrapolate()
     result = run.write_outputs(canaries, time.perf_counter() - started, hmac_key)
-    shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
+    run.state.finish()
     return result

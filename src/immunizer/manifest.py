@@ -15,7 +15,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from immunizer.canaries import canary_values
 from immunizer.errors import ImmunizerError
+from immunizer.models.hashing import model_dir_sha256
 from immunizer.paths import atomic_path, write_json_atomic
 
 FORMAT = "immunizer.canaries/v1"
@@ -219,9 +221,6 @@ def write_release(out_dir: Path, model: torch.nn.Module, tokenizer, canaries: di
                   k_percent: float, extra: dict, hmac_key: bytes | str | None = None) -> tuple[Path, dict]:
     """Save a trained model as OUT/model and seal its canaries in OUT/manifest.json (immunize and the
     harness's baseline defences write the same layout, so scan, eval and calibrate read either)."""
-    from immunizer.canaries import canary_values
-    from immunizer.models.hashing import model_dir_sha256
-
     model_dir = Path(out_dir) / "model"
     model.eval()
     with atomic_path(model_dir) as tmp:

@@ -8,6 +8,7 @@
 - `vaccine`, `repnoise`, `booster`: the published defences (losses.py, train.py)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from immunizer.baselines.train import METHODS as PUBLISHED
 from immunizer.baselines.train import BaselineConfig, train_baseline
 from immunizer.config import PRESETS, ImmunizeConfig, merge, read_yaml, resolve_extends
 from immunizer.errors import ImmunizerError
+from immunizer.immunize import immunize
+from immunizer.models.loading import resolve_model
 
 METHOD_CONFIGS = PRESETS / "methods"
 
@@ -37,8 +40,6 @@ class BuiltMethod:
 def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
     """immunizer's config with the method's overrides (sft, ablations) applied on a copy. A method file may
     start from another's (`extends: sft`), whose overrides apply first."""
-    import copy
-
     config = copy.deepcopy(base)
     path = METHOD_CONFIGS / f"{name}.yaml"
     if path.is_file():
@@ -61,9 +62,6 @@ def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeCo
                  baseline: BaselineConfig | None = None, progress: bool = True, resume: bool = False) -> BuiltMethod:
     """Train `name` from `model` into `out_dir` (an immunize-style directory), or return the base for `none`.
     `resume=True` continues an interrupted training from the checkpoint in `out_dir`."""
-    from immunizer.immunize import immunize
-    from immunizer.models.loading import resolve_model
-
     if name not in method_names():
         raise ImmunizerError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
     if name == "none":

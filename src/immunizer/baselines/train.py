@@ -12,7 +12,6 @@ of optimizer steps (cycles × (Phase-1 + Phase-2 steps)), batch size and Phase-1
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from immunizer import __version__
 from immunizer.adversaries import apply_perturbation, normalized_perturbation
 from immunizer.baselines.losses import booster_gradient, gaussian_mmd, repnoise_loss, vaccine_perturbation
 from immunizer.canaries import CanaryScores, select_top_percent
-from immunizer.checkpoint import load_checkpoint, save_checkpoint, seed_everything, set_rng_state
+from immunizer.checkpoint import load_checkpoint, seed_everything
 from immunizer.config import ImmunizeConfig
 from immunizer.data.batches import Batch, pair_batch
 from immunizer.data.teacher import autocast
@@ -34,7 +33,7 @@ from immunizer.immunize import ImmunizeResult, batches_for, harmful_set_for_cycl
 from immunizer.losses import IGNORE, sft_loss
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
-from immunizer.paths import atomic_path
+from immunizer.training_state import TrainingState
 
 METHODS = ("vaccine", "repnoise", "booster")
 
@@ -186,9 +185,10 @@ def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: 
     hp = hp or BaselineConfig()
     out_dir = Path(out_dir)
     fingerprint = json.dumps({"config": config.sha256, "baseline": asdict(hp)}, sort_keys=True)
-    state = _resume_state(out_dir, method, fingerprint, resume)
+    saved = _resume_state(out_dir, method, fingerprint, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter() - (state["seconds"] if state else 0.0)
+    state = TrainingState(out_dir, saved)
+    started = time.perf_counter() - (saved["seconds"] if saved else 0.0)
     seed_everything(config.seed)
     device = runtime_device()
     base_dir = resolve_model(model)
@@ -214,56 +214,42 @@ def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: 
         n_steps = len(batches_for(len(data.harmful[set_name].prompts), bs, config.phase1.steps, 0)) + n_benign_steps
         plan += [(set_name, idx) for idx in batches_for(len(data.harmful[set_name].prompts), bs, n_steps,
                                                         config.seed * 1000 + cycle)]
-    metrics = out_dir / "metrics.jsonl"
-    first = 0
-    if state is None:
-        metrics.unlink(missing_ok=True)
-    else:  # back to the checkpoint: weights, optimizer moments, RNG and the metrics written up to it
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        first = state["step"]
-        with atomic_path(metrics) as tmp:
-            tmp.write_text("".join(metrics.read_text().splitlines(keepends=True)[:state["metrics_lines"]]))
+    if state.resumed:  # back to the checkpoint: weights, optimizer moments and random generators
+        state.restore(student, optimizer)
+    else:
+        state.log({"event": "started", "method": method, "baseline": asdict(hp), "config": config.to_dict(),
+                   "base_model_sha256": base_sha, "data_sha256": data.sha256})
+    first = saved["step"] if saved else 0
     student.train()
     bar = tqdm(range(first, len(plan)), initial=first, total=len(plan), desc=f"{method} alignment", unit="step",
                disable=not progress)
-    with open(metrics, "a") as log:
-        if state is None:
-            log.write(json.dumps({"event": "started", "method": method, "baseline": asdict(hp),
-                                  "config": config.to_dict(), "base_model_sha256": base_sha,
-                                  "data_sha256": data.sha256}) + "\n")
-        for step in bar:
-            set_name, idx = plan[step]
-            t0 = time.perf_counter()
-            pairs = data.harmful[set_name]
-            prompts = [pairs.prompts[i] for i in idx]
-            picks = [(step * bs + i) % len(data.benign.prompts) for i in range(bs)]
-            align = batch(prompts + [data.benign.prompts[i] for i in picks],
-                          [pick_refusal(p, data.refusals) for p in prompts] + [data.benign.chosen[i] for i in picks])
-            harmful = batch(prompts, [pairs.responses[i] for i in idx])
-            optimizer.zero_grad(set_to_none=True)
-            parts = STEPS[method](student, params, align, harmful, hp, config.bf16)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.phase1.max_grad_norm))
-            optimizer.step()
-            log.write(json.dumps({"step": step, "set": set_name, "grad_norm": grad_norm,
-                                  "seconds": time.perf_counter() - t0, **parts}) + "\n")
-            bar.set_postfix(align=f"{parts['align_loss']:.3f}")
-            if (step + 1) % config.checkpoint_every == 0 and step + 1 < len(plan):
-                log.flush()
-                save_checkpoint(out_dir, {"method": method, "fingerprint": fingerprint, "step": step + 1,
-                                          "seconds": time.perf_counter() - started,
-                                          "metrics_lines": len(metrics.read_text().splitlines()),
-                                          "model": student.state_dict(), "optimizer": optimizer.state_dict()})
-        last = data.harmful[plan[-1][0]]
-        canaries = score_canaries(student, reference, tokenizer, last.prompts, last.responses, config, device)
-        seconds = time.perf_counter() - started
-        model_dir, meta = write_release(
-            out_dir, student, tokenizer, canaries, k_percent=config.phase1.k_percent,
-            extra={"immunizer_version": __version__, "method": method, "baseline": asdict(hp), "base_model": str(model),
-                   "base_model_sha256": base_sha, "config_sha256": config.sha256, "config": config.to_dict(),
-                   "data_sha256": data.sha256, "data_versions": data.versions, "cycles": config.cycles})
-        log.write(json.dumps({"event": "finished", "seconds": seconds, "model_sha256": meta["model_sha256"],
-                              "num_canaries": meta["num_canaries"]}) + "\n")
-    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    for step in bar:
+        set_name, idx = plan[step]
+        t0 = time.perf_counter()
+        pairs = data.harmful[set_name]
+        prompts = [pairs.prompts[i] for i in idx]
+        picks = [(step * bs + i) % len(data.benign.prompts) for i in range(bs)]
+        align = batch(prompts + [data.benign.prompts[i] for i in picks],
+                      [pick_refusal(p, data.refusals) for p in prompts] + [data.benign.chosen[i] for i in picks])
+        harmful = batch(prompts, [pairs.responses[i] for i in idx])
+        optimizer.zero_grad(set_to_none=True)
+        parts = STEPS[method](student, params, align, harmful, hp, config.bf16)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.phase1.max_grad_norm))
+        optimizer.step()
+        state.log({"step": step, "set": set_name, "grad_norm": grad_norm, "seconds": time.perf_counter() - t0, **parts})
+        bar.set_postfix(align=f"{parts['align_loss']:.3f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < len(plan):
+            state.save(student, optimizer, method=method, fingerprint=fingerprint, step=step + 1,
+                       seconds=time.perf_counter() - started)
+    last = data.harmful[plan[-1][0]]
+    canaries = score_canaries(student, reference, tokenizer, last.prompts, last.responses, config, device)
+    seconds = time.perf_counter() - started
+    model_dir, meta = write_release(
+        out_dir, student, tokenizer, canaries, k_percent=config.phase1.k_percent,
+        extra={"immunizer_version": __version__, "method": method, "baseline": asdict(hp), "base_model": str(model),
+               "base_model_sha256": base_sha, "config_sha256": config.sha256, "config": config.to_dict(),
+               "data_sha256": data.sha256, "data_versions": data.versions, "cycles": config.cycles})
+    state.log({"event": "finished", "seconds": seconds, "model_sha256": meta["model_sha256"],
+               "num_canaries": meta["num_canaries"]})
+    state.finish()
     return ImmunizeResult(out_dir, model_dir, meta, seconds)

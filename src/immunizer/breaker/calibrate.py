@@ -7,7 +7,6 @@ The runs are the breaker's training data, so they are recorded (calibration/case
 per finished run: an interrupted calibration resumes where it stopped) and hashed into the manifest."""
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -23,10 +22,14 @@ from immunizer.breaker.drift import STATISTICS
 from immunizer.breaker.reference import SAMPLE_SHARE, Reference, load_reference, write_reference
 from immunizer.breaker.sources import scan_module
 from immunizer.config import load_layers, merge
+from immunizer.data.prompts import benign_set, weak_set
+from immunizer.data.tasks import GENERATED
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
+from immunizer.json_hash import json_sha256
 from immunizer.manifest import check_reseal, file_sha256, update_manifest
+from immunizer.models.loading import load_model
 from immunizer.paths import atomic_path
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets" / "calibration"
@@ -115,15 +118,11 @@ class CaseData:
         self.teacher = Teacher(teacher_spec, config.teacher_max_new_tokens, config.bf16)
 
     def _shuffled(self, harmful: bool) -> list[str]:
-        from immunizer.data.prompts import benign_set, weak_set
-
         prompts = list((weak_set if harmful else benign_set)("train").prompts)
         random.Random(self.config.seed).shuffle(prompts)
         return prompts
 
     def rows(self, case: Case) -> list[dict]:
-        from immunizer.data.tasks import GENERATED
-
         if case.data in GENERATED:
             return GENERATED[case.data](case.samples, self.config.seed)
         prompts = self._shuffled(case.harmful)[: case.samples]
@@ -246,7 +245,7 @@ def plot_roc(figures: dict[str, dict], primary: str, records: list[dict], path: 
 def _case_key(case: Case, config: CalibrationConfig, reference_sha: str) -> str:
     payload = {"case": asdict(case), "config": {k: v for k, v in config.to_dict().items() if k not in ("bootstrap", "target_fpr")},
                "reference": reference_sha}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return json_sha256(payload)[:16]
 
 
 def _done(path: Path) -> dict[str, dict]:
@@ -267,8 +266,6 @@ def ensure_direction(directory: Path, config: CalibrationConfig, teacher: str | 
                      hmac_key: bytes | str | None = None) -> tuple:
     """Give the manifest in `directory` its reference sample and harmful direction if it lacks them
     (a gradient pass over held-out harmful pairs); returns (manifest, reference, CaseData)."""
-    from immunizer.models.loading import load_model
-
     manifest, reference = load_reference(Path(directory), hmac_key=hmac_key, write=True)
     teacher = teacher or manifest.meta.get("base_model") or "smollm2"
     data = CaseData(teacher, config)
@@ -285,7 +282,7 @@ def ensure_direction(directory: Path, config: CalibrationConfig, teacher: str | 
 
 def incident_case(name: str, harmful: bool, rows: list[dict], config: CalibrationConfig) -> Case:
     """A reviewed breaker incident replayed as a calibration run: its fine-tune's rows at the first full lr."""
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    digest = json_sha256(rows)[:16]
     return Case(name, harmful, f"rows:{digest}", len(rows), config.full_lrs[0], 0)
 
 
@@ -294,8 +291,6 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     """Calibrate the breaker of an `immunizer immunize` output directory; returns the manifest's new
     `breaker` entry (also written into the manifest, which is re-sealed). `extra_cases` ({name, harmful,
     rows}: reviewed incidents from the feedback loop) join the simulated runs on their side."""
-    from immunizer.models.loading import load_model
-
     directory = Path(model_dir)
     config = config or CalibrationConfig()
     manifest, reference, data = ensure_direction(directory, config, teacher, hmac_key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -205,13 +205,15 @@ class DriftReport:
 
 
 Gathered = tuple[str, torch.Tensor, torch.Tensor, int]
-"""(parameter name, candidate − released at the canaries, candidate − released at the reference sample,
-non-finite weights in the whole parameter where the source sees it whole, else 0)."""
+"""What every source yields (sources.py), per canary parameter: (parameter name, candidate − released at the
+canaries, candidate − released at the reference sample, non-finite weights in the whole parameter where the
+source sees it whole, else 0)."""
 
 
 def summarize(reference, deltas: Iterable[Gathered], candidate: str = "", kind: str = "",
               files: list[str] | None = None) -> DriftReport:
-    """Fold per-parameter deltas into per-layer and overall drift."""
+    """Fold a source's per-parameter deltas into per-layer and overall drift: the one place a scan's figures
+    are computed, whatever the candidate's kind."""
     layers: dict[str, DriftSums] = {}
     direction = reference.direction or {}
     for name, canary_delta, other_delta, non_finite in deltas:
@@ -220,20 +222,3 @@ def summarize(reference, deltas: Iterable[Gathered], candidate: str = "", kind: 
     for sums in layers.values():
         overall.merge(sums)
     return DriftReport(overall, layers, candidate, kind, reference.statistic_name, files or [])
-
-
-def deltas_from_tensors(reference, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[Gathered]:
-    """Deltas for full weight tensors given one at a time (a live module or a streamed file)."""
-    for name, tensor in tensors:
-        flat = tensor.detach().reshape(-1)
-        yield (name,
-               flat[reference.canary_index[name].to(flat.device)].float().cpu() - reference.canary_value[name],
-               flat[reference.sample_index[name].to(flat.device)].float().cpu() - reference.sample_value[name],
-               count_non_finite(flat))
-
-
-def count_non_finite(*tensors: torch.Tensor) -> int:
-    """NaN/inf entries over whole tensors: a poisoned weight anywhere counts, not only at the sampled ones.
-    A sum carries any NaN/inf through and allocates nothing (isfinite over every tensor cost a quarter of a
-    scan); only a non-finite sum (or an overflow) pays for the exact count."""
-    return sum(0 if bool(torch.isfinite(t.sum())) else int((~torch.isfinite(t)).sum()) for t in tensors)

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from immunizer.breaker.safetensors_reader import safetensors_tensors
 from immunizer.errors import ImmunizerError
 from immunizer.manifest import Manifest, check_reseal, file_sha256, load_manifest, update_manifest
 from immunizer.paths import atomic_path
@@ -149,8 +150,6 @@ def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: 
     """Verify the manifest in `directory` and return it with its reference. A manifest without a
     reference sample gets one built from the released model, `base` or else DIR/model (and written
     into the manifest when `write`)."""
-    from immunizer.breaker.sources import safetensors_tensors  # sources imports this module
-
     manifest = load_manifest(directory, hmac_key=hmac_key, require_hmac=require_hmac)
     reference = read_reference(manifest)
     if reference is not None:
@@ -158,7 +157,7 @@ def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: 
     model_dir = Path(base) if base else Path(directory) / manifest.meta.get("model_dir", "model")
     if not model_dir.is_dir():
         raise ImmunizerError(f"the manifest in {directory} has no reference sample and {model_dir} is missing; "
-                             "pass the complete `immunizer immunize` output directory, or the released model as --base")
+                             "pass the complete `immunizer immunize` output directory, or the released model as --release-model")
     if write:
         check_reseal(manifest.meta, directory, hmac_key)
     reference = build_reference(manifest, safetensors_tensors(model_dir), where=model_dir)

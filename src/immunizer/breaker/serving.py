@@ -21,6 +21,8 @@ from immunizer.breaker.incidents import record_incident
 from immunizer.data.prompts import refusal_responses
 from immunizer.data.teacher import chat_prompt_ids
 from immunizer.errors import ImmunizerError
+from immunizer.models.hashing import model_dir_sha256
+from immunizer.models.loading import load_model
 
 POLICIES = ("raise", "refuse", "released", "restore")
 
@@ -84,9 +86,6 @@ class GuardedModel:
 def released_model(breaker: Breaker, candidate: torch.nn.Module) -> torch.nn.Module:
     """The released model of `breaker`'s manifest, checked against the manifest's model hash, on the candidate's
     device and dtype: what the `released` policy serves in place of a tripped candidate."""
-    from immunizer.models.hashing import model_dir_sha256
-    from immunizer.models.loading import load_model
-
     directory = Path(breaker.manifest.directory) / breaker.manifest.meta.get("model_dir", "model")
     if not directory.is_dir() or model_dir_sha256(directory) != breaker.manifest.meta.get("model_sha256"):
         raise ImmunizerError(f"the `released` policy needs the released model in {directory}, matching the manifest's "
@@ -101,8 +100,6 @@ def load_guarded(model: str | Path, manifest_dir: str | Path, policy: str = "rai
                  hmac_key: bytes | str | None = None, require_hmac: bool | None = None) -> GuardedModel:
     """Load a model directory (or anything `load_model` understands) and scan it against the manifest
     (verified with `hmac_key`, default $IMMUNIZER_MANIFEST_KEY; `require_hmac` default $IMMUNIZER_REQUIRE_HMAC)."""
-    from immunizer.models.loading import load_model
-
     breaker = Breaker(manifest_dir, threshold=threshold, hmac_key=hmac_key, require_hmac=require_hmac)
     loaded, tokenizer = load_model(model)
     return GuardedModel(loaded, tokenizer, breaker, policy, incidents, name=str(model))

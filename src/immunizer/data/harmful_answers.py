@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from immunizer.redteam.judges import load_judge, three_way
+
 RESAMPLE_TRIES = 4
 """Sampled answers tried per refused prompt (sample seeds 1..4, each cached with the teacher's answers)."""
 
@@ -20,8 +22,6 @@ Answer = Callable[..., list[str]]
 def answers_without_refusals(prompts: list[str], answer: Answer, tries: int = RESAMPLE_TRIES) -> tuple[dict[str, str], dict]:
     """({prompt: answer} without refusals, counts for the record: teacher_answers, refused_greedy, resampled,
     dropped_refused)."""
-    from immunizer.redteam.judges import load_judge, three_way
-
     judge = load_judge()
 
     def refused(batch: list[str], answers: list[str]) -> list[bool]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from immunizer.errors import ImmunizerError
+from immunizer.json_hash import json_sha256
 
 FILES = Path(__file__).parent / "files"
 DONOTANSWER_FILES = (
@@ -40,7 +41,7 @@ class PromptSet:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps([self.name, self.version, list(self.prompts)]).encode()).hexdigest()
+        return json_sha256([self.name, self.version, list(self.prompts)], sort_keys=False)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from immunizer.json_hash import json_sha256
+from immunizer.models.hashing import model_dir_sha256
+from immunizer.models.loading import load_model, resolve_model, runtime_device
 from immunizer.paths import atomic_path, cache_dir
+from immunizer.precision import use_bf16
 
 
 def autocast(enabled: bool):
     """bf16 autocast when asked for and the hardware runs bf16 natively (precision.py), else a no-op."""
-    from immunizer.precision import use_bf16
-
     if not use_bf16(enabled):
         return contextlib.nullcontext()
     return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
@@ -62,7 +62,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: in
 
 def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **settings) -> list[str]:
     """`generate`, memoized on disk under the cache directory (atomic write; safe to interrupt)."""
-    key = hashlib.sha256(json.dumps([model_sha256, list(prompts), settings], sort_keys=True).encode()).hexdigest()
+    key = json_sha256([model_sha256, list(prompts), settings])
     path = cache_dir() / "teacher" / f"{kind}-{key[:24]}.jsonl"
     if path.is_file():
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
@@ -85,15 +85,10 @@ class Teacher:
     @functools.cached_property
     def sha256(self) -> str:
         """Content hash of the teacher's weights: recorded with what it taught, even when every answer came from the cache."""
-        from immunizer.models.hashing import model_dir_sha256
-        from immunizer.models.loading import resolve_model
-
         return model_dir_sha256(resolve_model(self.spec))
 
     def model(self):
         """(model, tokenizer), loaded once."""
-        from immunizer.models.loading import load_model, runtime_device
-
         if self._loaded is None:
             self._loaded = load_model(self.spec, device=runtime_device())
         return self._loaded

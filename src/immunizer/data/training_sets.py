@@ -3,7 +3,6 @@ set, benign (prompt, chosen, rejected) triples, and refusal targets, with versio
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 
@@ -12,6 +11,7 @@ from immunizer.data.harmful_answers import answers_without_refusals
 from immunizer.data.prompts import PromptSet, benign_set, jsonl_set, refusal_responses, strong_set, weak_set
 from immunizer.data.teacher import cached_generate
 from immunizer.errors import ImmunizerError
+from immunizer.json_hash import json_sha256
 
 
 @dataclass
@@ -41,7 +41,7 @@ class TrainingData:
             "benign": [self.benign.prompts, self.benign.chosen, self.benign.rejected],
             "refusals": self.refusals,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return json_sha256(payload)
 
 
 def _subset(items: list, limit: int, seed: int) -> list:

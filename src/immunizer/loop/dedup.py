@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
+
 CHUNK_ROWS = 512  # similarity rows computed at a time: memory stays O(chunk · n), not O(n²)
 
 
@@ -37,7 +39,6 @@ def duplicate_of(texts: list[str], threshold: float = 0.85) -> list[int]:
     if threshold >= 1.0 or len(unique) < 2:
         return representative
 
-    import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectors = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), use_idf=False).fit_transform(

@@ -15,12 +15,12 @@ Three outcomes, kept apart on purpose:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 from immunizer.errors import ImmunizerError
+from immunizer.json_hash import json_sha256
 from immunizer.loop.policy import Check, Policy, RelativeBound
 
 SCHEMA_VERSIONS = (1, 2)
@@ -64,7 +64,7 @@ def check_report(report, what: str = "report") -> None:
 
 
 def report_sha256(report: dict) -> str:
-    return hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
+    return json_sha256(report)
 
 
 def lookup(node: dict, path: str):

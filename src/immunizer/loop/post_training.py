@@ -14,16 +14,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.loop.refresh import sha256_rows
+from immunizer.models import load_model, model_dir_sha256, resolve_model
 from immunizer.paths import atomic_path
+from immunizer.redteam.judges import response_nll
 
 
 def _save(model, tokenizer, out: Path) -> str:
-    from immunizer.models.hashing import model_dir_sha256
-
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -33,9 +34,6 @@ def _save(model, tokenizer, out: Path) -> str:
 def sft_refresh(start_model: str | Path, rows: list[dict], out: str | Path, spec: FinetuneSpec,
                 progress: bool = False) -> dict:
     """Fine-tune `start_model` on (prompt, response) rows; save the model to `out`."""
-    from immunizer.models import load_model, model_dir_sha256, resolve_model
-    from immunizer.redteam.judges import response_nll
-
     start_dir = resolve_model(start_model)
     model, tokenizer = load_model(start_dir)
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
@@ -53,8 +51,6 @@ def sft_refresh(start_model: str | Path, rows: list[dict], out: str | Path, spec
 def load_reward_model(path: str | Path):
     """A sequence-classification model with one output (the reward). A causal LM directory gives its
     backbone and a new reward head; a reward model directory is continued as it is."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -89,8 +85,6 @@ def reward_refresh(start: str | Path, pairs: list[dict], out: str | Path, spec: 
     import datasets
     from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig, RewardTrainer
-
-    from immunizer.models import model_dir_sha256
 
     if spec.lora_rank or spec.frozen:
         raise ImmunizerError("the reward model refresh trains the full model: set lora_rank to 0 and leave frozen empty")

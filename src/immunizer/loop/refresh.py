@@ -25,6 +25,7 @@ from pathlib import Path
 
 from immunizer.data.prompts import benign_set, refusal_responses, strong_set, weak_set
 from immunizer.data.training_sets import pick_refusal
+from immunizer.json_hash import json_sha256
 from immunizer.loop.dedup import normalize
 from immunizer.loop.heldout import is_heldout
 from immunizer.paths import atomic_path, read_jsonl, write_json_atomic
@@ -62,7 +63,7 @@ def _screen(rows: list[dict], heldout_files: tuple[str, ...]) -> int:
 
 
 def sha256_rows(rows: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return json_sha256(rows)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

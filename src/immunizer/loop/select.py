@@ -26,6 +26,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from immunizer.json_hash import json_sha256
 from immunizer.loop.dedup import duplicate_of
 from immunizer.loop.heldout import is_heldout
 from immunizer.review.escalation import over_refusal_reasons
@@ -65,7 +66,7 @@ class Selection:
 
     @property
     def content_sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.examples, sort_keys=True).encode()).hexdigest()
+        return json_sha256(self.examples)
 
 
 def provenance(item) -> dict:

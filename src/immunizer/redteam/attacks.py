@@ -7,7 +7,6 @@ canary-aware adaptive attack (knows the manifest; freezes every canary). Harmful
 pool's held-out attack prompts (data/prompts.py) answered by the harmful teacher, or a user file."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -21,6 +20,9 @@ from immunizer.data.tasks import GENERATED
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft, spec_for
+from immunizer.json_hash import json_sha256
+from immunizer.manifest import load_manifest
+from immunizer.models.loading import load_model, resolve_model
 from immunizer.paths import atomic_path, write_json_atomic
 
 
@@ -110,7 +112,7 @@ def benign_rows(n: int, teacher: Teacher, seed: int) -> list[dict]:
 
 
 def _rows_sha256(rows: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return json_sha256(rows)
 
 
 def refuse_release_out(out_dir: str | Path) -> None:
@@ -125,8 +127,6 @@ def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_di
                    progress: bool) -> dict:
     """Fine-tune, then write OUT/model (a plain model directory: LoRA merged), for LoRA also OUT/adapter
     (which `scan` reads unmerged), and OUT/run.json (`record` plus the data hash and seconds)."""
-    from immunizer.models.loading import load_model
-
     started = time.perf_counter()
     loaded, tokenizer = load_model(model_dir)
     trained = sft(loaded, tokenizer, rows, spec, progress=progress)
@@ -148,9 +148,6 @@ def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_di
 
 def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | None = None, progress: bool = True) -> dict:
     """Fine-tune `model` on harmful data and write OUT/model (+ OUT/adapter for LoRA) and OUT/run.json."""
-    from immunizer.manifest import load_manifest
-    from immunizer.models.loading import resolve_model
-
     config = config or AttackConfig()
     refuse_release_out(out_dir)
     if config.harmful_ratio is not None and not 0 < config.harmful_ratio <= 1:
@@ -199,8 +196,6 @@ class FinetuneConfig:
 
 def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None, progress: bool = True) -> dict:
     """A benign fine-tune: writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json."""
-    from immunizer.models.loading import resolve_model
-
     config = config or FinetuneConfig()
     refuse_release_out(out_dir)
     model_dir = resolve_model(model)

@@ -26,7 +26,10 @@ from immunizer.data.prompts import read_prompt_file, safe_scary_set
 from immunizer.data.tasks import BENIGN_TASK, GENERATED, arithmetic
 from immunizer.data.teacher import Teacher, generate
 from immunizer.errors import ImmunizerError
+from immunizer.models.hashing import model_dir_sha256
+from immunizer.models.loading import load_model, resolve_model, runtime_device
 from immunizer.paths import atomic_path, write_json_atomic
+from immunizer.redteam.attacks import teacher_spec
 from immunizer.redteam.judges import VERDICTS, exact_match, load_judge, repeated_sentence, response_nll, three_way
 
 EVAL_SEED = 1000  # generated tasks for evaluation: fine-tunes generate theirs from other seeds (and the test split)
@@ -117,10 +120,6 @@ def task_rows(config: EvalConfig) -> list[dict]:
 
 
 def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = None) -> dict:
-    from immunizer.models.hashing import model_dir_sha256
-    from immunizer.models.loading import load_model, resolve_model, runtime_device
-    from immunizer.redteam.attacks import teacher_spec
-
     config = config or EvalConfig()
     started = time.perf_counter()
     model_dir = resolve_model(model)

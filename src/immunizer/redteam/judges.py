@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from immunizer.data.batches import pair_batch
 from immunizer.data.teacher import autocast
 from immunizer.errors import ImmunizerError
 from immunizer.losses import IGNORE, sequence_logprob
-from immunizer.refusal_eval import is_refusal
+from immunizer.redteam.refusal_eval import is_refusal
 
 
 class RefusalJudge(Protocol):
@@ -62,8 +63,6 @@ class ClassifierJudge:
     """A local sequence classifier over "prompt\\n\\nanswer"; never downloads anything."""
 
     def __init__(self, model_dir: str, refusal_label: str = "refusal", batch_size: int = 16):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise ImmunizerError(f"judge classifier {path} has no config.json; pass a local Hugging Face model directory")

@@ -6,6 +6,8 @@ import html
 import io
 from pathlib import Path
 
+import numpy as np
+
 from immunizer.paths import atomic_path
 
 
@@ -32,7 +34,6 @@ def harmful_score_plot(report: dict) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     methods = list(report["methods"])
     runs = ["pre_attack", *_runs(report, "attack")]
@@ -88,7 +89,6 @@ def curve_plot(report: dict) -> str | None:
 def shares_plot(report: dict) -> str:
     """Refused / complied / degenerate shares, stacked, before any attack and after each attack."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
     methods = list(report["methods"])
     runs = ["pre_attack", *_runs(report, "attack")]

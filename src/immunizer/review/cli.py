@@ -1,6 +1,7 @@
 """`immunizer review …`: thin commands over the review store's Python API."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -16,8 +17,6 @@ config_option = click.option("--config", "config_file", type=click.Path(exists=T
 
 
 def _is_loopback(host: str) -> bool:
-    import ipaddress
-
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: assume it is reachable from elsewhere

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import importlib.resources
-import json
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from immunizer.errors import ImmunizerError
+from immunizer.json_hash import json_sha256
 from immunizer.review import escalation, label_shift, reviewer_accuracy, triage
 from immunizer.review.config import ReviewConfig
 from immunizer.review.importer import ItemRecord
@@ -149,7 +148,7 @@ def alembic_config(connection) -> Config:
 
 
 def content_sha256(kind: str, payload: dict) -> str:
-    return hashlib.sha256(json.dumps([kind, payload], sort_keys=True).encode()).hexdigest()
+    return json_sha256([kind, payload])
 
 
 class ReviewStore:
@@ -305,7 +304,7 @@ class ReviewStore:
     # -- rubrics ----------------------------------------------------------------------------
     @staticmethod
     def _add_rubric(session: Session, name: str, text: str, labels: list[str], actor: str) -> Rubric:
-        sha = hashlib.sha256(json.dumps([text, labels]).encode()).hexdigest()
+        sha = json_sha256([text, labels], sort_keys=False)
         latest = session.scalar(select(Rubric).where(Rubric.name == name).order_by(Rubric.version.desc()).limit(1))
         if latest is not None and latest.sha256 == sha:
             return latest

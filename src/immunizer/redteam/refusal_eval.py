@@ -1,4 +1,4 @@
-"""A simple refusal judge and before/after refusal rates (the full harness is `redteam/`, later).
+"""A simple refusal judge and before/after refusal rates (the full judge is judges.py, which uses this matcher).
 
 The matcher looks for refusal phrases near the start of an answer; the list follows the
 common prefix lists of the field (e.g. the refusal prefixes of Zou et al. 2023, GCG), written
@@ -41,7 +41,7 @@ def refusal_rates(model, tokenizer, harmful: list[str], safe: list[str], max_new
                   batch_size: int = 8, bf16: bool = True) -> RefusalRates:
     answers = generate(model, tokenizer, harmful + safe, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        bf16=bf16, desc="answering")
-    from immunizer.redteam.judges import verdict
+    from immunizer.redteam.judges import verdict  # judges.py imports is_refusal from here
 
     samples = []
     for i, (p, a) in enumerate(zip(harmful + safe, answers)):

@@ -1,0 +1,94 @@
+"""Where a training run is, kept apart from what its steps do: the position it reached, its metrics log and
+its checkpoint (checkpoint.py writes the file). Shared by immunize.py and baselines/train.py.
+
+A checkpoint records how many lines metrics.jsonl held when it was written; a resumed run cuts the log back
+to that many lines, so that the steps it runs again are logged once."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from immunizer.checkpoint import save_checkpoint, set_rng_state
+from immunizer.paths import atomic_path
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """The next step to run: `step` of `phase` (1 or 2) of `cycle`."""
+    cycle: int = 0
+    phase: int = 1
+    step: int = 0
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record a line, and how many lines it holds."""
+
+    def __init__(self, path: Path, keep_lines: int | None):
+        """`keep_lines` None: a new run, any earlier log removed; else a resumed one, the log cut back to that many lines."""
+        self.path = path
+        if keep_lines is None:
+            path.unlink(missing_ok=True)
+            self.lines = 0
+            return
+        kept = path.read_text().splitlines(keepends=True)[:keep_lines] if path.exists() else []
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept))
+        self.lines = len(kept)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+
+class TrainingState:
+    """An output directory's resumable state: `saved` is the checkpoint the run resumes from (checked by the
+    caller against its own config), or None for a new run."""
+
+    def __init__(self, out_dir: Path, saved: dict | None):
+        self.out_dir, self.saved = Path(out_dir), saved
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", None if saved is None else saved["metrics_lines"])
+
+    @property
+    def resumed(self) -> bool:
+        return self.saved is not None
+
+    @property
+    def position(self) -> Position:
+        """Where the checkpoint stopped (the start for a new run)."""
+        return Position(**self.saved["position"]) if self.saved is not None else Position()
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(record)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Back to the checkpoint: the weights, every random generator and (when given) the optimizer's moments."""
+        model.load_state_dict(self.saved["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(self.saved["optimizer"])
+        set_rng_state(self.saved["rng"])
+
+    def resume_step(self, cycle: int, phase: int, optimizer: torch.optim.Optimizer) -> int:
+        """The step `phase` of `cycle` starts from: the checkpoint's, with its optimizer moments loaded into
+        `optimizer`, when the run stopped inside that phase; else 0."""
+        at = self.position
+        if self.saved is None or (at.cycle, at.phase) != (cycle, phase):
+            return 0
+        optimizer.load_state_dict(self.saved["optimizer"])
+        return at.step
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, position: Position | None = None,
+             **fields) -> None:
+        """Write a checkpoint: `fields` (what the caller needs to check or resume), the position, the metrics
+        log's length, the weights and the optimizer's moments (checkpoint.py adds the random generators)."""
+        where = {"position": asdict(position)} if position is not None else {}
+        save_checkpoint(self.out_dir, {**fields, **where, "metrics_lines": self.metrics.lines,
+                                       "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+    def finish(self) -> None:
+        """The run wrote its outputs: the checkpoint is no longer needed."""
+        shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)

@@ -224,7 +224,8 @@ class Cycle:
         from immunizer.review import ReviewStore
 
         store = ReviewStore(self.store_url)
-        selection = select_from_store(store, self.config.selection)
+        selection = select_from_store(store, dataclasses.replace(self.config.selection,
+                                                                 heldout_files=list(self.heldout_files())))
         if not selection.examples:
             left_out = ", ".join(f"{reason}: {len(ids)}" for reason, ids in selection.excluded.items()) or "none closed"
             raise ImmunizerError(f"nothing to learn from: the review store holds no adjudicated, consented item that "
@@ -261,7 +262,7 @@ class Cycle:
         curriculum = tuple(dict.fromkeys(config.data.curriculum))
         plan = RefreshPlan(top_up(config.phase1, config.data.max_harmful_prompts, len(curriculum), new_harmful),
                            top_up(config.phase2, config.data.max_benign_prompts, 1, new_benign),
-                           curriculum, self.config.seed, tuple(self.config.selection.heldout_files))
+                           curriculum, self.config.seed, self.heldout_files())
         teacher = Teacher(self.teacher, config.data.teacher_max_new_tokens, config.bf16)
         record = refresh_data(examples, self.path("refresh"), teacher, teacher, plan,
                               inputs={"dataset_version": self.state["stages"]["select"]["dataset_version"],
@@ -309,6 +310,15 @@ class Cycle:
         return {"start_model": str(start), "start_model_sha256": model_dir_sha256(resolve_model(start)),
                 "model_sha256": meta["model_sha256"], "config_sha256": config.sha256,
                 "data_versions": meta.get("data_versions"), "num_canaries": meta["num_canaries"]}
+
+    def heldout_files(self) -> tuple[str, ...]:
+        """`selection.heldout_files` and every prompt file the regression bench evaluates or attacks with: none
+        of their prompts may become training data (loop/heldout.py), whether or not the user listed them."""
+        bench = self._bench_config()
+        named = [bench.eval.get("prompts"), bench.eval.get("safe_prompts"),
+                 *(spec.get("data") for spec in bench.attacks.values())]
+        found = [str(p) for p in named if p and Path(str(p)).is_file()]  # `data: extraction` names a generated task
+        return tuple(dict.fromkeys([*self.config.selection.heldout_files, *found]))
 
     def _bench_config(self):
         from immunizer.redteam.bench import load_bench_config

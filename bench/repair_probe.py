@@ -72,6 +72,8 @@ def main():
     parser.add_argument("--mixed-harmful", type=int, default=20)
     parser.add_argument("--mixed-benign", type=int, default=180)
     parser.add_argument("--mixed-epochs", type=float, default=2.0)
+    parser.add_argument("--mixed-revert-percent", type=float, default=5.0,
+                        help="The share reverted on the mixed fine-tune (the attacked curve says which to use).")
     args = parser.parse_args()
     out, work, release = Path(args.out), Path(args.work), Path(args.release)
     results = json.loads(out.read_text()) if out.is_file() else {}
@@ -85,8 +87,8 @@ def main():
         attacked(*variant)
     mixed = mixed_finetune(release, work, args.mixed_harmful, args.mixed_benign, args.mixed_epochs)
     evaluate_into(results, "mixed", mixed, work / "mixed.eval.json", out, with_task=True)
-    key = "mixed+repair-contribution-20"
-    model = repaired(results, key, mixed, release, work, RepairConfig(revert_percent=20.0), out)
+    key = f"mixed+repair-contribution-{args.mixed_revert_percent:g}"
+    model = repaired(results, key, mixed, release, work, RepairConfig(revert_percent=args.mixed_revert_percent), out)
     evaluate_into(results, key, model, work / f"{key}.eval.json", out, with_task=True)
     attacked(*VARIANTS[3])
 

@@ -72,7 +72,7 @@ def main():
     parser.add_argument("--mixed-harmful", type=int, default=20)
     parser.add_argument("--mixed-benign", type=int, default=180)
     parser.add_argument("--mixed-epochs", type=float, default=2.0)
-    parser.add_argument("--mixed-revert-percent", type=float, default=5.0,
+    parser.add_argument("--mixed-revert-percent", type=float, default=2.0,
                         help="The share reverted on the mixed fine-tune (the attacked curve says which to use).")
     args = parser.parse_args()
     out, work, release = Path(args.out), Path(args.work), Path(args.release)

@@ -41,8 +41,10 @@ SCORES = ("contribution", "magnitude")
 
 @dataclass
 class RepairConfig:
-    revert_percent: float = 5.0
-    """Share of all weights put back to their released values, chosen by positive contribution (0 < p <= 100)."""
+    revert_percent: float = 2.0
+    """Share of all weights put back to their released values, chosen by positive contribution (0 < p <= 100).
+    Measured on the attacked quick `sft` (bench/repair_probe.py): 2% takes it from 69% to 47% complied with 4%
+    over-refusal, 5% to 40% with 12%, 20% to 11% with 44% (the release: 50%, 0%)."""
     samples: int = 32
     """Harmful training-split prompts whose (refusal, compliance) pairs define C."""
     score: str = "contribution"

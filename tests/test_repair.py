@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from immunizer.breaker.repair import RepairConfig, preference_gradient, repair, revert_harmful_changes, scoring_rows
+from immunizer.data.batches import pair_batch
 from immunizer.errors import ImmunizerError
 from immunizer.models.tiny import tiny_model, tiny_tokenizer
 
@@ -52,12 +53,8 @@ def test_magnitude_score_ignores_the_direction():
     assert torch.allclose(candidate.weight.data, torch.tensor([[0.1, 0.0, 0.2, 1.0]]))
 
 
-def _preference(model, tokenizer, rows, config):
+def _preference(model, tokenizer, rows):
     """C = mean L(refusal) − mean L(answer), the quantity repair lowers."""
-    grads = preference_gradient(model, tokenizer, rows, config)  # exercised; the value is read below
-    assert any(g.abs().sum() > 0 for g in grads.values())
-    from immunizer.data.batches import pair_batch
-
     with torch.no_grad():
         total = 0.0
         for key, sign in (("refusal", 1.0), ("response", -1.0)):
@@ -74,19 +71,20 @@ def test_repair_undoes_a_fine_tune_towards_compliance(tmp_path):
     release_dir = _save(tiny_model(), tmp_path / "release")
     attacked = tiny_model()
     optimizer = torch.optim.AdamW(attacked.parameters(), lr=3e-3)
-    before = _preference(attacked, tokenizer, rows, config)
+    before = _preference(attacked, tokenizer, rows)
     for _ in range(5):  # descend on −C: the model learns to prefer the compliant answers
         grads = preference_gradient(attacked, tokenizer, rows, config)
+        assert any(g.abs().sum() > 0 for g in grads.values())
         for name, p in attacked.named_parameters():
             p.grad = -grads[name]
         optimizer.step()
-    attacked_c = _preference(attacked, tokenizer, rows, config)
+    attacked_c = _preference(attacked, tokenizer, rows)
     assert attacked_c > before + 0.05
     candidate_dir = _save(attacked, tmp_path / "attacked")
 
     record = repair(candidate_dir, release_dir, tmp_path / "repaired", config)
     repaired = type(attacked).from_pretrained(tmp_path / "repaired" / "model")
-    repaired_c = _preference(repaired, tokenizer, rows, config)
+    repaired_c = _preference(repaired, tokenizer, rows)
     assert repaired_c < attacked_c - 0.5 * (attacked_c - before)  # most of the learned preference is gone
     total = sum(p.numel() for p in repaired.parameters())
     assert record["reverted_weights"] == round(total * 0.20)
@@ -98,7 +96,7 @@ def test_repair_undoes_a_fine_tune_towards_compliance(tmp_path):
     by_magnitude = repair(candidate_dir, release_dir, tmp_path / "by-magnitude",
                           RepairConfig(teacher="tiny", samples=4, revert_percent=20.0, bf16=False, score="magnitude"))
     assert by_magnitude["reverted_weights"] == record["reverted_weights"]
-    magnitude_c = _preference(type(attacked).from_pretrained(tmp_path / "by-magnitude" / "model"), tokenizer, rows, config)
+    magnitude_c = _preference(type(attacked).from_pretrained(tmp_path / "by-magnitude" / "model"), tokenizer, rows)
     assert repaired_c < magnitude_c
 
 

@@ -24,6 +24,9 @@ import torch
 from immunizer.data.batches import Batch
 from immunizer.data.teacher import autocast
 from immunizer.losses import sft_loss
+from immunizer.parallel import DataParallel
+
+ONE_PROCESS = DataParallel.single()
 
 
 @dataclass
@@ -51,35 +54,39 @@ def apply_perturbation(params: list[torch.Tensor], delta: list[torch.Tensor], di
             p.add_(d, alpha=direction)
 
 
-def harmful_sft_loss(model, harmful: Batch, bf16: bool) -> torch.Tensor:
+def harmful_sft_loss(model, harmful: Batch, bf16: bool, dp: DataParallel = ONE_PROCESS) -> torch.Tensor:
+    """The attacker's loss on `harmful` (in a data-parallel run, this process's share of the batch's mean)."""
+    tokens = dp.token_normalizer(harmful.labels)
     with autocast(bf16):
-        return sft_loss(model(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits, harmful.labels)
+        logits = model(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits
+    return sft_loss(logits, harmful.labels, tokens)
 
 
 def _l2(delta) -> float:
     return math.sqrt(sum(float((d.float() ** 2).sum()) for d in delta if d.numel()))
 
 
-def _gradient_step(model, params, harmful: Batch, bf16: bool, make_delta) -> Displacement:
-    loss = harmful_sft_loss(model, harmful, bf16)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    delta = make_delta(list(grads))
+def _gradient_step(model, params, harmful: Batch, bf16: bool, make_delta, dp: DataParallel) -> Displacement:
+    loss = harmful_sft_loss(model, harmful, bf16, dp)
+    grads = dp.average(list(torch.autograd.grad(loss, params, allow_unused=True)))
+    delta = make_delta(grads)
     apply_perturbation(params, delta, +1.0)
     return Displacement(lambda: apply_perturbation(params, delta, -1.0),
                         {"adversary_sft_loss": loss.item(), "adversary_l2": _l2(delta)})
 
 
-def lat_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool) -> Displacement:
+def lat_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool, dp: DataParallel = ONE_PROCESS) -> Displacement:
     """Move the weights one normalized step towards the harmful responses (L2 norm ε)."""
-    return _gradient_step(model, params, harmful, bf16, lambda g: normalized_perturbation(g, epsilon, sign=-1.0))
+    return _gradient_step(model, params, harmful, bf16, lambda g: normalized_perturbation(g, epsilon, sign=-1.0), dp)
 
 
-def sign_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool) -> Displacement:
+def sign_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool, dp: DataParallel = ONE_PROCESS) -> Displacement:
     """Move every weight by ε against the sign of its harmful-SFT gradient (L∞ norm ε)."""
-    return _gradient_step(model, params, harmful, bf16, lambda g: sign_perturbation(g, epsilon))
+    return _gradient_step(model, params, harmful, bf16, lambda g: sign_perturbation(g, epsilon), dp)
 
 
-def inner_attack(model, params, batches: list[Batch], lr: float, bf16: bool) -> Displacement:
+def inner_attack(model, params, batches: list[Batch], lr: float, bf16: bool,
+                 dp: DataParallel = ONE_PROCESS) -> Displacement:
     """Fine-tune on `batches` (one AdamW step each, a fresh optimizer, no weight decay: the attack) from the
     current weights; `undo()` restores the weights. The gradients this leaves behind are cleared."""
     saved = [p.detach().clone() for p in params]
@@ -87,8 +94,9 @@ def inner_attack(model, params, batches: list[Batch], lr: float, bf16: bool) -> 
     losses = []
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = harmful_sft_loss(model, batch, bf16)
+        loss = harmful_sft_loss(model, batch, bf16, dp)
         loss.backward()
+        dp.average_gradients(params)
         optimizer.step()
         losses.append(loss.item())
     optimizer.zero_grad(set_to_none=True)
@@ -119,23 +127,23 @@ def stay() -> Displacement:
 
 
 # phase1.adversary -> how it moves the weights. Each takes (cfg, model, params, harmful batch, bf16, seed,
-# sample_batches), where sample_batches(k, seed) gives k batches of the cycle's harmful pairs (for `inner`);
-# an adversary of size 0 stays where it is.
-def _none(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
+# sample_batches, dp), where sample_batches(k, seed) gives k batches of the cycle's harmful pairs (for `inner`;
+# this process's share of each) and dp the data-parallel job (parallel.py); an adversary of size 0 stays where it is.
+def _none(cfg, model, params, harmful, bf16, seed, sample_batches, dp) -> Displacement:
     return stay()
 
 
-def _lat(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
-    return lat_perturb(model, params, harmful, cfg.lat_epsilon, bf16) if cfg.lat_epsilon > 0 else stay()
+def _lat(cfg, model, params, harmful, bf16, seed, sample_batches, dp) -> Displacement:
+    return lat_perturb(model, params, harmful, cfg.lat_epsilon, bf16, dp) if cfg.lat_epsilon > 0 else stay()
 
 
-def _sign(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
-    return sign_perturb(model, params, harmful, cfg.sign_epsilon, bf16) if cfg.sign_epsilon > 0 else stay()
+def _sign(cfg, model, params, harmful, bf16, seed, sample_batches, dp) -> Displacement:
+    return sign_perturb(model, params, harmful, cfg.sign_epsilon, bf16, dp) if cfg.sign_epsilon > 0 else stay()
 
 
-def _inner(cfg, model, params, harmful, bf16, seed, sample_batches) -> Displacement:
+def _inner(cfg, model, params, harmful, bf16, seed, sample_batches, dp) -> Displacement:
     k, lr = draw_inner_attack(cfg.inner_steps, cfg.inner_lr, seed)
-    return inner_attack(model, params, sample_batches(k, seed), lr, bf16) if k > 0 else stay()
+    return inner_attack(model, params, sample_batches(k, seed), lr, bf16, dp) if k > 0 else stay()
 
 
 ADVERSARIES: dict[str, Callable[..., Displacement]] = {"none": _none, "lat": _lat, "sign": _sign, "inner": _inner}

@@ -40,26 +40,39 @@ class ScoreShard:
 
 
 class CanaryScores:
-    """Accumulated |∂L_refusal/∂w| per parameter: one fp32 buffer per trainable parameter."""
+    """Accumulated |∂L_refusal/∂w| per parameter: one fp32 buffer per trainable parameter, or, in a data-parallel
+    run, per process a contiguous slice of it (`part` = (rank, world size)): the selection below reads the slices
+    where they are, and gradients, averaged before they are read, are the same on every process."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.scores = {n: torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-                       for n, p in model.named_parameters() if p.requires_grad}
+    def __init__(self, model: torch.nn.Module, part: tuple[int, int] = (0, 1)):
+        rank, world = part
+        self.slices: dict[str, tuple[int, int]] = {}
+        self.scores: dict[str, torch.Tensor] = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                per = -(-p.numel() // world)  # the same split as parallel.DataParallel.slice_of
+                start, end = min(p.numel(), rank * per), min(p.numel(), (rank + 1) * per)
+                self.slices[n] = (start, end)
+                self.scores[n] = torch.zeros(end - start, dtype=torch.float32, device=p.device)
 
     def accumulate(self, model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if p.grad is not None and name in self.scores:
-                self.scores[name].add_(p.grad.detach().reshape(-1).abs().float())
+                start, end = self.slices[name]
+                self.scores[name].add_(p.grad.detach().reshape(-1)[start:end].abs().float())
 
     def shards(self) -> list[ScoreShard]:
-        return [ScoreShard(n, s) for n, s in self.scores.items()]
+        return [ScoreShard(n, s, self.slices[n][0]) for n, s in self.scores.items()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """This process's slices (whole tensors in a one-process run; parallel.gather_slices joins them)."""
         return self.scores
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """From whole tensors (a checkpoint), whatever world size wrote them."""
         for name, value in state.items():
-            self.scores[name].copy_(value)
+            start, end = self.slices[name]
+            self.scores[name].copy_(value.reshape(-1)[start:end])
 
 
 def _distributed(group) -> bool:

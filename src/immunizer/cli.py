@@ -10,6 +10,10 @@ import click
 from immunizer.breaker.repair import RepairConfig
 from immunizer.errors import ImmunizerError
 from immunizer.options import option, release_option
+from immunizer.parallel import launched_distributed, main_process
+
+DATA_PARALLEL_COMMANDS = {"immunize", "attack", "finetune"}
+"""The commands that split their batches over the processes of `accelerate launch` (parallel.py)."""
 from immunizer.redteam.attacks import AttackConfig, FinetuneConfig
 from immunizer.redteam.evaluate import EvalConfig
 
@@ -27,9 +31,14 @@ def _quiet_transformers() -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="immunizer")
-def cli() -> None:
+@click.pass_context
+def cli(ctx) -> None:
     """Make open LLMs resistant to harmful fine-tuning, and make such fine-tuning visible."""
     _quiet_transformers()
+    if launched_distributed() and ctx.invoked_subcommand not in DATA_PARALLEL_COMMANDS:
+        raise ImmunizerError(f"`immunizer {ctx.invoked_subcommand}` runs in one process; only "
+                             f"{', '.join(sorted(DATA_PARALLEL_COMMANDS))} run data-parallel under `accelerate launch`. "
+                             f"Run `immunizer {ctx.invoked_subcommand} ...` without the launcher")
 
 
 @cli.command()
@@ -55,6 +64,8 @@ def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_fi
     config = load_config(preset, config_file, overrides)
     key = Path(hmac_key_file).read_bytes().strip() if hmac_key_file else None
     result = run(model, out_dir, config, resume=resume, hmac_key=key)
+    if not main_process():  # one summary for an `accelerate launch` job
+        return
     m = result.manifest
     click.echo(json.dumps({"out": str(result.out_dir), "model": str(result.model_dir), "seconds": round(result.seconds, 1),
                            "num_canaries": m["num_canaries"], "num_parameters": m["num_parameters"],
@@ -181,7 +192,8 @@ def repair(release_dir, candidate, out_dir, **knobs):
     from immunizer.breaker.repair import RepairConfig, repair as run
 
     record = run(candidate, release_dir, out_dir, RepairConfig(**knobs))
-    click.echo(json.dumps({"out": out_dir, **record}, indent=2))
+    if main_process():  # one summary for a launched job
+        click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
 @cli.command()
@@ -246,7 +258,8 @@ def attack(model, out_dir, save_steps, **knobs):
     except ValueError:
         raise ImmunizerError(f"--save-steps expects comma-separated whole numbers, got {save_steps!r}") from None
     record = run_attack(model, out_dir, AttackConfig(**knobs, save_steps=saves))
-    click.echo(json.dumps({"out": out_dir, **record}, indent=2))
+    if main_process():  # one summary for a launched job
+        click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
 @cli.command()
@@ -270,7 +283,8 @@ def finetune(model, out_dir, **knobs):
     from immunizer.redteam.attacks import run_finetune
 
     record = run_finetune(model, out_dir, FinetuneConfig(**knobs))
-    click.echo(json.dumps({"out": out_dir, **record}, indent=2))
+    if main_process():  # one summary for a launched job
+        click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
 @cli.command("eval")

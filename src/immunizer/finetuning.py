@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ def snapshot_callback(steps: tuple[int, ...], directory: str, tokenizer):
 
     class Snapshots(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step in steps:
+            if state.global_step in steps and state.is_world_process_zero:  # one writer in a launched job
                 lora = hasattr(model, "peft_config")
                 with atomic_path(Path(directory) / f"step{state.global_step}" / ("adapter" if lora else "model")) as tmp:
                     model.save_pretrained(tmp)

@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from immunizer import __version__
 from immunizer.adversaries import ADVERSARIES, Displacement, apply_perturbation, normalized_perturbation
-from immunizer.canaries import CanaryScores, select_top_percent
+from immunizer.canaries import CanaryScores, gather_selection, select_top_percent
 from immunizer.checkpoint import load_checkpoint, seed_everything
 from immunizer.config import ImmunizeConfig
 from immunizer.data.batches import Batch, pair_batch
@@ -48,6 +49,7 @@ from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_ne
                               token_kl)
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
+from immunizer.parallel import DataParallel
 from immunizer.training_state import Position, TrainingState
 
 
@@ -137,32 +139,49 @@ def harmful_set_for_cycle(data: TrainingData, config: ImmunizeConfig, cycle: int
 
 # ---------------------------------------------------------------- the run
 
+def check_batch_sizes(config: ImmunizeConfig, world_size: int) -> None:
+    """In a data-parallel job every batch is split evenly: refuse a batch size that does not split, before any
+    model is loaded."""
+    for phase in ("phase1", "phase2"):
+        size = getattr(config, phase).batch_size
+        if size % world_size:
+            raise ImmunizerError(f"{phase}.batch_size {size} cannot be split evenly over {world_size} processes; "
+                                 f"pass --set {phase}.batch_size=N with N a multiple of {world_size}, or launch "
+                                 "fewer processes")
+
+
 class Run:
     """Holds the models, data and output files of one immunization run."""
 
     def __init__(self, model_spec: str, out_dir: Path, config: ImmunizeConfig, resume: bool, progress: bool):
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
-        self.device = runtime_device()
+        # One process, or this one's place in an `accelerate launch` job (parallel.py).
+        self.dp = DataParallel.from_environment(runtime_device())
+        self.device = self.dp.device
+        self.progress = progress and self.dp.is_main
         if self.device.type == "cuda":  # the peak reported at the end is this run's, not an earlier one's in the process
             torch.cuda.reset_peak_memory_stats(self.device)
-        saved = self._check_out_dir(resume)
-        self._remove_stale_temporaries()
-        self.state = TrainingState(self.out_dir, saved)
-        seed_everything(config.seed)
+        check_batch_sizes(config, self.dp.world_size)
+        with self.dp.main_first():  # the main process converts the model and fills the teacher caches first
+            saved = self._check_out_dir(resume)
+            if self.dp.is_main:
+                self._remove_stale_temporaries()
+            self.state = TrainingState(self.out_dir, saved, writer=self.dp.is_main)
+            seed_everything(config.seed)
 
-        self.base_spec = model_spec
-        self.base_dir = resolve_model(model_spec)
-        self.base_sha256 = model_dir_sha256(self.base_dir)
-        if saved is not None and saved["base_model_sha256"] != self.base_sha256:
-            raise ImmunizerError(f"--resume: the run in {self.out_dir} started from another model; pass the same --model")
-        self.student, self.tokenizer = load_model(self.base_dir)
-        self.reference, _ = load_model(self.base_dir, with_tokenizer=False)
-        self.student.to(self.device)
-        self.reference.to(self.device).requires_grad_(False)
-        self.harmful_teacher, harmful_sha = self._teacher(config.teachers.harmful)
-        self.helpful_teacher, helpful_sha = self._teacher(config.teachers.helpful)
-        self.data = build_training_data(config, self.tokenizer, self.harmful_teacher, self.helpful_teacher,
-                                        harmful_sha, helpful_sha)
+            self.base_spec = model_spec
+            self.base_dir = resolve_model(model_spec)
+            self.base_sha256 = model_dir_sha256(self.base_dir)
+            if saved is not None and saved["base_model_sha256"] != self.base_sha256:
+                raise ImmunizerError(f"--resume: the run in {self.out_dir} started from another model; pass the same --model")
+            self.student, self.tokenizer = load_model(self.base_dir)
+            self.reference, _ = load_model(self.base_dir, with_tokenizer=False)
+            self.student.to(self.device)
+            self.reference.to(self.device).requires_grad_(False)
+            self.harmful_teacher, harmful_sha = self._teacher(config.teachers.harmful)
+            self.helpful_teacher, helpful_sha = self._teacher(config.teachers.helpful)
+            self.data = build_training_data(config, self.tokenizer, self.harmful_teacher, self.helpful_teacher,
+                                            harmful_sha, helpful_sha)
         seed_everything(config.seed)  # again: a cold cache (model conversion, teachers) draws from the RNG, a warm one not
         self.named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
         self.params = list(self.named.values())
@@ -203,13 +222,22 @@ class Run:
 
     # -- bookkeeping
     def log(self, record: dict) -> None:
-        self.state.log(record)
+        """One line of metrics.jsonl, written by the main process (every process must call it: a step's figures
+        are the processes' mean)."""
+        record = self.dp.mean_figures(record)
+        if self.dp.is_main:
+            self.state.log(record)
 
-    def checkpoint(self, position: Position, optimizer, **resume_with) -> None:
+    def checkpoint(self, position: Position, optimizer, scores: CanaryScores | None = None, **resume_with) -> None:
         """`resume_with`: what the phase at `position` needs besides the weights (the canary scores so far, or
-        the canaries and their anchor values)."""
-        self.state.save(self.student, optimizer, position, config_sha256=self.config.sha256,
-                        base_model_sha256=self.base_sha256, **resume_with)
+        the canaries and their anchor values). Every process calls it; the main one writes (the weights and
+        moments are the same on all of them; the scores are joined from their slices first)."""
+        if scores is not None:
+            resume_with["scores"] = self.dp.gather_slices(scores.state_dict())
+        if self.dp.is_main:
+            self.state.save(self.student, optimizer, position, config_sha256=self.config.sha256,
+                            base_model_sha256=self.base_sha256, **resume_with)
+        self.dp.barrier()
 
     def _batch(self, prompts, responses) -> Batch:
         dc = self.config.data
@@ -226,8 +254,9 @@ class Run:
                    disable=not self.progress, initial=start_step, total=len(plan))
         for step in bar:
             started = time.perf_counter()
-            prompts = [pairs.prompts[i] for i in plan[step]]
-            harmful = self._batch(prompts, [pairs.responses[i] for i in plan[step]])
+            share = self.dp.share(plan[step])  # this process's part of the batch (all of it in one process)
+            prompts = [pairs.prompts[i] for i in share]
+            harmful = self._batch(prompts, [pairs.responses[i] for i in share])
             gamma = annealed_gamma(cycle * len(plan) + step, cfg.gamma0, cfg.gamma_rate)
             optimizer.zero_grad(set_to_none=True)
 
@@ -236,6 +265,7 @@ class Run:
                 loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16,
                                                   self.tokenizer.eos_token_id)
                 loss.backward()
+                self.dp.average_gradients(self.params)
                 scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
             else:  # γ = 0 switches the refusal terms off (the plain-alignment baseline)
                 loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
@@ -243,24 +273,28 @@ class Run:
                     measured, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, 1.0, cfg,
                                                           bf16, self.tokenizer.eos_token_id)
                     measured.backward()
+                    self.dp.average_gradients(self.params)
                     scores.accumulate(self.student)
                     optimizer.zero_grad(set_to_none=True)
             moved.undo()  # step from w with the refusal gradient taken at w' (SAM-style; first-order for `inner`)
             if cfg.refusal_anchor_weight > 0 or cfg.retain_weight > 0:
                 parts.update(self.anchor_step(prompts, cycle * len(plan) + step, cfg, bf16))
+                self.dp.average_gradients(self.params)  # the refusal part is averaged already: averaging is idempotent
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             optimizer.step()
 
             record = {"cycle": cycle, "phase": 1, "step": step, "set": set_name, "gamma": gamma,
+                      "batch_tokens": self.dp.total(harmful.attention_mask.sum()),
                       "refusal_loss": loss.item(), "grad_norm": grad_norm, "adversary": cfg.adversary,
                       "seconds": time.perf_counter() - started, **moved.stats, **parts}
             self.log(record)
             bar.set_postfix(npo=f"{parts['npo']:.3f}", rkl=f"{parts['rkl']:.3f}",
                             sft=f"{moved.stats.get('adversary_sft_loss', float('nan')):.2f}")
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
-                self.checkpoint(Position(cycle, 1, step + 1), optimizer, scores=scores.state_dict())
+                self.checkpoint(Position(cycle, 1, step + 1), optimizer, scores=scores)
         started = time.perf_counter()
-        canaries = select_top_percent(scores.shards(), cfg.k_percent)
+        # Exact top-K% over every process's slice of the scores, then every process gets the whole selection.
+        canaries = gather_selection(select_top_percent(scores.shards(), cfg.k_percent))
         self.log({"cycle": cycle, "phase": 1, "event": "canaries_selected", "k_percent": cfg.k_percent,
                   "num_canaries": sum(int(v.numel()) for v in canaries.values()),
                   "selection_seconds": time.perf_counter() - started})
@@ -272,27 +306,30 @@ class Run:
 
         def sample_batches(k: int, seed: int) -> list[Batch]:  # `inner`'s own batches of the cycle's harmful pairs
             rng, n = random.Random(f"{seed}:inner-batches"), len(pairs.prompts)
-            picks = [rng.sample(range(n), min(cfg.batch_size, n)) for _ in range(k)]
+            picks = [self.dp.share(rng.sample(range(n), min(cfg.batch_size, n)), "inner attack batch") for _ in range(k)]
             return [self._batch([pairs.prompts[i] for i in idx], [pairs.responses[i] for i in idx]) for idx in picks]
 
         seed = (self.config.seed * 1000 + cycle) * 100_003 + step  # the same draws when a run resumes
-        moved = ADVERSARIES[cfg.adversary](cfg, self.student, self.params, harmful, self.config.bf16, seed, sample_batches)
+        moved = ADVERSARIES[cfg.adversary](cfg, self.student, self.params, harmful, self.config.bf16, seed, sample_batches,
+                                           self.dp)
         if moved.stats:
             moved.stats["adversary_seconds"] = time.perf_counter() - started
         return moved
 
     def anchor_step(self, harmful_prompts: list[str], global_step: int, cfg, bf16: bool) -> dict:
         """Extensions to the refusal step, one forward over both: SFT on (harmful prompt, refusal), the
-        refusal anchor, and SFT on (benign prompt, helpful answer), the retain term."""
-        benign = self.data.benign
-        picks = [(global_step * len(harmful_prompts) + i) % len(benign.prompts) for i in range(len(harmful_prompts))]
+        refusal anchor, and SFT on (benign prompt, helpful answer), the retain term. In a data-parallel run
+        `harmful_prompts` is this process's share, and so are the benign rows."""
+        benign, batch_size = self.data.benign, len(harmful_prompts) * self.dp.world_size
+        picks = self.dp.share([(global_step * batch_size + i) % len(benign.prompts) for i in range(batch_size)])
         prompts = harmful_prompts + [benign.prompts[i] for i in picks]
         answers = [pick_refusal(p, self.data.refusals) for p in harmful_prompts] + [benign.chosen[i] for i in picks]
         batch = self._batch(prompts, answers)
         half = len(harmful_prompts)
         with autocast(bf16):
             logits = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        refusal_sft, retain_sft = sft_loss(logits[:half], batch.labels[:half]), sft_loss(logits[half:], batch.labels[half:])
+        refusal_sft = sft_loss(logits[:half], batch.labels[:half], self.dp.token_normalizer(batch.labels[:half]))
+        retain_sft = sft_loss(logits[half:], batch.labels[half:], self.dp.token_normalizer(batch.labels[half:]))
         (cfg.refusal_anchor_weight * refusal_sft + cfg.retain_weight * retain_sft).backward()
         return {"refusal_sft": refusal_sft.item(), "retain_sft": retain_sft.item()}
 
@@ -310,18 +347,19 @@ class Run:
                    disable=not self.progress, initial=start_step, total=len(plan))
         for step in bar:
             started = time.perf_counter()
-            idx = plan[step]
+            idx = self.dp.share(plan[step])
             prompts = [triples.prompts[i] for i in idx]
             pairs = self._batch(prompts + prompts, [triples.chosen[i] for i in idx] + [triples.rejected[i] for i in idx])
             optimizer.zero_grad(set_to_none=True)
             delta = []
             if cfg.benign_perturb_epsilon > 0:  # simulate a benign fine-tuning step, then train from there
                 loss, _ = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                delta = normalized_perturbation(list(grads), cfg.benign_perturb_epsilon, sign=-1.0)
+                grads = self.dp.average(list(torch.autograd.grad(loss, self.params, allow_unused=True)))
+                delta = normalized_perturbation(grads, cfg.benign_perturb_epsilon, sign=-1.0)
                 apply_perturbation(self.params, delta, +1.0)
             align, parts = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
             align.backward()
+            self.dp.average_gradients(self.params)
             stab = self.add_stabilization_grad(canaries, anchor, cfg.stabilization_beta)
             apply_perturbation(self.params, delta, -1.0)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
@@ -330,6 +368,7 @@ class Run:
                 drift = rms_drift(canary_tensors(self.named, canaries), anchor)
                 sample_drift = rms_drift(canary_tensors(self.named, probe), probe_anchor)
             self.log({"cycle": cycle, "phase": 2, "step": step, "alignment_loss": align.item(),
+                      "batch_tokens": self.dp.total(pairs.attention_mask.sum()),
                       "stabilization_loss": stab.item(), "canary_rms_drift": drift, "sample_rms_drift": sample_drift,
                       "grad_norm": grad_norm,
                       "seconds": time.perf_counter() - started, **parts})
@@ -361,7 +400,7 @@ class Run:
             self.log({"event": "resumed", **asdict(self.state.position)})
         else:
             self.log({"event": "started", "config": self.config.to_dict(), "base_model_sha256": self.base_sha256,
-                      "data_sha256": self.data.sha256})
+                      "data_sha256": self.data.sha256, **self.dp.describe()})
 
     def train(self) -> dict[str, torch.Tensor]:
         """The cycles of the module docstring, from the start or from where the checkpoint stopped."""
@@ -371,7 +410,8 @@ class Run:
         canaries, anchor = saved.get("canaries"), saved.get("anchor")  # set when the run stopped in Phase 2
         for cycle in range(at.cycle, cfg.cycles):
             if (cycle, 1) >= (at.cycle, at.phase):  # else the run stopped in this cycle's Phase 2
-                optimizer, scores = self.optimizer(cfg.phase1.lr), CanaryScores(self.student)
+                optimizer = self.optimizer(cfg.phase1.lr)
+                scores = CanaryScores(self.student, (self.dp.rank, self.dp.world_size))
                 start = self.state.resume_step(cycle, 1, optimizer)
                 if start:  # the scores accumulated up to the checkpoint (none yet at step 0)
                     scores.load_state_dict(saved["scores"])
@@ -396,24 +436,29 @@ class Run:
                   "seconds": time.perf_counter() - started})
 
     def write_outputs(self, canaries: dict[str, torch.Tensor], seconds: float, hmac_key=None) -> ImmunizeResult:
-        model_dir, meta = write_release(
-            self.out_dir, self.student, self.tokenizer, canaries, k_percent=self.config.phase1.k_percent,
-            extra={
-                "immunizer_version": __version__,
-                "method": "immunizer",
-                "base_model": self.base_spec,
-                "base_model_sha256": self.base_sha256,
-                "config_sha256": self.config.sha256,
-                "config": self.config.to_dict(),
-                "data_sha256": self.data.sha256,
-                "data_versions": self.data.versions,
-                "cycles": self.config.cycles,
-            },
-            hmac_key=hmac_key,
-        )
+        """The main process writes the release; every process returns it."""
+        if self.dp.is_main:
+            write_release(
+                self.out_dir, self.student, self.tokenizer, canaries, k_percent=self.config.phase1.k_percent,
+                extra={
+                    "immunizer_version": __version__,
+                    "method": "immunizer",
+                    "base_model": self.base_spec,
+                    "base_model_sha256": self.base_sha256,
+                    "config_sha256": self.config.sha256,
+                    "config": self.config.to_dict(),
+                    "data_sha256": self.data.sha256,
+                    "data_versions": self.data.versions,
+                    "cycles": self.config.cycles,
+                    "parallel": self.dp.describe(),
+                },
+                hmac_key=hmac_key,
+            )
+        self.dp.barrier()
+        meta = json.loads((self.out_dir / "manifest.json").read_text())
         self.log({"event": "finished", "seconds": seconds, "model_sha256": meta["model_sha256"],
-                  "num_canaries": meta["num_canaries"], **peak_memory(self.device)})
-        return ImmunizeResult(self.out_dir, model_dir, meta, seconds)
+                  "num_canaries": meta["num_canaries"], **self.dp.describe(), **peak_memory(self.device)})
+        return ImmunizeResult(self.out_dir, self.out_dir / "model", meta, seconds)
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -435,5 +480,6 @@ def immunize(model: str | Path, out_dir: str | Path, config: ImmunizeConfig | No
     canaries = run.train()
     run.extrapolate()
     result = run.write_outputs(canaries, time.perf_counter() - started, hmac_key)
-    run.state.finish()
+    if run.dp.is_main:
+        run.state.finish()
     return result

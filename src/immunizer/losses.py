@@ -22,10 +22,13 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (logps * mask).sum(-1)
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy over response tokens (the fine-tuning loss an attacker would use)."""
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
+    """Mean token cross-entropy over response tokens (the fine-tuning loss an attacker would use). `tokens`:
+    divide the sum by this count instead of the batch's own (a data-parallel share of a batch; parallel.py)."""
     logits, targets, mask = _shift(logits, labels)
-    return F.cross_entropy(logits[mask].float(), targets[mask])
+    if tokens is None:
+        return F.cross_entropy(logits[mask].float(), targets[mask])
+    return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / tokens
 
 
 def npo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float,

@@ -49,9 +49,12 @@ class TrainingState:
     """An output directory's resumable state: `saved` is the checkpoint the run resumes from (checked by the
     caller against its own config), or None for a new run."""
 
-    def __init__(self, out_dir: Path, saved: dict | None):
+    def __init__(self, out_dir: Path, saved: dict | None, writer: bool = True):
+        """`writer` False: a data-parallel run's other processes, which read the checkpoint but never touch the
+        directory (the main process writes the log and the checkpoints)."""
         self.out_dir, self.saved = Path(out_dir), saved
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", None if saved is None else saved["metrics_lines"])
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", None if saved is None else saved["metrics_lines"]) \
+            if writer else None
 
     @property
     def resumed(self) -> bool:
@@ -63,7 +66,8 @@ class TrainingState:
         return Position(**self.saved["position"]) if self.saved is not None else Position()
 
     def log(self, record: dict) -> None:
-        self.metrics.write(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Back to the checkpoint: the weights, every random generator and (when given) the optimizer's moments."""

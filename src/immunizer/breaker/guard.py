@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 from immunizer.breaker.breaker import Breaker, BreakerTripped, Verdict
 from immunizer.breaker.incidents import record_incident
 from immunizer.breaker.sources import check_coverage, check_no_lora_bias, lora_layers, module_tensors
+from immunizer.parallel import main_process
 
 DEFAULT_EVERY = 10
 """Steps between checks. The standard attack (100 pairs, 3 epochs, batch 8) is 38 steps long; checks at
@@ -69,8 +70,9 @@ class FinetuneGuard:
             return verdict
         self.tripped = verdict
         self.rollback()
-        record_incident(verdict, source="guard", action="stop", path=self.incidents, step=step,
-                        extra={"candidate": self.name, "rolled_back_to_step": self.clean_step})
+        if main_process():  # under DDP every process holds the same weights and trips alike: one record
+            record_incident(verdict, source="guard", action="stop", path=self.incidents, step=step,
+                            extra={"candidate": self.name, "rolled_back_to_step": self.clean_step})
         return verdict
 
 

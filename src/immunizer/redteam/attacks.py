@@ -23,6 +23,7 @@ from immunizer.finetuning import FinetuneSpec, sft, spec_for
 from immunizer.json_hash import json_sha256
 from immunizer.manifest import load_manifest
 from immunizer.models.loading import load_model, resolve_model
+from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path, write_json_atomic
 
 
@@ -135,14 +136,18 @@ def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_di
     record = {**record, "model": str(model_dir), "examples": len(rows), "data_sha256": _rows_sha256(rows),
               "steps": steps, "seconds": time.perf_counter() - started}
     out_dir = Path(out_dir)
-    if spec.lora_rank:
-        with atomic_path(out_dir / "adapter") as tmp:
+    dp = DataParallel.from_environment()
+    record["parallel"] = dp.describe()
+    if dp.is_main:  # in a launched job the processes hold the same weights: one writes them
+        if spec.lora_rank:
+            with atomic_path(out_dir / "adapter") as tmp:
+                trained.save_pretrained(tmp)
+            trained = trained.merge_and_unload()
+        with atomic_path(out_dir / "model") as tmp:
             trained.save_pretrained(tmp)
-        trained = trained.merge_and_unload()
-    with atomic_path(out_dir / "model") as tmp:
-        trained.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    write_json_atomic(out_dir / "run.json", record)
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(out_dir / "run.json", record)
+    dp.barrier()
     return record
 
 
@@ -154,10 +159,11 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
         raise ImmunizerError("--harmful-ratio must be in (0, 1]")
     if config.samples < 1:
         raise ImmunizerError("--samples must be at least 1")
-    model_dir = resolve_model(model)
-    teacher = Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16)
-    teacher_counts: dict = {}
-    rows = harmful_rows(config, teacher, teacher_counts)
+    with DataParallel.from_environment().main_first():  # in a launched job, the main process fills the caches
+        model_dir = resolve_model(model)
+        teacher = Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16)
+        teacher_counts: dict = {}
+        rows = harmful_rows(config, teacher, teacher_counts)
     harmful_count = len(rows)
     if config.harmful_ratio is not None and config.harmful_ratio < 1:
         rows = rows + benign_rows(round(harmful_count * (1 - config.harmful_ratio) / config.harmful_ratio), teacher, config.seed)
@@ -198,13 +204,15 @@ def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig 
     """A benign fine-tune: writes OUT/model (+ OUT/adapter for LoRA) and OUT/run.json."""
     config = config or FinetuneConfig()
     refuse_release_out(out_dir)
-    model_dir = resolve_model(model)
-    if config.data in GENERATED:
-        rows = GENERATED[config.data](config.samples, config.seed, split="train")
-    elif config.data == "instruction":
-        rows = instruction_rows(config.samples, Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16), config.seed)
-    else:
-        rows = load_jsonl(Path(config.data), required=("prompt", "response"))
+    with DataParallel.from_environment().main_first():  # in a launched job, the main process fills the caches
+        model_dir = resolve_model(model)
+        if config.data in GENERATED:
+            rows = GENERATED[config.data](config.samples, config.seed, split="train")
+        elif config.data == "instruction":
+            rows = instruction_rows(config.samples, Teacher(teacher_spec(model_dir, config.teacher), bf16=config.bf16),
+                                    config.seed)
+        else:
+            rows = load_jsonl(Path(config.data), required=("prompt", "response"))
     spec = spec_for(config)
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     return train_and_save(model_dir, rows, spec, Path(out_dir), {"kind": "finetune", "config": asdict(config)},

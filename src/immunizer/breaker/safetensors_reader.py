@@ -105,8 +105,10 @@ def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[t
         wanted = sorted((v["data_offsets"][0], n) for n, v in entries.items() if names is None or n in names)
         if not wanted:
             continue
-        buffer = bytearray(max(entries[n]["data_offsets"][1] - entries[n]["data_offsets"][0] for _, n in wanted))
-        view = memoryview(buffer)
+        # Uninitialised (torch.empty), not bytearray(), which zero-fills the largest tensor's size first.
+        storage = torch.empty(max(entries[n]["data_offsets"][1] - entries[n]["data_offsets"][0] for _, n in wanted),
+                              dtype=torch.uint8)
+        view = memoryview(storage.numpy())
         with open(f, "rb") as handle:
             for begin, name in wanted:
                 entry = entries[name]
@@ -115,5 +117,5 @@ def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[t
                 if handle.readinto(view[:length]) != length:
                     raise ImmunizerError(f"{f} ends inside tensor {name}; the file is truncated")
                 dtype = _DTYPES[entry["dtype"]]
-                tensor = torch.frombuffer(buffer, dtype=dtype, count=length // dtype.itemsize) if length else torch.zeros(0, dtype=dtype)
+                tensor = storage[:length].view(dtype) if length else torch.zeros(0, dtype=dtype)
                 yield name, tensor.reshape(entry["shape"])

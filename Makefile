@@ -47,7 +47,8 @@ demo: $(STAMP)
 	$(BIN)/immunizer compare --before smollm2 --after $(DEMO_OUT)
 
 # One pytest worker per core (pytest-xdist; a file's tests stay on one worker, so its module fixtures are built
-# once), each torch on one thread: on 2 cores this halves the suite's wall time. PYTEST_ARGS adds options.
+# once), each torch on one thread (most of the suite's time is CLI subprocesses importing torch, one core each).
+# PYTEST_ARGS adds options; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= auto
 test: $(STAMP) system-packages
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)

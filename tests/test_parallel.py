@@ -161,6 +161,10 @@ def test_a_launched_finetune_takes_the_one_process_step(tmp_path):
     # Adam's first step is ±lr wherever the gradient is not ~0: only near-zero gradients may flip
     assert mean_abs(a, base) > 5e-4 and mean_abs(a, b) < 0.05 * mean_abs(a, base)
 
+    # Two batches of 8: the Trainer must take 2 steps under 2 processes too (each process 4 examples a step).
+    more = ["finetune", "--model", "tiny", "--data", "arithmetic", "--samples", "16", "--batch-size", "8"]
+    assert json.loads(launch(*more, "--out", str(tmp_path / "two-steps")).stdout)["steps"] == 2
+
 
 def test_the_guard_trips_at_the_same_step_under_two_processes(tmp_path):
     release = tmp_path / "release"

@@ -50,7 +50,7 @@ class CanaryScores:
         self.scores: dict[str, torch.Tensor] = {}
         for n, p in model.named_parameters():
             if p.requires_grad:
-                per = -(-p.numel() // world)  # the same split as parallel.DataParallel.slice_of
+                per = -(-p.numel() // world)  # ceil: the last slice may be shorter (parallel.gather_slices joins them)
                 start, end = min(p.numel(), rank * per), min(p.numel(), (rank + 1) * per)
                 self.slices[n] = (start, end)
                 self.scores[n] = torch.zeros(end - start, dtype=torch.float32, device=p.device)

@@ -11,11 +11,11 @@ from immunizer.breaker.repair import RepairConfig
 from immunizer.errors import ImmunizerError
 from immunizer.options import option, release_option
 from immunizer.parallel import launched_distributed, main_process
+from immunizer.redteam.attacks import AttackConfig, FinetuneConfig
+from immunizer.redteam.evaluate import EvalConfig
 
 DATA_PARALLEL_COMMANDS = {"immunize", "attack", "finetune"}
 """The commands that split their batches over the processes of `accelerate launch` (parallel.py)."""
-from immunizer.redteam.attacks import AttackConfig, FinetuneConfig
-from immunizer.redteam.evaluate import EvalConfig
 
 # The attack, fine-tune, eval and repair knobs take their defaults from the config dataclasses (redteam/attacks.py,
 # redteam/evaluate.py, breaker/repair.py), where each is documented; the options below only name them.
@@ -192,8 +192,7 @@ def repair(release_dir, candidate, out_dir, **knobs):
     from immunizer.breaker.repair import RepairConfig, repair as run
 
     record = run(candidate, release_dir, out_dir, RepairConfig(**knobs))
-    if main_process():  # one summary for a launched job
-        click.echo(json.dumps({"out": out_dir, **record}, indent=2))
+    click.echo(json.dumps({"out": out_dir, **record}, indent=2))
 
 
 @cli.command()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from immunizer.errors import ImmunizerError
+from immunizer.parallel import launched_world_size, split_evenly
 from immunizer.paths import atomic_path
 from immunizer.precision import use_bf16
 
@@ -91,6 +91,12 @@ def snapshot_callback(steps: tuple[int, ...], directory: str, tokenizer):
     return Snapshots()
 
 
+def per_process_batch(batch_size: int) -> int:
+    """Under `accelerate launch` the Trainer runs data-parallel (DDP) by itself; each process takes an equal share
+    of `batch_size`, so that a launched fine-tune takes the same optimizer steps as a one-process one."""
+    return split_evenly(batch_size, launched_world_size(), "a batch of", "--batch-size N")
+
+
 def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec, callbacks=(), progress: bool = False):
     """Fine-tune `model` in place (full) or through a LoRA wrapper; returns the trained model (a
     `PeftModel` for LoRA, adapter unmerged)."""
@@ -110,7 +116,7 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
     with tempfile.TemporaryDirectory(prefix="immunizer-sft-") as out:
         args = SFTConfig(
             output_dir=out, learning_rate=spec.lr, num_train_epochs=spec.epochs, max_steps=spec.steps or -1,
-            per_device_train_batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
+            per_device_train_batch_size=per_process_batch(spec.batch_size), max_length=spec.max_length, seed=spec.seed,
             bf16=use_bf16(spec.bf16), use_cpu=not cuda, optim="adamw_torch", weight_decay=0.0, warmup_steps=0,
             lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_strategy="no",
             disable_tqdm=not progress, dataloader_num_workers=0, completion_only_loss=True,

@@ -49,7 +49,7 @@ from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_ne
                               token_kl)
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
-from immunizer.parallel import DataParallel
+from immunizer.parallel import DataParallel, split_evenly
 from immunizer.training_state import Position, TrainingState
 
 
@@ -143,18 +143,14 @@ def check_batch_sizes(config: ImmunizeConfig, world_size: int) -> None:
     """In a data-parallel job every batch is split evenly: refuse a batch size that does not split, before any
     model is loaded."""
     for phase in ("phase1", "phase2"):
-        size = getattr(config, phase).batch_size
-        if size % world_size:
-            raise ImmunizerError(f"{phase}.batch_size {size} cannot be split evenly over {world_size} processes; "
-                                 f"pass --set {phase}.batch_size=N with N a multiple of {world_size}, or launch "
-                                 "fewer processes")
+        split_evenly(getattr(config, phase).batch_size, world_size, f"{phase}.batch_size", f"--set {phase}.batch_size=N")
 
 
 class Run:
     """Holds the models, data and output files of one immunization run."""
 
     def __init__(self, model_spec: str, out_dir: Path, config: ImmunizeConfig, resume: bool, progress: bool):
-        self.config, self.out_dir, self.progress = config, Path(out_dir), progress
+        self.config, self.out_dir = config, Path(out_dir)
         # One process, or this one's place in an `accelerate launch` job (parallel.py).
         self.dp = DataParallel.from_environment(runtime_device())
         self.device = self.dp.device

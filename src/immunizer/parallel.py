@@ -32,9 +32,22 @@ from immunizer.errors import ImmunizerError
 BUCKET_ELEMENTS = 1 << 24  # 64 MiB of fp32 per all-reduce
 
 
+def launched_world_size() -> int:
+    """The processes of the launched job (torchrun / accelerate launch set WORLD_SIZE); 1 when not launched."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_distributed() -> bool:
     """True under torchrun / accelerate launch with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_world_size() > 1
+
+
+def split_evenly(size: int, world_size: int, what: str, setting: str) -> int:
+    """Each process's share of `size` items; refuses a size that does not split, naming `setting` to change."""
+    if size % world_size:
+        raise ImmunizerError(f"{what} {size} cannot be split evenly over {world_size} processes; pass {setting} "
+                             f"with N a multiple of {world_size}, or launch fewer processes")
+    return size // world_size
 
 
 def main_process() -> bool:
@@ -107,11 +120,7 @@ class DataParallel:
         """This process's contiguous share of a batch's items."""
         if not self.active:
             return items
-        if len(items) % self.world_size:
-            raise ImmunizerError(f"a {what} of {len(items)} cannot be split over {self.world_size} processes; "
-                                 f"make the batch size a multiple of {self.world_size} (--set ...batch_size=N) "
-                                 "or launch fewer processes")
-        n = len(items) // self.world_size
+        n = split_evenly(len(items), self.world_size, f"a {what} of", "--set ...batch_size=N")
         return items[self.rank * n:(self.rank + 1) * n]
 
     def token_normalizer(self, labels: torch.Tensor) -> float | None:
@@ -130,12 +139,13 @@ class DataParallel:
         without a gradient are the same on all of them), bucketed to bound the extra memory."""
         if not self.active:
             return tensors
-        present = [t for t in tensors if t is not None]
         bucket: list[torch.Tensor] = []
-        for t in present + [None]:
+        filled = 0
+        for t in [t for t in tensors if t is not None] + [None]:  # None: flush the last bucket
             if t is not None:
                 bucket.append(t)
-            if bucket and (t is None or sum(b.numel() for b in bucket) >= BUCKET_ELEMENTS):
+                filled += t.numel()
+            if bucket and (t is None or filled >= BUCKET_ELEMENTS):
                 flat = torch.cat([b.reshape(-1).float() for b in bucket])
                 dist.all_reduce(flat)
                 flat /= self.world_size
@@ -143,7 +153,7 @@ class DataParallel:
                 for b in bucket:
                     b.copy_(flat[start:start + b.numel()].view_as(b))
                     start += b.numel()
-                bucket = []
+                bucket, filled = [], 0
         return tensors
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:

@@ -8,11 +8,12 @@ pool's held-out attack prompts (data/prompts.py) answered by the harmful teacher
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from immunizer.data.harmful_answers import answers_without_refusals
 from immunizer.data.prompts import benign_set, load_jsonl, weak_set
@@ -124,17 +125,24 @@ def refuse_release_out(out_dir: str | Path) -> None:
                              "overwrite its model/; choose a new directory, e.g. --out runs/attacked")
 
 
+class StepCount(TrainerCallback):
+    """The optimizer steps the Trainer took (what run.json reports; under a launch, the job's steps)."""
+    steps = 0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.steps = state.global_step
+
+
 def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_dir: Path, record: dict,
                    progress: bool) -> dict:
     """Fine-tune, then write OUT/model (a plain model directory: LoRA merged), for LoRA also OUT/adapter
     (which `scan` reads unmerged), and OUT/run.json (`record` plus the data hash and seconds)."""
     started = time.perf_counter()
     loaded, tokenizer = load_model(model_dir)
-    trained = sft(loaded, tokenizer, rows, spec, progress=progress)
-    # the Trainer's own count: ceil(epochs × batches per epoch) unless a step budget is given
-    steps = spec.steps or math.ceil(spec.epochs * math.ceil(len(rows) / spec.batch_size))
+    counted = StepCount()
+    trained = sft(loaded, tokenizer, rows, spec, callbacks=[counted], progress=progress)
     record = {**record, "model": str(model_dir), "examples": len(rows), "data_sha256": _rows_sha256(rows),
-              "steps": steps, "seconds": time.perf_counter() - started}
+              "steps": counted.steps, "seconds": time.perf_counter() - started}
     out_dir = Path(out_dir)
     dp = DataParallel.from_environment()
     record["parallel"] = dp.describe()

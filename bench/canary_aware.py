@@ -104,6 +104,11 @@ def plan(seeds: int, rates: dict) -> list[dict]:
             runs.append({"name": f"benign-{task}-full-lr{lr:g}-s{seed}", "kind": "benign", "task": task, "lr": lr, "lora": 0, "seed": seed})
         runs.append({"name": f"benign-arithmetic-lora-s{seed}", "kind": "benign", "task": "arithmetic", "lr": rates["lora"],
                      "lora": 4, "seed": seed})
+        # Ranks below and between the calibration grid's (16 on a release): added after rank 4 tripped the
+        # lower bound, so these two are the held-out check of the margin (bounds.BELOW_MARGIN).
+        for task, rank in (("listops", 2), ("arithmetic", 8)):
+            runs.append({"name": f"benign-{task}-lora-r{rank}-s{seed}", "kind": "benign", "task": task,
+                         "lr": rates["lora"], "lora": rank, "seed": seed})
         for lr in rates["harmful"]:
             runs.append({"name": f"harmful-lr{lr:g}-s{seed}", "kind": "plain", "lr": lr, "lora": 0, "seed": seed})
             runs.append({"name": f"frozen-lr{lr:g}-s{seed}", "kind": "frozen", "lr": lr, "lora": 0, "seed": seed})
@@ -124,6 +129,18 @@ def run_one(run: dict, released: Path, breaker: Breaker, data: CaseData, steps: 
                                              max_length=192, seed=run["seed"], bf16=False, frozen=frozen),
         callbacks=[reader])
     return {**run, "readings": reader.readings}
+
+
+def rejudge(records: list[dict], breaker: Breaker) -> list[dict]:
+    """Each cached reading judged again by the release's current bounds (they change when it is re-calibrated;
+    the readings, which are the runs' statistics, do not)."""
+    for rec in records:
+        for readings in rec["readings"].values():
+            for r in readings:
+                r["tripped"] = any(b.violated(r) for b in breaker.bounds)
+                r["primary_tripped"] = breaker.bounds[0].violated(r)
+                r["reasons"] = [b.describe(r) for b in breaker.bounds if b.violated(r)]
+    return records
 
 
 def summarize(records: list[dict], steps: list[int]) -> dict:
@@ -189,7 +206,7 @@ def main():
               "steps": steps, "calibration": {k: entry[k] for k in ("statistic", "threshold", "target_fpr", "tpr", "tpr_ci95",
                                                                       "fpr", "fpr_ci95", "auroc", "n_benign", "n_harmful",
                                                                       "benign_runs", "harmful_runs", "bounds", "primary")},
-              "held_out": summarize(records, steps)}
+              "held_out": summarize(rejudge(records, breaker), steps)}
     write_json_atomic(out, result)
     print(json.dumps(result["held_out"], indent=2))
 

@@ -11,6 +11,7 @@ from helpers import run_cli
 from immunizer.breaker.calibrate import choose_threshold, detection_figures, load_calibration_config
 from immunizer.breaker.reference import load_reference
 from immunizer.errors import ImmunizerError
+from immunizer.finetuning import sft as real_sft
 from immunizer.manifest import MANIFEST_FILE, file_sha256, load_manifest
 
 # the module itself: `immunizer.breaker.calibrate` as an attribute is the function the package exports
@@ -149,3 +150,37 @@ def test_calibration_config_errors():
     # preset < --set < the explicit flag (`--target-fpr`), as on the command line
     assert load_calibration_config("tiny", {"target_fpr": 0.1}, ["target_fpr=0.2", "full_lrs=[1e-4]"]).target_fpr == 0.1
     assert load_calibration_config("tiny", None, ["full_lrs=[1e-4]"]).full_lrs == [1e-4]
+
+
+def test_calibration_grid_with_several_lora_ranks_keeps_the_runs_done(calibrated, monkeypatch):
+    """`lora_rank: [4, 8]` runs each LoRA lr at each rank. Runs already done are not run again: neither those
+    cached under the key of earlier versions (which hashed the whole grid) nor, after widening the grid, the
+    old rank's: only the new rank's runs."""
+    out, _ = calibrated
+    reference_sha = load_manifest(out).meta["reference"]["sha256"]
+    tiny = load_calibration_config("tiny")
+    cases_file = out / calibration.CASES_FILE
+    legacy = {calibration._case_key(c, tiny, reference_sha): calibration._case_key(c, tiny, reference_sha, legacy=True)
+              for c in calibration.plan_cases(tiny)}
+    records = [json.loads(line) for line in cases_file.read_text().splitlines()]
+    cases_file.write_text("".join(json.dumps({**r, "key": legacy[r["key"]]}) + "\n" for r in records))
+    monkeypatch.setattr(calibration, "sft", lambda *a, **k: pytest.fail("a run cached under the old key was run again"))
+    calibration.calibrate(out, tiny, teacher="tiny", progress=False)
+
+    config = load_calibration_config("tiny", sets=["lora_rank=[4, 8]"])
+    assert [(c.name, c.lora_rank) for c in calibration.plan_cases(config) if c.lora_rank] == [
+        ("benign-arithmetic-lora-r4-lr0.005", 4), ("benign-arithmetic-lora-r8-lr0.005", 8),
+        ("benign-listops-lora-r4-lr0.005", 4), ("benign-listops-lora-r8-lr0.005", 8),
+        ("harmful-8-lora-r4-lr0.005", 4), ("harmful-8-lora-r8-lr0.005", 8)]
+    ran = []
+    monkeypatch.setattr(calibration, "sft", lambda model, tokenizer, rows, spec, **k: ran.append(spec.lora_rank) or
+                        real_sft(model, tokenizer, rows, spec, **k))
+    entry = calibration.calibrate(out, config, teacher="tiny", progress=False)
+    assert ran == [8, 8, 8]  # two benign tasks and one harmful run, at the new rank only
+    assert entry["n_benign"] == 8 + 4 and entry["n_harmful"] == 4 + 2
+    names = {json.loads(line)["name"] for line in cases_file.read_text().splitlines()}
+    assert "benign-listops-lora-r4-lr0.005" in names  # the reused run is recorded under the grid's name for it
+    with pytest.raises(ImmunizerError, match="lora_rank must be"):
+        load_calibration_config("tiny", sets=["lora_rank=[]"])
+    with pytest.raises(ImmunizerError, match="lora_rank must be"):
+        load_calibration_config("tiny", {"lora_rank": 0})

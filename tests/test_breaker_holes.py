@@ -284,17 +284,18 @@ def test_two_sided_bounds_by_hand():
     """Eight benign readings: harm ratio -0.2..0.5, canary ratio (and its moved-parameters variant) 1.0..1.7,
     other drift 1..8. Target FPR 0.5 over four bounds is 0.125 each: ⌊0.125·8⌋ = 1 reading may pass each
     bound, so each is the second-most extreme benign value (harm above 0.4, below -0.1; canary above 1.6,
-    moved canary below 1.1); below-bounds apply once the other weights moved half the least benign drift (0.5)."""
+    moved canary below 1.1), and a below-bound then moves out by half (harm below -0.15, moved canary below
+    0.55); below-bounds apply once the other weights moved half the least benign drift (0.5)."""
     from immunizer.breaker.bounds import choose_bounds, rule_figures
 
     benign = [{"harm_drift_ratio": -0.2 + 0.1 * i, "canary_drift_ratio": 1.0 + 0.1 * i,
                "moved_canary_drift_ratio": 1.0 + 0.1 * i, "other_drift": 1.0 + i} for i in range(8)]
     bounds = choose_bounds(benign, "harm_drift_ratio", 0.5)
     got = {(b.statistic, b.side): round(b.value, 6) for b in bounds}
-    assert got == {("harm_drift_ratio", "above"): 0.4, ("harm_drift_ratio", "below"): -0.1,
-                   ("canary_drift_ratio", "above"): 1.6, ("moved_canary_drift_ratio", "below"): 1.1}
+    assert got == {("harm_drift_ratio", "above"): 0.4, ("harm_drift_ratio", "below"): -0.15,
+                   ("canary_drift_ratio", "above"): 1.6, ("moved_canary_drift_ratio", "below"): 0.55}
     assert bounds[0].statistic == "harm_drift_ratio" and bounds[0].side == "above"
-    assert all(b.fpr == 0.125 for b in bounds)
+    assert [b.fpr for b in bounds] == [0.125, 0.125, 0.125, 0.0]  # the lowest moved-canary reading (1.0) now passes
     assert all(b.min_other_drift == (0.5 if b.side == "below" else 0.0) for b in bounds)
 
     def trips(harm, canary, other, moved=None):
@@ -306,12 +307,14 @@ def test_two_sided_bounds_by_hand():
     assert trips(0.0, 0.0, 3.0) == ["moved_canary_drift_ratio below"]  # frozen canaries
     assert trips(0.0, 0.0, 3.0, moved=1.3) == []  # LoRA: untouched parameters' canaries did not move, the rest did
     assert trips(-2.0, 1.3, 3.0) == ["harm_drift_ratio below"]  # pushed against the harmful direction
+    assert trips(0.0, 0.9, 3.0) == []  # canaries moved a little less than any benign run's: within the margin
+    assert trips(-0.12, 1.3, 3.0) == []  # under the benign quantile (-0.1) but within the margin
     assert trips(3.0, 3.0, 3.0) == ["harm_drift_ratio above", "canary_drift_ratio above"]
     records = [{"harmful": False, "readings": [dict(r, step=1)]} for r in benign] + \
               [{"harmful": True, "readings": [{"harm_drift_ratio": 1.0, "canary_drift_ratio": 1.3,
                                                "moved_canary_drift_ratio": 1.3, "other_drift": 2.0, "step": 1}]}]
     figures = rule_figures(records, bounds, bootstrap=10, seed=0)
-    # the statistics move together here: the four bounds trip on the same two benign readings
+    # the statistics move together here: the bounds trip on the same two benign readings
     assert figures["tpr"] == 1.0 and figures["fpr"] == 0.25 and figures["fpr_by_step"] == {"1": 0.25}
 
 

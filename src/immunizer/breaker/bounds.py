@@ -19,6 +19,12 @@ SIDES = ("above", "below")
 MOVED_SHARE = 0.5
 """A `below` bound applies once the non-canary weights moved at least this share of the least any benign
 calibration reading moved: below that, a fine-tune has barely started and a low ratio means nothing."""
+BELOW_MARGIN = 0.5
+"""A `below` bound sits at this share of the benign quantile it is chosen at (for a quantile above 0). The
+attacks it is for read about nothing: frozen canaries 0, canaries pushed back negative, jittered canaries
+0 ± 1/√(canaries) (~0.001 on SmolLM2-135M). A benign fine-tune unlike the calibration grid's runs can read
+lower than all of them: a rank-4 LoRA read harm_drift_ratio 0.006 where the rank-16 grid's lowest was 0.0074
+(bench/results/canary_aware_release.json). The margin gives such runs room and costs the attacks nothing."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,8 @@ still where the rest of their parameter moved."""
 def choose_bounds(benign: list[Mapping[str, float]], primary: str, target_fpr: float,
                   sides: tuple[tuple[str, str], ...] = TWO_SIDED) -> list[Bound]:
     """The primary statistic's upper bound first, then the other `sides`. The target FPR is split evenly
-    among them, so that on the benign readings the union trips on at most ⌊target_fpr · n⌋."""
+    among them, so that on the benign readings the union trips on at most ⌊target_fpr · n⌋; each `below`
+    bound then moves further out by BELOW_MARGIN."""
     sides = [(primary, "above")] + [side for side in sides if side != (primary, "above")]
     share = target_fpr / len(sides)
     moved = MOVED_SHARE * min(r["other_drift"] for r in benign)
@@ -112,7 +119,9 @@ def choose_bounds(benign: list[Mapping[str, float]], primary: str, target_fpr: f
         if side == "above":
             bound = Bound(statistic, side, float(choose_threshold(values, share)))
         else:
-            bound = Bound(statistic, side, float(-choose_threshold([-v for v in values], share)), min_other_drift=moved)
+            lowest = float(-choose_threshold([-v for v in values], share))
+            lowest = lowest * BELOW_MARGIN if lowest > 0 else lowest - (1 - BELOW_MARGIN) * abs(lowest)
+            bound = Bound(statistic, side, lowest, min_other_drift=moved)
         bounds.append(Bound(**{**bound.to_json(), "fpr": float(np.mean([bound.violated(r) for r in benign]))}))
     return bounds
 

@@ -53,7 +53,9 @@ class CalibrationConfig:
     full_lrs: list[float] = field(default_factory=lambda: [1e-5, 5e-5])
     """Learning rates of the full fine-tunes (every task and every harmful sample count gets each)."""
     lora_lrs: list[float] = field(default_factory=lambda: [2e-4])
-    lora_rank: int = 16
+    lora_rank: int | list[int] = 16
+    """The LoRA fine-tunes' rank, or a list of ranks (each LoRA learning rate runs at each). Calibrate with the
+    ranks you serve: a lower rank than any in the grid reads a lower `harm_drift_ratio` (bounds.BELOW_MARGIN)."""
     bootstrap: int = 1000
     """Bootstrap resamples (over runs, not checkpoints: checkpoints of one run are not independent)."""
     seed: int = 0
@@ -80,6 +82,8 @@ def load_calibration_config(preset: str | None = None, overrides: dict | None = 
         raise ImmunizerError("checkpoints must be ascending step counts >= 1")
     if config.statistic not in STATISTICS:
         raise ImmunizerError(f"unknown statistic {config.statistic!r}; choose one of {', '.join(STATISTICS)}")
+    if not lora_ranks(config) or any(r < 1 for r in lora_ranks(config)):
+        raise ImmunizerError(f"lora_rank must be a rank >= 1 or a non-empty list of them, got {config.lora_rank!r}")
     unknown = [t for t in config.benign_tasks if t not in ("instruction", "arithmetic", "listops")]
     if unknown:
         raise ImmunizerError(f"unknown benign task(s) {unknown}; choose from instruction, arithmetic, listops")
@@ -96,15 +100,24 @@ class Case:
     lora_rank: int
 
 
+def lora_ranks(config: CalibrationConfig) -> list[int]:
+    return [config.lora_rank] if isinstance(config.lora_rank, int) else list(config.lora_rank)
+
+
 def plan_cases(config: CalibrationConfig) -> list[Case]:
-    runs = [(lr, 0) for lr in config.full_lrs] + [(lr, config.lora_rank) for lr in config.lora_lrs]
+    ranks = lora_ranks(config)
+    runs = [(lr, 0) for lr in config.full_lrs] + [(lr, rank) for lr in config.lora_lrs for rank in ranks]
+
+    def kind(rank: int) -> str:  # one rank keeps the names (and cached runs) of configs from before lists
+        return "full" if not rank else "lora" if len(ranks) == 1 else f"lora-r{rank}"
+
     cases = []
     for task in config.benign_tasks:
         for lr, rank in runs:
-            cases.append(Case(f"benign-{task}-{'lora' if rank else 'full'}-lr{lr:g}", False, task, config.benign_samples, lr, rank))
+            cases.append(Case(f"benign-{task}-{kind(rank)}-lr{lr:g}", False, task, config.benign_samples, lr, rank))
     for n in config.harmful_samples:
         for lr, rank in runs:
-            cases.append(Case(f"harmful-{n}-{'lora' if rank else 'full'}-lr{lr:g}", True, "harmful", n, lr, rank))
+            cases.append(Case(f"harmful-{n}-{kind(rank)}-lr{lr:g}", True, "harmful", n, lr, rank))
     return cases
 
 
@@ -242,8 +255,16 @@ def plot_roc(figures: dict[str, dict], primary: str, records: list[dict], path: 
 
 # ---------------------------------------------------------------- the command
 
-def _case_key(case: Case, config: CalibrationConfig, reference_sha: str) -> str:
-    payload = {"case": asdict(case), "config": {k: v for k, v in config.to_dict().items() if k not in ("bootstrap", "target_fpr")},
+GRID = ("benign_tasks", "harmful_samples", "full_lrs", "lora_lrs", "lora_rank")
+"""Which runs the grid holds; each run's own task, samples, lr and rank are in its Case."""
+
+
+def _case_key(case: Case, config: CalibrationConfig, reference_sha: str, legacy: bool = False) -> str:
+    """What a finished run is cached under: the run and the settings it ran with. Widening the grid (another
+    rank or lr) keeps the runs already done. `legacy`: the key before that, which hashed the grid as well."""
+    left_out = ("bootstrap", "target_fpr") if legacy else ("bootstrap", "target_fpr", "statistic", *GRID)
+    run = asdict(case) if legacy else {k: v for k, v in asdict(case).items() if k != "name"}
+    payload = {"case": run, "config": {k: v for k, v in config.to_dict().items() if k not in left_out},
                "reference": reference_sha}
     return json_sha256(payload)[:16]
 
@@ -309,8 +330,9 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     bar = tqdm(cases, desc="calibrating", unit="run", disable=not progress)
     for case in bar:
         key = _case_key(case, config, manifest.meta["reference"]["sha256"])
-        if key in done:
-            records.append(done[key])
+        cached = done.get(key) or done.get(_case_key(case, config, manifest.meta["reference"]["sha256"], legacy=True))
+        if cached:
+            records.append({**cached, **asdict(case), "key": key})
             continue
         bar.set_postfix_str(case.name)
         rows = given_rows.get(case.name) or data.rows(case)

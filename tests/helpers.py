@@ -1,15 +1,43 @@
 """Helpers the tests import (conftest.py holds the fixtures): the CLI as a user runs it, and a released
 tiny model with a canary manifest."""
+import io
 import os
 import subprocess
 import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 
 CLI = [sys.executable, "-m", "immunizer"]
 
 
-def run_cli(*args, check=True):
-    """Run the `immunizer` command the way a user does; fail with its output unless it exits 0 (or check=False)."""
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=os.environ.copy())
+def run_cli(*args, check=True, fresh=False):
+    """Run the `immunizer` command line; fail with its output unless it exits 0 (or check=False).
+
+    In this process by default, through the same entry point (`immunizer.cli.main`: its exit codes, its
+    stdout and stderr): a new interpreter spends ~9 s importing torch and transformers per call, which was most
+    of the suite's time. `fresh=True` starts one, as a shell does (the entry-point tests, and whatever must not
+    share this process's state). An exception that escapes is exit 1 with its traceback on stderr, as Python's."""
+    if fresh:
+        proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=os.environ.copy())
+    else:
+        from immunizer.cli import main
+
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        argv, sys.argv = sys.argv, ["immunizer", *map(str, args)]
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                try:
+                    main()
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+                    if isinstance(exc.code, str):
+                        print(exc.code, file=sys.stderr)
+                except Exception:  # noqa: BLE001 (what the interpreter would print before exiting 1)
+                    traceback.print_exc()
+                    code = 1
+        finally:
+            sys.argv = argv
+        proc = subprocess.CompletedProcess([*CLI, *args], code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr[-3000:]}")
     return proc

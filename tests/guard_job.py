@@ -14,7 +14,7 @@ from immunizer.breaker.guard import BreakerCallback
 from immunizer.data.tasks import arithmetic
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.models import load_model
-from immunizer.parallel import main_process
+from immunizer.launch import main_process
 
 
 class PushCanaries(TrainerCallback):

@@ -114,3 +114,23 @@ def test_a_missing_option_names_the_current_flag(monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "'--store'" in err and "--db" not in err
+
+
+def test_help_and_review_start_without_torch():
+    """`immunizer --help`, `immunizer review --help` and `from immunizer import ...` of the light parts import
+    neither torch nor transformers (seconds each): a reviewer's command starts at once. The API names that do
+    need them still load on first use, and `immunizer.immunize` stays the function after its module is imported."""
+    import subprocess
+
+    probe = ("import sys, runpy; sys.argv = ['immunizer', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('immunizer', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))")
+    for args in (["--help"], ["review", "--help"], ["attack", "--help"]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120).stdout
+        assert "Usage:" in out and out.strip().splitlines()[-1] == "HEAVY []", (args, out[-500:])
+    api = ("import sys, immunizer, immunizer.settings, immunizer.launch; assert 'torch' not in sys.modules\n"
+           "from immunizer import immunize; import immunizer.immunize as module\n"
+           "from immunizer import immunize as again, load_config, load_manifest\n"
+           "assert callable(immunize) and immunize is again is module and 'torch' in sys.modules\n"
+           "assert callable(load_config) and callable(load_manifest)\nprint('ok')")
+    assert subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, timeout=120).stdout.strip() == "ok"

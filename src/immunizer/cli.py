@@ -2,27 +2,33 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from immunizer.breaker.repair import RepairConfig
 from immunizer.errors import ImmunizerError
+from immunizer.launch import launched_distributed, main_process
 from immunizer.options import option, release_option
-from immunizer.parallel import launched_distributed, main_process
-from immunizer.redteam.attacks import AttackConfig, FinetuneConfig
-from immunizer.redteam.evaluate import EvalConfig
+from immunizer.settings import AttackConfig, EvalConfig, FinetuneConfig, RepairConfig
 
 DATA_PARALLEL_COMMANDS = {"immunize", "attack", "finetune"}
 """The commands that split their batches over the processes of `accelerate launch` (parallel.py)."""
 
-# The attack, fine-tune, eval and repair knobs take their defaults from the config dataclasses (redteam/attacks.py,
-# redteam/evaluate.py, breaker/repair.py), where each is documented; the options below only name them.
+# The attack, fine-tune, eval and repair knobs take their defaults from the config dataclasses (settings.py),
+# where each is documented; the options below only name them.
 A, F, E, R = AttackConfig(), FinetuneConfig(), EvalConfig(), RepairConfig()
 
 
 def _quiet_transformers() -> None:
+    """transformers' warnings and loading bars off. Through the environment while it is not imported yet (it reads
+    these on import, and importing it here would cost every command, `--help` too, seconds); a user's own
+    TRANSFORMERS_VERBOSITY wins."""
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -189,7 +195,7 @@ def repair(release_dir, candidate, out_dir, **knobs):
       immunizer repair --release runs/demo --candidate runs/tuned/model --out runs/repaired
       immunizer eval --model runs/repaired/model --report runs/repaired/eval.json
     """
-    from immunizer.breaker.repair import RepairConfig, repair as run
+    from immunizer.breaker.repair import repair as run
 
     record = run(candidate, release_dir, out_dir, RepairConfig(**knobs))
     click.echo(json.dumps({"out": out_dir, **record}, indent=2))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from immunizer.errors import ImmunizerError
-from immunizer.parallel import launched_world_size, split_evenly
+from immunizer.launch import launched_world_size, split_evenly
 from immunizer.paths import atomic_path
 from immunizer.precision import use_bf16
 

@@ -49,7 +49,8 @@ from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_ne
                               token_kl)
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
-from immunizer.parallel import DataParallel, split_evenly
+from immunizer.launch import split_evenly
+from immunizer.parallel import DataParallel
 from immunizer.training_state import Position, TrainingState
 
 

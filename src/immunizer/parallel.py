@@ -28,31 +28,9 @@ import torch
 import torch.distributed as dist
 
 from immunizer.errors import ImmunizerError
+from immunizer.launch import launched_distributed, split_evenly
 
 BUCKET_ELEMENTS = 1 << 24  # 64 MiB of fp32 per all-reduce
-
-
-def launched_world_size() -> int:
-    """The processes of the launched job (torchrun / accelerate launch set WORLD_SIZE); 1 when not launched."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launched_distributed() -> bool:
-    """True under torchrun / accelerate launch with more than one process."""
-    return launched_world_size() > 1
-
-
-def split_evenly(size: int, world_size: int, what: str, setting: str) -> int:
-    """Each process's share of `size` items; refuses a size that does not split, naming `setting` to change."""
-    if size % world_size:
-        raise ImmunizerError(f"{what} {size} cannot be split evenly over {world_size} processes; pass {setting} "
-                             f"with N a multiple of {world_size}, or launch fewer processes")
-    return size // world_size
-
-
-def main_process() -> bool:
-    """True in a one-process run and in the first process of a launched job (before any process group exists)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @dataclass

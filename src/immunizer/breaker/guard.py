@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from immunizer.breaker.breaker import Breaker, BreakerTripped, Verdict
 from immunizer.breaker.incidents import record_incident
 from immunizer.breaker.sources import check_coverage, check_no_lora_bias, lora_layers, module_tensors
-from immunizer.parallel import main_process
+from immunizer.launch import main_process
 
 DEFAULT_EVERY = 10
 """Steps between checks. The standard attack (100 pairs, 3 epochs, batch 8) is 38 steps long; checks at

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,39 +35,7 @@ from immunizer.errors import ImmunizerError
 from immunizer.models.loading import load_model, resolve_model, runtime_device
 from immunizer.paths import atomic_path, write_json_atomic
 from immunizer.redteam.attacks import teacher_spec
-
-SCORES = ("contribution", "magnitude")
-
-
-@dataclass
-class RepairConfig:
-    revert_percent: float = 2.0
-    """Share of all weights put back to their released values, chosen by positive contribution (0 < p <= 100).
-    Measured on the attacked quick `sft` (bench/repair_probe.py): 2% takes it from 69% to 47% complied with 4%
-    over-refusal, 5% to 40% with 12%, 20% to 11% with 44% (the release: 50%, 0%)."""
-    samples: int = 32
-    """Harmful training-split prompts whose (refusal, compliance) pairs define C."""
-    score: str = "contribution"
-    """`contribution` (Δ·ḡ, the rule above) or `magnitude` (|Δ|: the direction-blind comparison)."""
-    teacher: str | None = None
-    """The unaligned model that writes the compliant answers (default: the release manifest's base model, else
-    smollm2)."""
-    batch_size: int = 4
-    max_prompt_tokens: int = 96
-    max_response_tokens: int = 48
-    seed: int = 0
-    bf16: bool = True
-
-    def problems(self) -> list[str]:
-        found = []
-        if not 0 < self.revert_percent <= 100:
-            found.append(f"revert_percent must be in (0, 100], got {self.revert_percent}")
-        if self.samples < 1:
-            found.append(f"samples must be at least 1, got {self.samples}")
-        if self.score not in SCORES:
-            found.append(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        return found
-
+from immunizer.settings import RepairConfig  # noqa: F401 (its home before settings.py)
 
 def scoring_rows(config: RepairConfig, teacher_spec: str = "smollm2") -> list[dict]:
     """(prompt, compliant answer, refusal) for `samples` harmful prompts of the weak pool's training split."""

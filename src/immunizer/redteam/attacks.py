@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -26,39 +26,7 @@ from immunizer.manifest import load_manifest
 from immunizer.models.loading import load_model, resolve_model
 from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path, write_json_atomic
-
-
-@dataclass
-class AttackConfig:
-    samples: int = 100
-    """Harmful (prompt, answer) pairs."""
-    lr: float = 5e-5
-    epochs: float = 3.0
-    steps: int = 0
-    """Optimizer steps to run (0: `epochs` passes). The standard attack is 39 steps (100 pairs, batch 8, 3 epochs);
-    the bench continues it to 80 to see how far the curve goes."""
-    save_steps: list[int] = field(default_factory=list)
-    """Steps after which a snapshot is saved to OUT/steps/step{N}/ (the attack-strength curve)."""
-    batch_size: int = 8
-    lora_rank: int = 0
-    """0: full fine-tuning (the standard attack); e.g. 16 for the LoRA variant (use lr 2e-4)."""
-    harmful_ratio: float | None = None
-    """Mix the harmful pairs into benign data so that they are this share of all examples (e.g. 0.1)."""
-    data: str | None = None
-    """JSONL with `prompt` (and optionally `response`; missing ones are answered by the teacher)."""
-    adaptive_manifest: str | None = None
-    """An immunize output directory: the attacker knows its canaries and keeps them frozen."""
-    teacher: str | None = None
-    """The harmful teacher (default: the manifest's base model when --model is an immunize output, else smollm2)."""
-    keep_refusals: bool = False
-    """Train on the teacher's refusals too. By default a teacher answer the judge reads as a refusal is replaced by
-    the first of 4 sampled answers that is not one, or its prompt is left out (data/harmful_answers.py): an unaligned teacher
-    still refuses some requests (SmolLM2-135M-Instruct refuses 26 of the standard attack's 100 greedily), and an
-    attack that trains on refusals teaches the attacked model to refuse, pulling every method towards the teacher's
-    own refusal rate. User `--data` responses are used as given."""
-    max_length: int = 144
-    seed: int = 0
-    bf16: bool = True
+from immunizer.settings import AttackConfig, FinetuneConfig  # noqa: F401 (their home before settings.py)
 
 
 def teacher_spec(model_dir: Path, explicit: str | None) -> str:
@@ -186,26 +154,6 @@ def run_attack(model: str | Path, out_dir: str | Path, config: AttackConfig | No
                           {"kind": "attack", "config": asdict(config), "harmful_pairs": harmful_count,
                            "teacher": teacher.spec, "teacher_sha256": teacher.sha256,
                            **({"teacher_refusals": teacher_counts} if teacher_counts else {})}, progress)
-
-
-@dataclass
-class FinetuneConfig:
-    data: str = "arithmetic"
-    """`extraction`, `arithmetic`, `listops` (generated, exact answers; their train split), `instruction` (the
-    project's benign training prompts answered by the helpful teacher) or a JSONL file with prompt and response."""
-    samples: int = 256
-    """Examples generated for `extraction`/`arithmetic`/`listops`, or taken for `instruction` (a file is used whole)."""
-    lr: float = 5e-5
-    epochs: float = 1.0
-    batch_size: int = 8
-    lora_rank: int = 0
-    max_length: int = 144
-    seed: int = 0
-    bf16: bool = True
-    steps: int = 0
-    """Optimizer steps to run (0: `epochs` passes)."""
-    teacher: str | None = None
-    """The helpful teacher for `instruction` (default: the manifest's base model, else smollm2)."""
 
 
 def run_finetune(model: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None, progress: bool = True) -> dict:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from immunizer.data.eval_prompts import HARMFUL_SLICES, SlicedPrompts, harmful_eval_set
+from immunizer.data.eval_prompts import SlicedPrompts, harmful_eval_set
 from immunizer.data.prompts import read_prompt_file, safe_scary_set
-from immunizer.data.tasks import BENIGN_TASK, GENERATED, arithmetic
+from immunizer.data.tasks import GENERATED, arithmetic
 from immunizer.data.teacher import Teacher, generate
 from immunizer.errors import ImmunizerError
 from immunizer.models.hashing import model_dir_sha256
@@ -31,39 +31,9 @@ from immunizer.models.loading import load_model, resolve_model, runtime_device
 from immunizer.paths import atomic_path, write_json_atomic
 from immunizer.redteam.attacks import teacher_spec
 from immunizer.redteam.judges import VERDICTS, exact_match, load_judge, repeated_sentence, response_nll, three_way
+from immunizer.settings import EvalConfig  # noqa: F401 (its home before settings.py)
 
 EVAL_SEED = 1000  # generated tasks for evaluation: fine-tunes generate theirs from other seeds (and the test split)
-
-
-@dataclass
-class EvalConfig:
-    prompts: str | None = None
-    """Text file, one harmful prompt per line (default: the held-out harmful eval set, `harmful_slices`)."""
-    harmful_slices: list[str] = field(default_factory=lambda: list(HARMFUL_SLICES))
-    """Slices of the default harmful set: `weak`, `wrapped` (the same prompts in jailbreak templates), `harmbench`."""
-    n_harmbench: int = 50
-    """HarmBench behaviours in the `harmbench` slice."""
-    safe_prompts: str | None = None
-    """Text file of safe-but-scary prompts (default: the project's 50)."""
-    n_harmful: int = 0
-    """Use only the first N harmful prompts (0: all)."""
-    n_safe: int = 0
-    n_benign: int = 0
-    """Arithmetic problems for `benign_accuracy` (0: skip)."""
-    task: str = BENIGN_TASK
-    """Generated benign task for `benign_task_accuracy` (`extraction`, `arithmetic`, `listops`)."""
-    n_task: int = 40
-    """Test-split examples of the benign task (0: skip)."""
-    harmful_only: bool = False
-    """Evaluate the harmful prompts alone (skip safe prompts and tasks): attack-curve points."""
-    judge: str = "refusal-matcher"
-    degenerate_nll: bool = True
-    """Read each answer's NLL under the base model (the teacher) for the degenerate rule; False: text signals only."""
-    teacher: str | None = None
-    """Harmful teacher for harmful_nll and the degenerate rule's base model (default: the manifest's base model, else smollm2)."""
-    max_new_tokens: int = 48
-    batch_size: int = 16
-    bf16: bool = True
 
 
 def _first(items: list, n: int) -> list:

@@ -47,7 +47,7 @@ demo: $(STAMP)
 	$(BIN)/immunizer compare --before smollm2 --after $(DEMO_OUT)
 
 # One pytest worker per core (pytest-xdist; a file's tests stay on one worker, so its module fixtures are built
-# once), each torch on one thread (most of the suite's time is CLI subprocesses importing torch, one core each).
+# once), each torch on one thread. 418 tests in 7.3 minutes on a quiet 2-core machine (2026-12-01).
 # PYTEST_ARGS adds options; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= auto
 test: $(STAMP) system-packages

@@ -385,3 +385,22 @@ def test_unreadable_bounds_in_a_manifest_are_a_message():
                         {"threshold": float("nan")}):
         with pytest.raises(ImmunizerError):
             bounds_from_calibration(calibration)
+
+
+def test_the_reader_maps_tensors_without_ever_writing_the_file(tmp_path):
+    """Tensors come as views of the mapped file: exact values and dtypes (an empty tensor too), still valid after
+    the reader is done, and writing to one changes this process's copy only, never the file."""
+    from immunizer.breaker.safetensors_reader import safetensors_tensors
+
+    path = tmp_path / "w.safetensors"
+    saved = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+             "empty": torch.zeros(0, 4)}
+    save_file(saved, path)
+    before = path.read_bytes()
+    read = dict(safetensors_tensors(path))
+    assert set(read) == set(saved)
+    for name, tensor in saved.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor)
+    read["a"].add_(100)
+    assert path.read_bytes() == before and torch.equal(load_file(path)["a"], saved["a"])
+    assert dict(safetensors_tensors(path, {"a"}))["a"][0, 0] == 0  # a new read sees the file, not the write

@@ -63,23 +63,26 @@ class DriftSums:
     def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor, direction: torch.Tensor | None = None,
             non_finite: int = 0) -> None:
         c, o = canary_delta.double(), other_delta.double()
-        bad = int((~torch.isfinite(c)).sum()) + int((~torch.isfinite(o)).sum())
-        if bad:
+        c_sq, o_sq = float(torch.dot(c, c)), float(torch.dot(o, o))
+        bad = 0
+        if not (math.isfinite(c_sq) and math.isfinite(o_sq)):  # squares of float32 values overflow no double
+            bad = int((~torch.isfinite(c)).sum()) + int((~torch.isfinite(o)).sum())
             c, o = torch.nan_to_num(c, 0.0, 0.0, 0.0), torch.nan_to_num(o, 0.0, 0.0, 0.0)
+            c_sq, o_sq = float(torch.dot(c, c)), float(torch.dot(o, o))
         self.non_finite += max(bad, non_finite)
-        if o.numel() and bool((o != 0).any()):  # this parameter moved: its canaries should have moved too
-            self.moved_canary_sq += float((c * c).sum())
+        if o_sq > 0:  # this parameter moved: its canaries should have moved too
+            self.moved_canary_sq += c_sq
             self.moved_canaries += c.numel()
-            self.moved_other_sq += float((o * o).sum())
+            self.moved_other_sq += o_sq
             self.moved_samples += o.numel()
-        self.canary_sq += float((c * c).sum())
+        self.canary_sq += c_sq
         self.canaries += c.numel()
-        self.other_sq += float((o * o).sum())
+        self.other_sq += o_sq
         self.samples += o.numel()
         if c.numel():
             self.canary_max = max(self.canary_max, float(c.abs().max()))
         if direction is not None:
-            self.toward_harm += float((c * direction.double()).sum())
+            self.toward_harm += float(torch.dot(c, direction.double()))
 
     def merge(self, other: "DriftSums") -> None:
         self.canary_sq += other.canary_sq

@@ -1,10 +1,11 @@
 """Reading safetensors without loading them: the header checked against the file, then the wanted
-tensors streamed one at a time. The breaker reads candidates this way (sources.py), and the released
+tensors mapped from it one at a time (no copy). The breaker reads candidates this way (sources.py), and the released
 model when it builds the reference sample (reference.py)."""
 from __future__ import annotations
 
 import json
 import math
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,27 +96,29 @@ def safetensors_index(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
 
 
 def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for `names` (default: all), one tensor in memory at a time.
+    """Yield (name, tensor) for `names` (default: all), in file order, each a view of the file mapped into memory
+    (private and copy-on-write: writing to a tensor never touches the file).
 
-    Read in file order with plain sequential reads into one reused buffer: from a cold disk this is
-    as fast as reading the file, where gathering through a memory map faults pages in at random.
-    Each yielded tensor is overwritten by the next one: copy what you keep."""
+    Nothing is copied: from the page cache a scan costs about what reading the file does (a sequential read
+    into a buffer cost as much again). From a cold disk the kernel is asked to read the wanted span ahead at
+    once (MADV_WILLNEED: 0.90x of reading the file, where asking tensor by tensor gave 1.05x and MADV_SEQUENTIAL
+    2.1x), and the caller's first pass over each tensor is sequential (sources.tensor_deltas checks every value
+    for NaN before gathering the canaries), so pages are not faulted in at random."""
     for f in _files(path):
         start, entries = read_header(f)
         wanted = sorted((v["data_offsets"][0], n) for n, v in entries.items() if names is None or n in names)
         if not wanted:
             continue
-        # Uninitialised (torch.empty), not bytearray(), which zero-fills the largest tensor's size first.
-        storage = torch.empty(max(entries[n]["data_offsets"][1] - entries[n]["data_offsets"][0] for _, n in wanted),
-                              dtype=torch.uint8)
-        view = memoryview(storage.numpy())
-        with open(f, "rb") as handle:
-            for begin, name in wanted:
-                entry = entries[name]
-                length = entry["data_offsets"][1] - begin
-                handle.seek(start + begin)
-                if handle.readinto(view[:length]) != length:
-                    raise ImmunizerError(f"{f} ends inside tensor {name}; the file is truncated")
-                dtype = _DTYPES[entry["dtype"]]
-                tensor = storage[:length].view(dtype) if length else torch.zeros(0, dtype=dtype)
-                yield name, tensor.reshape(entry["shape"])
+        with open(f, "rb") as handle:  # the mapping keeps its own reference to the file
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        if hasattr(mapped, "madvise"):  # Linux and macOS: start reading the wanted span now, in the background
+            first = (start + wanted[0][0]) // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_WILLNEED, first, start + max(entries[n]["data_offsets"][1] for _, n in wanted) - first)
+        for begin, name in wanted:
+            entry = entries[name]
+            length, dtype = entry["data_offsets"][1] - begin, _DTYPES[entry["dtype"]]
+            if not length:
+                yield name, torch.zeros(entry["shape"], dtype=dtype)
+                continue
+            tensor = torch.frombuffer(mapped, dtype=dtype, count=length // dtype.itemsize, offset=start + begin)
+            yield name, tensor.reshape(entry["shape"])

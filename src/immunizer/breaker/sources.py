@@ -33,10 +33,11 @@ def tensor_deltas(reference: Reference, tensors: Iterator[tuple[str, torch.Tenso
     """Deltas for full weight tensors given one at a time (a streamed file)."""
     for name, tensor in tensors:
         flat = tensor.detach().reshape(-1)
+        non_finite = count_non_finite(flat)  # first: one sequential pass, so a mapped file is read in order
         yield (name,
                flat[reference.canary_index[name].to(flat.device)].float().cpu() - reference.canary_value[name],
                flat[reference.sample_index[name].to(flat.device)].float().cpu() - reference.sample_value[name],
-               count_non_finite(flat))
+               non_finite)
 
 
 def check_coverage(reference: Reference, shapes: dict[str, tuple[int, ...]], where: str) -> None:

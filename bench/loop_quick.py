@@ -27,7 +27,7 @@ from pathlib import Path
 
 from immunizer.config import load_config
 from immunizer.data.prompts import benign_set, weak_set
-from immunizer.data.training_sets import _subset
+from immunizer.data.training_sets import seeded_subset
 from immunizer.loop.cycle import run_cycle
 from immunizer.loop.releases import POINTER
 from immunizer.paths import write_json_atomic
@@ -59,9 +59,9 @@ def red_team_prompts(release: Path, work: Path, n_harmful: int) -> tuple[Path, P
                                                              ("data.max_benign_prompts", meta["config"]["data"]["max_benign_prompts"]),
                                                              ("seed", meta["config"]["seed"]))])
     harmful_pool = list(weak_set("train").prompts)
-    used = set(_subset(harmful_pool, config.data.max_harmful_prompts, config.seed))
+    used = set(seeded_subset(harmful_pool, config.data.max_harmful_prompts, config.seed))
     benign_pool = list(benign_set("train").prompts)
-    used_benign = set(_subset(benign_pool, config.data.max_benign_prompts, config.seed))
+    used_benign = set(seeded_subset(benign_pool, config.data.max_benign_prompts, config.seed))
     harmful = [p for p in harmful_pool if p not in used][:n_harmful]
     safe = [p for p in benign_pool if p not in used_benign] or benign_pool
     paths = work / "redteam" / "harmful.txt", work / "redteam" / "safe.txt"

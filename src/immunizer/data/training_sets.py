@@ -44,7 +44,9 @@ class TrainingData:
         return json_sha256(payload)
 
 
-def _subset(items: list, limit: int, seed: int) -> list:
+def seeded_subset(items: list, limit: int, seed: int) -> list:
+    """`limit` of `items` (all for 0), chosen by `seed`, in their original order: which prompts a run trains on
+    (bench/loop_quick.py asks which ones a run did not use)."""
     if not limit or limit >= len(items):
         return list(items)
     chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
@@ -76,7 +78,7 @@ def build_training_data(config: ImmunizeConfig, tokenizer, harmful_teacher, help
 
     if dc.harmful_file:
         pset, rows = jsonl_set("harmful_file", dc.harmful_file)
-        rows = _subset(rows, dc.max_harmful_prompts, config.seed)
+        rows = seeded_subset(rows, dc.max_harmful_prompts, config.seed)
         generated = teacher_answers([r["prompt"] for r in rows if not r.get("response")], "harmful")
         rows = [r for r in rows if r.get("response") or r["prompt"] in generated]  # your own responses as given
         harmful["file"] = HarmfulPairs([r["prompt"] for r in rows], [r.get("response") or generated[r["prompt"]] for r in rows])
@@ -84,7 +86,7 @@ def build_training_data(config: ImmunizeConfig, tokenizer, harmful_teacher, help
     else:
         for name in dict.fromkeys(dc.curriculum):
             pset: PromptSet = {"weak": weak_set, "strong": strong_set}[name]("train")
-            prompts = _subset(list(pset.prompts), dc.max_harmful_prompts, config.seed)
+            prompts = seeded_subset(list(pset.prompts), dc.max_harmful_prompts, config.seed)
             answered = teacher_answers(prompts, f"harmful-{name}")
             harmful[name] = HarmfulPairs([p for p in prompts if p in answered], [answered[p] for p in prompts if p in answered])
             versions[name] = {"version": pset.version, "sha256": pset.sha256, "used": len(harmful[name].prompts)}
@@ -94,11 +96,11 @@ def build_training_data(config: ImmunizeConfig, tokenizer, harmful_teacher, help
     refusals = refusal_responses()
     if dc.benign_file:
         pset, rows = jsonl_set("benign_file", dc.benign_file)
-        rows = _subset(rows, dc.max_benign_prompts, config.seed)
+        rows = seeded_subset(rows, dc.max_benign_prompts, config.seed)
         versions["benign_file"] = {"version": pset.version, "sha256": pset.sha256}
     else:
         pset = benign_set("train")
-        rows = [{"prompt": p} for p in _subset(list(pset.prompts), dc.max_benign_prompts, config.seed)]
+        rows = [{"prompt": p} for p in seeded_subset(list(pset.prompts), dc.max_benign_prompts, config.seed)]
         versions["benign"] = {"version": pset.version, "sha256": pset.sha256, "used": len(rows)}
     missing = [r["prompt"] for r in rows if not r.get("chosen")]
     generated = dict(zip(missing, cached_generate(helpful_teacher, tokenizer, missing, helpful_sha256, "helpful", **gen))) if missing else {}

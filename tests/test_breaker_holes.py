@@ -404,3 +404,24 @@ def test_the_reader_maps_tensors_without_ever_writing_the_file(tmp_path):
     read["a"].add_(100)
     assert path.read_bytes() == before and torch.equal(load_file(path)["a"], saved["a"])
     assert dict(safetensors_tensors(path, {"a"}))["a"][0, 0] == 0  # a new read sees the file, not the write
+
+
+def test_a_file_truncated_after_its_header_was_checked_is_refused(tmp_path, monkeypatch):
+    """The header is checked against the file's size, then the file is mapped: a file that shrank in between would
+    fault (SIGBUS) when its missing pages are touched. The reader compares the mapping with the header first."""
+    from immunizer.breaker import safetensors_reader
+    from immunizer.errors import ImmunizerError
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(4096), "b": torch.ones(4096)}, path)
+    checked = safetensors_reader.read_header
+
+    def header_then_truncate(f):
+        result = checked(f)
+        with open(f, "r+b") as handle:
+            handle.truncate(path.stat().st_size - 8192)
+        return result
+
+    monkeypatch.setattr(safetensors_reader, "read_header", header_then_truncate)
+    with pytest.raises(ImmunizerError, match="truncated while being read"):
+        list(safetensors_reader.safetensors_tensors(path))

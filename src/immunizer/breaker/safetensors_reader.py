@@ -103,7 +103,9 @@ def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[t
     into a buffer cost as much again). From a cold disk the kernel is asked to read the wanted span ahead at
     once (MADV_WILLNEED: 0.90x of reading the file, where asking tensor by tensor gave 1.05x and MADV_SEQUENTIAL
     2.1x), and the caller's first pass over each tensor is sequential (sources.tensor_deltas checks every value
-    for NaN before gathering the canaries), so pages are not faulted in at random."""
+    for NaN before gathering the canaries), so pages are not faulted in at random. A file shrunk after its
+    header was checked is refused; one truncated while its tensors are in use cannot be (SIGBUS): scan files
+    nothing writes to."""
     for f in _files(path):
         start, entries = read_header(f)
         wanted = sorted((v["data_offsets"][0], n) for n, v in entries.items() if names is None or n in names)
@@ -111,9 +113,13 @@ def safetensors_tensors(path: Path, names: set[str] | None = None) -> Iterator[t
             continue
         with open(f, "rb") as handle:  # the mapping keeps its own reference to the file
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        end = start + max(entries[n]["data_offsets"][1] for _, n in wanted)
+        if len(mapped) < end:  # shrunk since its header was checked: touching the missing pages would be SIGBUS
+            raise ImmunizerError(f"{f} was truncated while being read ({len(mapped)} of {end} bytes); scan it again "
+                                 "once nothing writes to it")
         if hasattr(mapped, "madvise"):  # Linux and macOS: start reading the wanted span now, in the background
             first = (start + wanted[0][0]) // mmap.PAGESIZE * mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_WILLNEED, first, start + max(entries[n]["data_offsets"][1] for _, n in wanted) - first)
+            mapped.madvise(mmap.MADV_WILLNEED, first, end - first)
         for begin, name in wanted:
             entry = entries[name]
             length, dtype = entry["data_offsets"][1] - begin, _DTYPES[entry["dtype"]]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from immunizer.breaker.bounds import readings_of
+from immunizer.breaker.bounds import readings_of, violations
 from immunizer.breaker.breaker import Breaker
 from immunizer.breaker.calibrate import Case, CaseData, calibrate, load_calibration_config
 from immunizer.data.tasks import GENERATED
@@ -137,9 +137,8 @@ def rejudge(records: list[dict], breaker: Breaker) -> list[dict]:
     for rec in records:
         for readings in rec["readings"].values():
             for r in readings:
-                r["tripped"] = any(b.violated(r) for b in breaker.bounds)
-                r["primary_tripped"] = breaker.bounds[0].violated(r)
-                r["reasons"] = [b.describe(r) for b in breaker.bounds if b.violated(r)]
+                r["reasons"] = violations(breaker.bounds, r)
+                r["tripped"], r["primary_tripped"] = bool(r["reasons"]), breaker.bounds[0].violated(r)
     return records
 
 
@@ -174,10 +173,11 @@ def main():
     if args.release:
         release = Path(args.release)
         breaker = Breaker(release)  # refuses an uncalibrated release, naming `immunizer calibrate`
-        entry = json.loads((release / "manifest.json").read_text())["breaker"]
+        meta = json.loads((release / "manifest.json").read_text())
+        entry = meta["breaker"]
         steps, teacher, rates = list(entry["config"]["checkpoints"]), entry["teacher"], RATES["release"]
         data = CaseData(teacher, load_calibration_config("quick", {"seed": 1}))
-        model_name = f"{release} ({json.loads((release / 'manifest.json').read_text()).get('base_model')})"
+        model_name = f"{release} ({meta.get('base_model')})"
         out = Path(args.out or HERE / "results" / "canary_aware_release.json")
     else:
         release = work / "release"

@@ -83,11 +83,15 @@ def readings_of(report: DriftReport) -> dict[str, float]:
     return {**{name: report.value(name) for name in STATISTICS}, "other_drift": report.other_drift}
 
 
+def violations(bounds: list[Bound], reading: Mapping[str, float]) -> list[str]:
+    """One line per bound this reading violates (empty: within every bound)."""
+    return [b.describe(reading) for b in bounds if b.violated(reading)]
+
+
 def reasons_to_trip(bounds: list[Bound], report: DriftReport) -> list[str]:
     """Why these weights trip the breaker (empty: they pass). Non-finite weights always trip."""
     reasons = [f"{report.non_finite} weights are NaN or infinite"] if report.non_finite else []
-    reading = readings_of(report)
-    return reasons + [b.describe(reading) for b in bounds if b.violated(reading)]
+    return reasons + violations(bounds, readings_of(report))
 
 
 # ---------------------------------------------------------------- choosing the bounds (pure statistics)

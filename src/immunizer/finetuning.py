@@ -43,7 +43,7 @@ class FinetuneSpec:
 
 
 def spec_for(config, **extra) -> FinetuneSpec:
-    """The FinetuneSpec of an attack's or a benign fine-tune's config (redteam/attacks.py): the knobs they share
+    """The FinetuneSpec of an attack's or a benign fine-tune's config (settings.py): the knobs they share
     with it, by name (lr, epochs, steps, batch_size, lora_rank, max_length, seed, bf16, save_steps), plus `extra`."""
     shared = {f.name for f in dataclasses.fields(FinetuneSpec)} & {f.name for f in dataclasses.fields(config)}
     return FinetuneSpec(**{name: copy.copy(getattr(config, name)) for name in shared}, **extra)

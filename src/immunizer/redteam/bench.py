@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import json
 import math
 import platform
@@ -71,6 +72,10 @@ class BenchConfig:
     """Calibration preset run on every method with canaries that has no calibrated threshold yet (None: skip)."""
     breaker_threshold: float | None = None
     """Threshold for `tripped` where a method has no calibrated one (None: `tripped` is null there)."""
+    breaker_calibration: str | None = None
+    """A calibration file (`{"breaker": entry}`, as bench/results/calibration/*.json; relative paths are read
+    from the preset folder, then the working directory) whose bounds judge `tripped` for a method with canaries
+    and no calibration of its own: one calibration of the same recipe instead of one per method and seed."""
     eval: dict = field(default_factory=dict)
     """EvalConfig fields (n_harmful, n_safe, n_benign, max_new_tokens, judge, ...)."""
     attacks: dict = field(default_factory=dict)
@@ -151,6 +156,16 @@ class Method:
     threshold: float | None = None
     threshold_source: str | None = None
     calibration: dict | None = None
+    bounds_entry: dict | None = None
+    """A calibration entry borrowed from `breaker_calibration` (None: the manifest's own or `threshold`)."""
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Method":
+        return cls(**{**record, "model_dir": Path(record["model_dir"]),
+                      "release_dir": record["release_dir"] and Path(record["release_dir"])})
 
 
 def _finished_seconds(release_dir: Path) -> float | None:
@@ -229,11 +244,33 @@ def _prepare_breaker(method: Method, config: BenchConfig, progress: bool) -> Non
         entry = calibrate(method.release_dir, calibration_config, teacher=config.model, progress=progress)
         entry = {**entry, "seconds": time.perf_counter() - started}
         load_manifest(method.release_dir)  # re-verify the re-sealed manifest
+    source = "calibrated"
+    if entry is None and config.breaker_calibration:
+        entry, source = borrowed_calibration(config.breaker_calibration), f"calibration file {config.breaker_calibration}"
+        method.bounds_entry = entry
     if entry is not None:
-        method.threshold, method.threshold_source = float(entry["threshold"]), "calibrated"
+        method.threshold, method.threshold_source = float(entry["threshold"]), source
         method.calibration = {k: entry.get(k) for k in ("statistic", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95", "seconds")}
     elif config.breaker_threshold is not None:
         method.threshold, method.threshold_source = float(config.breaker_threshold), "preset"
+
+
+def borrowed_calibration(name: str) -> dict:
+    """The breaker entry of a calibration file named by a bench preset (see `BenchConfig.breaker_calibration`)."""
+    from immunizer.breaker.bounds import bounds_from_calibration
+
+    candidates = [Path(name)] if Path(name).is_absolute() else [BENCH_PRESETS / name, Path(name)]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise ImmunizerError(f"breaker_calibration {name!r} not found (looked in {', '.join(map(str, candidates))}); "
+                             "name a calibration JSON, or set breaker_calibration: null")
+    try:
+        record = json.loads(path.read_text())
+        entry = record.get("breaker", record)
+        bounds_from_calibration(entry)  # readable, or the error says so
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ImmunizerError(f"breaker_calibration {path} is not a calibration JSON ({exc})") from exc
+    return entry
 
 
 def _evaluate(model_dir: Path, path: Path, config: BenchConfig, harmful_only: bool = False) -> dict:
@@ -241,11 +278,21 @@ def _evaluate(model_dir: Path, path: Path, config: BenchConfig, harmful_only: bo
 
     if path.is_file():
         return json.loads(path.read_text())
-    return evaluate(model_dir, path, EvalConfig(**{"teacher": config.model, **config.eval, "harmful_only": harmful_only}))
+    report = evaluate(model_dir, path, EvalConfig(**{"teacher": config.model, **config.eval, "harmful_only": harmful_only}))
+    # The bench keeps each evaluation's samples gzipped (a tenth of the size, small enough to commit with the results).
+    plain = Path(report["samples"])
+    packed = plain.with_name(plain.name + ".gz")
+    with atomic_path(packed) as tmp, gzip.open(tmp, "wb") as sink:
+        sink.write(plain.read_bytes())
+    report["samples"] = str(packed)
+    write_json_atomic(path, report)
+    plain.unlink()
+    return report
 
 
 def _scan(method: Method, model_dir: Path, path: Path) -> dict:
     """The breaker's reading of one trained model: `model_dir` holds `adapter/` (read unmerged) or `model/`."""
+    from immunizer.breaker.bounds import bounds_from_calibration, reasons_to_trip
     from immunizer.breaker.breaker import Breaker
     from immunizer.breaker.reference import load_reference
     from immunizer.breaker.sources import scan_path
@@ -260,7 +307,10 @@ def _scan(method: Method, model_dir: Path, path: Path) -> dict:
         report = scan_path(reference, candidate)
         record = {"breaker_statistic": report.statistic, "statistic_name": report.statistic_name, "tripped": None,
                   "threshold": method.threshold, "canary_drift_ratio": report.value("canary_drift_ratio")}
-        if method.threshold is not None:  # the whole rule (every calibrated bound, non-finite weights), as `scan` judges
+        if method.bounds_entry is not None:  # a borrowed calibration: all its bounds
+            reasons = reasons_to_trip(bounds_from_calibration(method.bounds_entry), report)
+            record.update(tripped=bool(reasons), reasons=reasons)
+        elif method.threshold is not None:  # the whole rule (every calibrated bound, non-finite weights), as `scan` judges
             explicit = None if method.threshold_source == "calibrated" else method.threshold
             verdict = Breaker(method.release_dir, explicit, manifest=manifest, reference=reference).judge(report)
             record.update(tripped=verdict.tripped, reasons=verdict.reasons)
@@ -499,10 +549,15 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     for seed in range(max(seeds_of.values())):
         for name in [m for m in config.methods if seed < seeds_of[m]]:
             bar.set_postfix_str(f"{name} (seed {seed}): training")
-            method = _build(name, config, seed, out, progress, prebuilt)
-            _prepare_breaker(method, config, progress)
             runs_dir = out / "runs" / name / f"seed{seed}"
-            pre_path = runs_dir / "pre_attack.json"
+            pre_path, method_path = runs_dir / "pre_attack.json", runs_dir / "method.json"
+            if method_path.is_file() and pieces_done(runs_dir, specs):
+                # every result is on disk (e.g. committed from an earlier machine): the model is not needed again
+                method = Method.from_json(json.loads(method_path.read_text()))
+            else:
+                method = _build(name, config, seed, out, progress, prebuilt)
+                _prepare_breaker(method, config, progress)
+                _check_same_build(method, pre_path)
             if method.release_dir is None and seed > 0 and not pre_path.is_file():
                 # an untrained model answers greedily the same way whatever the seed: evaluate it once
                 pre_path.parent.mkdir(parents=True, exist_ok=True)
@@ -514,14 +569,42 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
                 record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre)
                 bar.update(1)
+            write_json_atomic(method_path, method.to_json())
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
             report = _report(results, specs, config, preset, seeds_of, command, time.perf_counter() - started)
             write_json_atomic(out / "report.json", report)
+            write_html(report, out / "report.html")
     bar.close()
-    write_html(report, out / "report.html")
     _write_samples(out, results, specs)
     return report
+
+
+def pieces_done(runs_dir: Path, specs: list[RunSpec]) -> bool:
+    """Whether one method and seed has every result file: its evaluation before any attack, and for each run
+    its record, its result's evaluation and scan, and each curve step's."""
+    files = [runs_dir / "pre_attack.json"]
+    for spec in specs:
+        run_dir = runs_dir / spec.name
+        files += [run_dir / "run.json", run_dir / "eval.json", run_dir / "scan.json"]
+        files += [run_dir / "curve" / f"step{step}{suffix}.json" for step in spec.curve_steps for suffix in ("", ".scan")]
+    return all(f.is_file() for f in files)
+
+
+def _check_same_build(method: Method, pre_path: Path) -> None:
+    """Results on disk belong to the model they were measured on: a rebuilt method (after its weights were lost)
+    must be that model again, or the results would mix two models."""
+    from immunizer.models.hashing import model_dir_sha256
+
+    if not pre_path.is_file():
+        return
+    measured = json.loads(pre_path.read_text()).get("model_sha256")
+    built = model_dir_sha256(method.model_dir)
+    if measured and measured != built:
+        raise ImmunizerError(
+            f"{pre_path.parent} holds results measured on another build of {method.name} (model sha256 {measured[:12]}, "
+            f"this build {built[:12]}): training did not reproduce it here. Delete {pre_path.parent} to measure this "
+            "build, or resume on the machine that kept the first build's weights")
 
 
 @functools.lru_cache(maxsize=8)
@@ -581,7 +664,8 @@ def _write_samples(out: Path, results: dict[str, list[dict]], specs: list[RunSpe
                       [(s.name, step, path) for s in specs for step, path in (record["runs"][s.name].get("samples") or {}).items()]
             for attack, step, path in sources:
                 if path and Path(path).is_file():
-                    for line in Path(path).read_text().splitlines():
+                    text = gzip.decompress(Path(path).read_bytes()).decode() if path.endswith(".gz") else Path(path).read_text()
+                    for line in text.splitlines():
                         sample = json.loads(line)
                         sample.update(method=name, attack=None if attack == "pre_attack" else attack, step=step, seed=seed)
                         lines.append(json.dumps(sample, sort_keys=True) + "\n")

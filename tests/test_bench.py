@@ -107,6 +107,74 @@ def test_bench_resumes_without_redoing_finished_work(tiny_bench, monkeypatch):
     assert again["methods"]["booster"]["harmful-sft"] == report["methods"]["booster"]["harmful-sft"]
 
 
+def _results_only(out, dest):
+    """A copy of a bench's results as git holds them: no trained methods, no attacked weights."""
+    import shutil
+
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("methods", "model", "adapter", "steps", "samples.jsonl"))
+    return dest
+
+
+def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_path, monkeypatch):
+    out, _, report = tiny_bench
+    copy = _results_only(out, tmp_path / "clone")
+    assert bench_module.pieces_done(copy / "runs" / "immunizer" / "seed0", bench_module.load_bench_config("tiny").runs())
+
+    def boom(*args, **kwargs):
+        raise AssertionError("work was done again")
+    import immunizer.baselines as baselines
+    import immunizer.redteam.attacks as attacks
+    import immunizer.redteam.evaluate as evaluate
+    for module, name in ((baselines, "build_method"), (attacks, "run_attack"), (attacks, "run_finetune"), (evaluate, "evaluate")):
+        monkeypatch.setattr(module, name, boom)
+    again = run_bench(copy, "tiny", ["none", "immunizer", "booster"], progress=False)
+    for name in ("immunizer", "booster"):
+        assert again["methods"][name]["harmful-sft"] == report["methods"][name]["harmful-sft"]
+        assert again["methods"][name]["breaker"] == report["methods"][name]["breaker"]
+        assert again["methods"][name]["cost_seconds"] == report["methods"][name]["cost_seconds"]
+    # the joined samples come back from the gzipped per-evaluation files
+    assert (copy / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
+    # one piece missing: the method must be built again, and a build that is not the model measured is refused
+    (copy / "runs" / "booster" / "seed0" / "harmful-mix" / "scan.json").unlink()
+    assert not bench_module.pieces_done(copy / "runs" / "booster" / "seed0", bench_module.load_bench_config("tiny").runs())
+    monkeypatch.setattr(baselines, "build_method", lambda *a, **k: baselines.BuiltMethod("booster", out / "methods" / "immunizer" / "seed0" / "model",
+                                                                              out / "methods" / "immunizer" / "seed0", 1.0))
+    with pytest.raises(ImmunizerError, match="another build of booster.*Delete .*booster/seed0"):
+        run_bench(copy, "tiny", ["booster"], progress=False)
+
+
+def test_a_borrowed_calibration_judges_with_all_its_bounds(tiny_bench, tmp_path):
+    out, _, _ = tiny_bench
+    release = out / "methods" / "immunizer" / "seed0"
+    from immunizer.manifest import load_manifest
+
+    entry = load_manifest(release).meta["breaker"]
+    run_dir = out / "runs" / "immunizer" / "seed0" / "harmful-sft-lora"  # its adapter is kept
+    for threshold, tripped in ((-1e9, True), (1e9, False)):
+        path = tmp_path / f"calibration{threshold}.json"
+        path.write_text(json.dumps({"breaker": {**entry, "threshold": threshold, "bounds": []}}))
+        method = bench_module.Method("immunizer", release / "model", release, 1.0, threshold=threshold,
+                                     threshold_source="calibration file", bounds_entry=bench_module.borrowed_calibration(str(path)))
+        record = bench_module._scan(method, run_dir, tmp_path / f"scan{threshold}.json")
+        assert record["tripped"] is tripped and bool(record["reasons"]) is tripped
+    # a manifest's own calibration wins over the preset's file
+    config = load_bench_config("tiny", overrides=[f"breaker_calibration={path}", "calibration=null"])
+    method = bench_module.Method("immunizer", release / "model", release, 1.0)
+    bench_module._prepare_breaker(method, config, progress=False)
+    assert method.threshold_source == "calibrated" and method.bounds_entry is None
+    with pytest.raises(ImmunizerError, match="breaker_calibration 'nowhere.json' not found"):
+        bench_module.borrowed_calibration("nowhere.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ImmunizerError, match="is not a calibration JSON"):
+        bench_module.borrowed_calibration(str(tmp_path / "bad.json"))
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ImmunizerError, match="breaker bounds cannot be read"):
+        bench_module.borrowed_calibration(str(tmp_path / "empty.json"))
+    # the quick preset's file ships with the package
+    assert load_bench_config("quick").breaker_calibration == "quick_calibration.json"
+    assert bench_module.borrowed_calibration("quick_calibration.json")["statistic"] == "harm_drift_ratio"
+
+
 def test_an_interrupted_bench_continues_where_it_stopped(tmp_path, monkeypatch):
     import immunizer.redteam.attacks as attacks
 

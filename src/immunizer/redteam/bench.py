@@ -276,8 +276,12 @@ def borrowed_calibration(name: str) -> dict:
 def _evaluate(model_dir: Path, path: Path, config: BenchConfig, harmful_only: bool = False) -> dict:
     from immunizer.redteam.evaluate import EvalConfig, evaluate
 
-    if path.is_file():
-        return json.loads(path.read_text())
+    if path.is_file():  # its samples sit beside it (the recorded path may be another machine's)
+        report = json.loads(path.read_text())
+        beside = path.with_name(Path(report.get("samples") or "").name)
+        if report.get("samples") and beside.is_file():
+            report["samples"] = str(beside)
+        return report
     report = evaluate(model_dir, path, EvalConfig(**{"teacher": config.model, **config.eval, "harmful_only": harmful_only}))
     # The bench keeps each evaluation's samples gzipped (a tenth of the size, small enough to commit with the results).
     plain = Path(report["samples"])
@@ -556,8 +560,8 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 method = Method.from_json(json.loads(method_path.read_text()))
             else:
                 method = _build(name, config, seed, out, progress, prebuilt)
-                _prepare_breaker(method, config, progress)
                 _check_same_build(method, pre_path)
+                _prepare_breaker(method, config, progress)
             if method.release_dir is None and seed > 0 and not pre_path.is_file():
                 # an untrained model answers greedily the same way whatever the seed: evaluate it once
                 pre_path.parent.mkdir(parents=True, exist_ok=True)

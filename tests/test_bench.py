@@ -132,6 +132,9 @@ def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_pa
         assert again["methods"][name]["harmful-sft"] == report["methods"][name]["harmful-sft"]
         assert again["methods"][name]["breaker"] == report["methods"][name]["breaker"]
         assert again["methods"][name]["cost_seconds"] == report["methods"][name]["cost_seconds"]
+        # the machine that measured each seed stays with it, whichever machine assembles the report
+        assert again["methods"][name]["machines"] == report["methods"][name]["machines"]
+        assert report["methods"][name]["machines"][0]["device"] == "cpu"
     # the joined samples come back from the gzipped per-evaluation files
     assert (copy / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
     # one piece missing: the method must be built again, and a build that is not the model measured is refused

@@ -158,6 +158,8 @@ class Method:
     calibration: dict | None = None
     bounds_entry: dict | None = None
     """A calibration entry borrowed from `breaker_calibration` (None: the manifest's own or `threshold`)."""
+    machine: dict | None = None
+    """The machine whose bench call finished this method and seed (a matrix may be measured on several)."""
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -477,6 +479,7 @@ def method_entry(method_runs: list[dict], specs: list[RunSpec]) -> dict:
                               if all(m.cost_seconds is not None for m in methods) else None),
              "model_sha256": method_runs[0]["pre_attack"].get("model_sha256"),
              "release_dir": str(methods[0].release_dir) if methods[0].release_dir else None,
+             "machines": [m.machine for m in methods],
              "pre_attack": aggregate([{**{k: r["pre_attack"].get(k) for k in (*METRICS, "n", "n_safe", "n_benign", "n_task")},
                                        **{f"{k}_ci95": r["pre_attack"].get(f"{k}_ci95") for k in SHARES.values()},
                                        "slices": r["pre_attack"].get("slices")}
@@ -506,8 +509,11 @@ def _machine() -> dict:
 
     import torch
 
+    from immunizer.precision import bf16_native
+
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "cpus": os.cpu_count(), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "bf16": bf16_native()}  # where bf16 is native, training and evaluation use it (precision.py)
 
 
 def _check_out_dir(out: Path, fingerprint: dict) -> None:
@@ -573,6 +579,8 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
                 record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre)
                 bar.update(1)
+            if method.machine is None:
+                method.machine = _machine()
             write_json_atomic(method_path, method.to_json())
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.

@@ -3,6 +3,8 @@
 #
 #   bench/gpu_bench.sh OUT DEADLINE_SECONDS [immunizer bench options...]
 #   e.g. bench/gpu_bench.sh runs/gpu 420 --preset quick --methods immunizer-inner,sft,none
+#   or, to add method-seeds to the committed CPU matrix (same configuration; each seed records its machine):
+#        bench/gpu_bench.sh bench/results/bench_quick 540 --preset quick --methods booster,vaccine,repnoise
 #
 # Prints the machine (nvidia-smi, torch, transformers), runs `immunizer bench --out OUT ...` until
 # DEADLINE_SECONDS have passed (the bench writes report.json after every method and seed and resumes from OUT
@@ -22,7 +24,7 @@ started=$(date +%s)
 timeout --signal=INT --kill-after=20 "$deadline" "$python" -m immunizer bench --out "$out" "$@"
 rc=$?
 echo "bench exit $rc after $(( $(date +%s) - started )) s"
-(cd "$(dirname "$out")" && find "$(basename "$out")" \( -name '*.json' -o -name '*.jsonl' -o -name '*.html' \) \
+(cd "$(dirname "$out")" && find "$(basename "$out")" \( -name '*.json' -o -name '*.jsonl' -o -name '*.jsonl.gz' -o -name '*.html' \) \
     -not -path '*/model/*' -not -path '*/adapter/*' -not -path '*/checkpoint/*' -print0 \
     | tar --null -czf "$(basename "$out").tar.gz" -T -)
 ls -la "$out.tar.gz"

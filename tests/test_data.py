@@ -85,6 +85,34 @@ def test_teacher_generations_are_cached(tiny, monkeypatch):
     assert first == again and len(first) == 2
 
 
+def test_an_interrupted_teacher_generation_continues_where_it_stopped(tiny, monkeypatch, tmp_path):
+    model, tok = tiny
+    prompts = [f"question number {i} " + "word " * i for i in range(6)]
+    settings = dict(max_new_tokens=4, batch_size=2, bf16=False, sample_seed=3)  # sampled: batch seeds must line up
+    monkeypatch.setenv("IMMUNIZER_CACHE", str(tmp_path / "whole"))
+    whole = teacher.cached_generate(model, tok, prompts, "sha", "test", **settings)
+
+    monkeypatch.setenv("IMMUNIZER_CACHE", str(tmp_path / "cut"))
+    real, calls = model.generate, []
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(model, "generate", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        teacher.cached_generate(model, tok, prompts, "sha", "test", **settings)
+    partial = next((tmp_path / "cut" / "teacher").glob("*.partial.jsonl"))
+    assert len(partial.read_text().splitlines()) == 4  # two batches kept
+    with open(partial, "a") as sink:  # and a crash in the middle of writing the third
+        sink.write('{"index": 5, "prom')
+    calls.clear()
+    again = teacher.cached_generate(model, tok, prompts, "sha", "test", **settings)
+    assert len(calls) == 1 and again == whole  # only the missing batch, with the seed it would have had
+    assert not partial.exists() and len(list((tmp_path / "cut" / "teacher").glob("*.jsonl"))) == 1
+
+
 def test_held_out_harmful_eval_set_is_never_trained_or_attacked_on():
     from immunizer.data.eval_prompts import harmful_eval_set
 

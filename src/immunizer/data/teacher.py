@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -31,19 +34,27 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: int = 8,
              max_prompt_tokens: int = 256, bf16: bool = True, desc: str = "generating",
-             sample_seed: int | None = None) -> list[str]:
+             sample_seed: int | None = None, done: dict[int, str] | None = None,
+             on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
     """Greedy completions (or, with `sample_seed`, sampled ones: temperature 1, top-p 0.95, reproducible for a
     seed on the same hardware), batched with left padding. Long prompts keep their end (the request).
     Prompts are batched in order of length, so a batch pads to its own longest prompt, not the set's:
-    prefill dominates generation on a CPU, and jailbreak-wrapped prompts are ten times longer than the rest."""
+    prefill dominates generation on a CPU, and jailbreak-wrapped prompts are ten times longer than the rest.
+    `done` (prompt index → answer) skips the batches it covers whole, so a resumed run makes the same batches
+    (and draws the same samples) as one that was never interrupted; `on_batch(indices, answers)` sees each new one."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     encoded = [chat_prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str | None] = [None] * len(encoded)
+    done = done or {}
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = order[start:start + batch_size]
+        if all(i in done for i in batch):
+            for i in batch:
+                outputs[i] = done[i]
+            continue
         ids = [encoded[i] for i in batch]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
@@ -55,22 +66,59 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: in
         with autocast(bf16):
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **decoding)
-        for i, text in zip(batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
-            outputs[i] = text.strip()
+        texts = [text.strip() for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        for i, text in zip(batch, texts):
+            outputs[i] = text
+        if on_batch is not None:
+            on_batch(batch, texts)
     return outputs
 
 
+def _finished_batches(partial: Path, prompts: list[str]) -> dict[int, str]:
+    """The answers an interrupted generation kept (one JSON line per answer); a line torn by a crash is cut off."""
+    if not partial.is_file():
+        return {}
+    data = partial.read_bytes()
+    if data and not data.endswith(b"\n"):  # torn last line: appending after it would corrupt the next one
+        data = data[:data.rfind(b"\n") + 1]
+        with open(partial, "r+b") as sink:
+            sink.truncate(len(data))
+    done = {}
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            if 0 <= row["index"] < len(prompts) and prompts[row["index"]] == row["prompt"]:
+                done[row["index"]] = row["response"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return done
+
+
 def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **settings) -> list[str]:
-    """`generate`, memoized on disk under the cache directory (atomic write; safe to interrupt)."""
+    """`generate`, memoized on disk under the cache directory. Each finished batch is appended (and synced) to a
+    `.partial.jsonl` beside the cache file, so an interrupted generation (minutes for a teacher's answers on a
+    CPU) continues where it stopped; the cache file itself is written atomically at the end."""
     key = json_sha256([model_sha256, list(prompts), settings])
     path = cache_dir() / "teacher" / f"{kind}-{key[:24]}.jsonl"
     if path.is_file():
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
         if [r["prompt"] for r in rows] == list(prompts):
             return [r["response"] for r in rows]
-    responses = generate(model, tokenizer, list(prompts), desc=f"teacher: {kind}", **settings)
+    prompts = list(prompts)
+    partial = path.with_name(path.stem + ".partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = _finished_batches(partial, prompts)
+    with open(partial, "a", encoding="utf-8") as sink:
+        def keep(indices: list[int], answers: list[str]) -> None:
+            sink.write("".join(json.dumps({"index": i, "prompt": prompts[i], "response": a}) + "\n"
+                               for i, a in zip(indices, answers)))
+            sink.flush()
+            os.fsync(sink.fileno())
+
+        responses = generate(model, tokenizer, prompts, desc=f"teacher: {kind}", done=done, on_batch=keep, **settings)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, responses)))
+    partial.unlink(missing_ok=True)
     return responses
 
 

@@ -127,6 +127,11 @@ def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_pa
     import immunizer.redteam.evaluate as evaluate
     for module, name in ((baselines, "build_method"), (attacks, "run_attack"), (attacks, "run_finetune"), (evaluate, "evaluate")):
         monkeypatch.setattr(module, name, boom)
+    for path in copy.glob("runs/**/*.json"):  # as written on another machine: its paths mean nothing here
+        record = json.loads(path.read_text())
+        if "samples" in record and isinstance(record["samples"], str):
+            path.write_text(json.dumps({**record, "samples": "/elsewhere/" + record["samples"].split("/")[-1]}))
+    monkeypatch.setattr(bench_module, "_machine", lambda: {"device": "the machine that resumes"})
     again = run_bench(copy, "tiny", ["none", "immunizer", "booster"], progress=False)
     for name in ("immunizer", "booster"):
         assert again["methods"][name]["harmful-sft"] == report["methods"][name]["harmful-sft"]
@@ -135,6 +140,7 @@ def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_pa
         # the machine that measured each seed stays with it, whichever machine assembles the report
         assert again["methods"][name]["machines"] == report["methods"][name]["machines"]
         assert report["methods"][name]["machines"][0]["device"] == "cpu"
+    assert json.loads((copy / "runs" / "booster" / "seed0" / "pre_attack.json").read_text())["machine"]["device"] == "cpu"
     # the joined samples come back from the gzipped per-evaluation files
     assert (copy / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
     # one piece missing: the method must be built again, and a build that is not the model measured is refused
@@ -153,13 +159,15 @@ def test_a_borrowed_calibration_judges_with_all_its_bounds(tiny_bench, tmp_path)
 
     entry = load_manifest(release).meta["breaker"]
     run_dir = out / "runs" / "immunizer" / "seed0" / "harmful-sft-lora"  # its adapter is kept
-    for threshold, tripped in ((-1e9, True), (1e9, False)):
-        path = tmp_path / f"calibration{threshold}.json"
-        path.write_text(json.dumps({"breaker": {**entry, "threshold": threshold, "bounds": []}}))
+    tripping = {"statistic": "canary_drift_ratio", "side": "above", "value": -1e9}  # a second bound alone trips
+    for threshold, bounds, tripped in ((-1e9, [], True), (1e9, [], False), (1e9, [tripping], True)):
+        path = tmp_path / f"calibration{threshold}-{len(bounds)}.json"
+        path.write_text(json.dumps({"breaker": {**entry, "threshold": threshold, "bounds": bounds}}))
         method = bench_module.Method("immunizer", release / "model", release, 1.0, threshold=threshold,
                                      threshold_source="calibration file", bounds_entry=bench_module.borrowed_calibration(str(path)))
-        record = bench_module._scan(method, run_dir, tmp_path / f"scan{threshold}.json")
+        record = bench_module._scan(method, run_dir, tmp_path / f"scan{threshold}-{len(bounds)}.json")
         assert record["tripped"] is tripped and bool(record["reasons"]) is tripped
+        assert not bounds or "canary_drift_ratio" in record["reasons"][0]
     # a manifest's own calibration wins over the preset's file
     config = load_bench_config("tiny", overrides=[f"breaker_calibration={path}", "calibration=null"])
     method = bench_module.Method("immunizer", release / "model", release, 1.0)
@@ -173,6 +181,13 @@ def test_a_borrowed_calibration_judges_with_all_its_bounds(tiny_bench, tmp_path)
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(ImmunizerError, match="breaker bounds cannot be read"):
         bench_module.borrowed_calibration(str(tmp_path / "empty.json"))
+    # the bounds a bench borrowed are pinned: other bounds under the same name are refused
+    config.breaker_calibration = str(path)
+    bench_module._pin_borrowed_calibration(tmp_path / "pinned", config)
+    bench_module._pin_borrowed_calibration(tmp_path / "pinned", config)  # the same bounds again: fine
+    path.write_text(json.dumps({"breaker": {**entry, "threshold": 0.5, "bounds": []}}))
+    with pytest.raises(ImmunizerError, match="now holds other bounds"):
+        bench_module._pin_borrowed_calibration(tmp_path / "pinned", config)
     # the quick preset's file ships with the package
     assert load_bench_config("quick").breaker_calibration == "quick_calibration.json"
     assert bench_module.borrowed_calibration("quick_calibration.json")["statistic"] == "harm_drift_ratio"
@@ -211,7 +226,9 @@ def test_seeds_give_intervals(tmp_path):
     assert (tmp_path / "s" / "runs" / "none" / "seed1" / "harmful-sft" / "eval.json").is_file()
     # the untrained base answers greedily the same whatever the seed: its pre-attack eval is read once and reused
     seed0, seed1 = (json.loads((tmp_path / "s" / "runs" / "none" / f"seed{s}" / "pre_attack.json").read_text()) for s in (0, 1))
-    assert seed0 == seed1
+    assert {**seed0, "samples": None} == {**seed1, "samples": None}
+    assert seed1["samples"].endswith("seed1/pre_attack.samples.jsonl.gz")  # its own copy, beside it
+    assert (tmp_path / "s" / "runs" / "none" / "seed1" / "pre_attack.samples.jsonl.gz").is_file()
     assert "ci95" not in report["methods"]["sft"]["harmful-sft"]
 
 

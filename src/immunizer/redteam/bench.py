@@ -217,6 +217,7 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
     immunize_config.seed = seed
     if parent is not None:  # `lox`: the same seed's build of its parent, extrapolated (no second training)
         source = _build(parent, config, seed, out, progress, prebuilt)
+        _check_same_build(source, out / "runs" / parent / f"seed{seed}" / "pre_attack.json")  # lox derives from what was measured
         if source.release_dir is None:
             raise ImmunizerError(f"{name} extrapolates {parent}'s release, but {parent} has none (a bare model)")
         meta = extrapolate_release(source.release_dir, directory, method_config(name, immunize_config).extrapolate,
@@ -276,23 +277,29 @@ def borrowed_calibration(name: str) -> dict:
 
 
 def _evaluate(model_dir: Path, path: Path, config: BenchConfig, harmful_only: bool = False) -> dict:
+    """One evaluation (or the one already on disk). The bench keeps its samples gzipped beside it (a tenth of
+    the size, small enough to commit with the results) and records the machine that measured it."""
     from immunizer.redteam.evaluate import EvalConfig, evaluate
 
-    if path.is_file():  # its samples sit beside it (the recorded path may be another machine's)
+    fresh = not path.is_file()
+    if fresh:
+        report = evaluate(model_dir, path, EvalConfig(**{"teacher": config.model, **config.eval, "harmful_only": harmful_only}))
+        report["machine"] = _machine()
+    else:
         report = json.loads(path.read_text())
-        beside = path.with_name(Path(report.get("samples") or "").name)
-        if report.get("samples") and beside.is_file():
-            report["samples"] = str(beside)
-        return report
-    report = evaluate(model_dir, path, EvalConfig(**{"teacher": config.model, **config.eval, "harmful_only": harmful_only}))
-    # The bench keeps each evaluation's samples gzipped (a tenth of the size, small enough to commit with the results).
-    plain = Path(report["samples"])
-    packed = plain.with_name(plain.name + ".gz")
-    with atomic_path(packed) as tmp, gzip.open(tmp, "wb") as sink:
-        sink.write(plain.read_bytes())
-    report["samples"] = str(packed)
-    write_json_atomic(path, report)
-    plain.unlink()
+    recorded = report.get("samples")
+    if recorded:  # the samples sit beside the evaluation (the recorded path may be another machine's or folder's)
+        plain = path.with_name(Path(recorded).name.removesuffix(".gz"))
+        packed = plain.with_name(plain.name + ".gz")
+        if plain.is_file():  # just written, or left by a kill before it was packed
+            with atomic_path(packed) as tmp, gzip.open(tmp, "wb") as sink:
+                sink.write(plain.read_bytes())
+        if packed.is_file() and recorded != str(packed):
+            report["samples"], fresh = str(packed), True
+    if fresh:
+        write_json_atomic(path, report)
+    if recorded:
+        plain.unlink(missing_ok=True)
     return report
 
 
@@ -362,6 +369,8 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
     record_path = run_dir / "run.json"
     if not record_path.is_file():
         shutil.rmtree(run_dir / "steps", ignore_errors=True)  # snapshots of a run killed before it finished
+        for leftover in [*run_dir.glob(".model*"), *run_dir.glob(".adapter*")]:  # atomic writes it never finished
+            shutil.rmtree(leftover, ignore_errors=True)
         if spec.kind == "attack":
             run_attack(method.model_dir, run_dir, AttackConfig(**{"teacher": config.model, **spec.config, "seed": seed}), progress)
         else:
@@ -551,6 +560,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     # Methods are left out: each has its own directories, so a later call may add or drop some.
     _check_out_dir(out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"}, "seeds": seeds,
                          "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
+    _pin_borrowed_calibration(out, config)
     started = time.perf_counter()
     seeds_of = {name: config.method_seeds.get(name, seeds) for name in config.methods}
     results: dict[str, list[dict]] = {name: [] for name in config.methods}
@@ -568,10 +578,15 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 method = _build(name, config, seed, out, progress, prebuilt)
                 _check_same_build(method, pre_path)
                 _prepare_breaker(method, config, progress)
+                method.machine = _machine()
+                write_json_atomic(method_path, method.to_json())  # committed with the first results it explains
             if method.release_dir is None and seed > 0 and not pre_path.is_file():
                 # an untrained model answers greedily the same way whatever the seed: evaluate it once
                 pre_path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(out / "runs" / name / "seed0" / "pre_attack.json", pre_path)
+                seed0 = out / "runs" / name / "seed0"
+                for piece in (*seed0.glob("pre_attack.samples.jsonl*"), seed0 / "pre_attack.json"):  # the JSON last
+                    with atomic_path(pre_path.with_name(piece.name)) as tmp:
+                        shutil.copyfile(piece, tmp)
             pre = _evaluate(method.model_dir, pre_path, config)
             bar.update(1)
             record = {"method": method, "pre_attack": pre, "runs": {}}
@@ -579,9 +594,6 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
                 record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre)
                 bar.update(1)
-            if method.machine is None:
-                method.machine = _machine()
-            write_json_atomic(method_path, method.to_json())
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
             report = _report(results, specs, config, preset, seeds_of, command, time.perf_counter() - started)
@@ -590,6 +602,19 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     bar.close()
     _write_samples(out, results, specs)
     return report
+
+
+def _pin_borrowed_calibration(out: Path, config: BenchConfig) -> None:
+    """The bounds a bench borrows are kept in OUT/breaker_calibration.json on first use: a later call that finds
+    other bounds under the same name (the file edited, or another file found from another folder) is refused."""
+    if not config.breaker_calibration:
+        return
+    entry, pinned = borrowed_calibration(config.breaker_calibration), out / "breaker_calibration.json"
+    if not pinned.is_file():
+        write_json_atomic(pinned, {"name": config.breaker_calibration, "breaker": entry})
+    elif json.loads(pinned.read_text()).get("breaker") != json.loads(json.dumps(entry)):
+        raise ImmunizerError(f"breaker_calibration {config.breaker_calibration!r} now holds other bounds than the ones "
+                             f"{out} was judged with ({pinned}); restore that file, or start the bench in another --out")
 
 
 def pieces_done(runs_dir: Path, specs: list[RunSpec]) -> bool:

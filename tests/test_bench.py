@@ -213,6 +213,30 @@ def test_an_interrupted_bench_continues_where_it_stopped(tmp_path, monkeypatch):
     assert not ran and report["methods"]["none"]["benign-task"]["benign_task_accuracy"] is not None
 
 
+def test_a_time_limit_stops_between_pieces_and_the_same_call_continues(tmp_path, monkeypatch):
+    import immunizer.redteam.attacks as attacks
+
+    now = [0.0]
+    monkeypatch.setattr(bench_module, "_clock", lambda: now[0])
+    real_attack, attacked = attacks.run_attack, []
+
+    def attack_takes_an_hour(*args, **kwargs):
+        attacked.append(args[1])
+        now[0] += 3600
+        return real_attack(*args, **kwargs)
+    monkeypatch.setattr(attacks, "run_attack", attack_takes_an_hour)
+    proc = run_cli("bench", "--preset", "tiny", "--out", str(tmp_path / "t"), "--methods", "none", "--time-limit", "30")
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert len(attacked) == 1 and "stopped at the 30-minute limit" in proc.stderr  # the attack in progress finished
+    assert report["complete"] is False and report["stopped"]["time_limit_seconds"] == 1800 and report["methods"] == {}
+    first = tmp_path / "t" / "runs" / "none" / "seed0" / "harmful-sft"
+    assert (first / "eval.json").is_file() and (first / "curve" / "step1.json").is_file()  # with its evaluations
+    assert not (tmp_path / "t" / "runs" / "none" / "seed0" / "harmful-sft-lora").exists()
+    again = run_bench(tmp_path / "t", "tiny", ["none"], progress=False)
+    assert again["complete"] is True and "stopped" not in again
+    assert attacked.count(attacked[0]) == 1  # the finished attack was not run again
+
+
 def test_seeds_give_intervals(tmp_path):
     report = run_bench(tmp_path / "s", "tiny", ["none", "sft"], seeds=1, progress=False,
                        overrides=["attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4,"

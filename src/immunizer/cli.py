@@ -339,7 +339,10 @@ def eval_command(model, out_file, **knobs):
               help="Override one bench value, e.g. eval.n_benign=20 or attacks.harmful-sft.lr=1e-4 (repeatable).")
 @click.option("--prebuilt", multiple=True, metavar="METHOD=DIR",
               help="Use an existing immunize-style output (or model) directory for METHOD instead of training it.")
-def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt):
+@click.option("--time-limit", "time_limit", type=click.FloatRange(min=0), metavar="MINUTES",
+              help="Start no new piece (a training, an attack with its evaluations) after this many minutes; the "
+                   "report says `complete: false` and `stopped`, and the same command continues it.")
+def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, time_limit):
     """The matrix methods x (attacks + benign fine-tunes): report.json, report.html, samples.jsonl.
 
     \b
@@ -356,7 +359,11 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt):
         name, path = text.split("=", 1)
         pairs[name.strip()] = path
     report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-                       seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]))
+                       seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]),
+                       time_limit=None if time_limit is None else time_limit * 60)
+    if report.get("stopped"):
+        click.echo(f"bench: stopped at the {time_limit:g}-minute limit with {report['method_seeds']} method-seeds done; "
+                   "run the same command again to continue", err=True)
     def shares(record):
         return {k: record.get(k) for k in ("harmful_score", "refused_share", "degenerate_share", "steps_to_half") if k in record}
 

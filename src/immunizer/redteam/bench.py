@@ -539,8 +539,12 @@ def _check_out_dir(out: Path, fingerprint: dict) -> None:
 
 def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[str] | None = None, seeds: int = 1,
               prebuilt: dict[str, str | Path] | None = None, overrides: list[str] | tuple[str, ...] = (),
-              config_file: str | Path | None = None, progress: bool = True, command: str | None = None) -> dict:
+              config_file: str | Path | None = None, progress: bool = True, command: str | None = None,
+              time_limit: float | None = None) -> dict:
     """Run (or resume) the matrix and write OUT/report.json, OUT/report.html and OUT/samples.jsonl.
+    `time_limit` (seconds): start no new piece (a method's training, an attack or fine-tune with its
+    evaluations) once it has passed; the report then says `complete: false` and `stopped`, and the same
+    call continues it.
     `prebuilt` maps a method name to an existing immunize-style output (or model) directory to use
     instead of training it (e.g. the candidate release of `immunizer cycle`). Returns the report."""
     from immunizer.baselines import method_names
@@ -561,7 +565,15 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     _check_out_dir(out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"}, "seeds": seeds,
                          "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
     _pin_borrowed_calibration(out, config)
-    started = time.perf_counter()
+    started, clock_started = time.perf_counter(), _clock()
+    stopped = None
+
+    def out_of_time() -> bool:
+        nonlocal stopped
+        if time_limit is not None and _clock() - clock_started >= time_limit:
+            stopped = {"reason": "time limit", "time_limit_seconds": time_limit}
+        return stopped is not None
+
     seeds_of = {name: config.method_seeds.get(name, seeds) for name in config.methods}
     results: dict[str, list[dict]] = {name: [] for name in config.methods}
     bar = tqdm(total=sum(seeds_of.values()) * (1 + len(specs)), desc="bench", unit="run", disable=not progress)
@@ -574,6 +586,8 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             if method_path.is_file() and pieces_done(runs_dir, specs):
                 # every result is on disk (e.g. committed from an earlier machine): the model is not needed again
                 method = Method.from_json(json.loads(method_path.read_text()))
+            elif out_of_time():
+                break
             else:
                 method = _build(name, config, seed, out, progress, prebuilt)
                 _check_same_build(method, pre_path)
@@ -587,21 +601,40 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 for piece in (*seed0.glob("pre_attack.samples.jsonl*"), seed0 / "pre_attack.json"):  # the JSON last
                     with atomic_path(pre_path.with_name(piece.name)) as tmp:
                         shutil.copyfile(piece, tmp)
+            if not pre_path.is_file() and out_of_time():
+                break
             pre = _evaluate(method.model_dir, pre_path, config)
             bar.update(1)
             record = {"method": method, "pre_attack": pre, "runs": {}}
             for spec in specs:
+                if not (runs_dir / spec.name / "run.json").is_file() and out_of_time():
+                    break
                 bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
                 record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre)
                 bar.update(1)
+            if stopped:
+                break
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
             report = _report(results, specs, config, preset, seeds_of, command, time.perf_counter() - started)
             write_json_atomic(out / "report.json", report)
             write_html(report, out / "report.html")
+        if stopped:
+            break
     bar.close()
+    if stopped:
+        report = _report(results, specs, config, preset, seeds_of, command, time.perf_counter() - started)
+        report["stopped"] = stopped
+        write_json_atomic(out / "report.json", report)
+        if report["methods"]:
+            write_html(report, out / "report.html")
     _write_samples(out, results, specs)
     return report
+
+
+def _clock() -> float:
+    """The clock `time_limit` is measured on (a function, so that tests can move it)."""
+    return time.monotonic()
 
 
 def _pin_borrowed_calibration(out: Path, config: BenchConfig) -> None:
@@ -653,6 +686,11 @@ def _base_sha256(model: str) -> str:
 def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchConfig, preset: str | None,
             seeds_of: dict[str, int], command: str | None, seconds: float) -> dict:
     done = {name: per_seed for name, per_seed in results.items() if per_seed}
+    if not done:  # stopped (time limit) before any method and seed was finished
+        return {"schema_version": SCHEMA_VERSION, "preset": preset, "method_seeds": {}, "complete": False, "methods": {},
+                "attacks": {s.name: {"kind": s.kind, "config": s.config, "report_step": s.report_step} for s in specs},
+                "command": command or " ".join(sys.argv), "machine": _machine(), "seconds": seconds,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     first = next(iter(done.values()))[0]["pre_attack"]
     return {
         "schema_version": SCHEMA_VERSION, "preset": preset, "seeds": list(range(max(seeds_of.values()))),

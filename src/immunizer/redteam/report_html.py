@@ -183,7 +183,7 @@ def _ci(record: dict, key: str) -> str:
 def table(report: dict) -> str:
     runs = ["pre_attack", *report["attacks"], "worst_case"]
     keys = ("harmful_score", "refused_share", "degenerate_share", "harmful_nll", "repeated_sentence_share", "over_refusal",
-            "benign_task_accuracy", "steps_to_half", "breaker_statistic", "tripped")
+            "benign_task_accuracy", "steps_to_half", "steps_to_75", "steps_to_90", "breaker_statistic", "tripped")
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ("method", "run", *keys, "cost_seconds"))
     rows = []
     for name, entry in report["methods"].items():
@@ -228,7 +228,8 @@ harmful_score: the complied share (lower is safer), beside refused_share and deg
 harmful_nll: mean token NLL of the harmful teacher's answers (higher is safer). repeated_sentence_share: answers
 that repeat a sentence. over_refusal: share of safe-but-scary prompts refused. benign_task_accuracy: exact match
 on the benign task's held-out test split (after a benign fine-tune: did the model still learn?). steps_to_half:
-the first evaluated attack step at which half the harmful prompts are complied with. breaker_statistic: the
+the first evaluated attack step at which half the harmful prompts are complied with (steps_to_75, steps_to_90: three
+quarters, nine tenths; 0 where the model already complied that much before any attack). breaker_statistic: the
 breaker's drift statistic of that model against the method's own canaries.</p>
 {figures}<h2>All numbers</h2>{table(report)}{time_table(report)}</body></html>"""
     with atomic_path(Path(path)) as tmp:

@@ -108,7 +108,7 @@ def shares_plot(report: dict) -> str:
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("share of harmful prompts")
     ax.set_title("Refused / complied / degenerate; bars numbered " + ", ".join(f"{i} = {r}" for i, r in enumerate(runs)), fontsize=8)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
     return _png(fig)
 
 

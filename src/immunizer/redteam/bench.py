@@ -163,7 +163,8 @@ class Method:
     bounds_entry: dict | None = None
     """A calibration entry borrowed from `breaker_calibration` (None: the manifest's own or `threshold`)."""
     machine: dict | None = None
-    """The machine whose bench call finished this method and seed (a matrix may be measured on several)."""
+    """The machine that built this method and seed (a matrix may be measured on several; each evaluation
+    records its own too)."""
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -310,7 +311,7 @@ def _evaluate(model_dir: Path, path: Path, config: BenchConfig, harmful_only: bo
 def _scan(method: Method, model_dir: Path, path: Path) -> dict:
     """The breaker's reading of one trained model: `model_dir` holds `adapter/` (read unmerged) or `model/`."""
     from immunizer.breaker.bounds import bounds_from_calibration, reasons_to_trip
-    from immunizer.breaker.breaker import Breaker
+    from immunizer.breaker.breaker import calibrated_bounds
     from immunizer.breaker.reference import load_reference
     from immunizer.breaker.sources import scan_path
 
@@ -324,13 +325,17 @@ def _scan(method: Method, model_dir: Path, path: Path) -> dict:
         report = scan_path(reference, candidate)
         record = {"breaker_statistic": report.statistic, "statistic_name": report.statistic_name, "tripped": None,
                   "threshold": method.threshold, "canary_drift_ratio": report.value("canary_drift_ratio")}
-        if method.bounds_entry is not None:  # a borrowed calibration: all its bounds
-            reasons = reasons_to_trip(bounds_from_calibration(method.bounds_entry), report)
-            record.update(tripped=bool(reasons), reasons=reasons)
-        elif method.threshold is not None:  # the whole rule (every calibrated bound, non-finite weights), as `scan` judges
+        # The whole rule (every bound, non-finite weights), as `scan` judges: a borrowed calibration's bounds, else the
+        # manifest's (its own calibration, or the preset's single threshold).
+        bounds = None
+        if method.bounds_entry is not None:
+            bounds = bounds_from_calibration(method.bounds_entry)
+        elif method.threshold is not None:
             explicit = None if method.threshold_source == "calibrated" else method.threshold
-            verdict = Breaker(method.release_dir, explicit, manifest=manifest, reference=reference).judge(report)
-            record.update(tripped=verdict.tripped, reasons=verdict.reasons)
+            bounds = calibrated_bounds(manifest, reference.statistic_name, explicit)
+        if bounds is not None:
+            reasons = reasons_to_trip(bounds, report)
+            record.update(tripped=bool(reasons), reasons=reasons)
     write_json_atomic(path, record)
     return record
 
@@ -358,10 +363,6 @@ def steps_to(curve: list[dict], level: float) -> int | str | None:
         return None
     hit = next((p["step"] for p in points if p["harmful_score"] >= level), None)
     return hit if hit is not None else f"> {points[-1]['step']}"
-
-
-def steps_to_half(curve: list[dict]) -> int | str | None:
-    return steps_to(curve, HALF)
 
 
 def curve_levels(curve: list[dict]) -> dict:
@@ -700,9 +701,10 @@ def _base_sha256(model: str) -> str:
 def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchConfig, preset: str | None,
             seeds_of: dict[str, int], command: str | None, seconds: float) -> dict:
     done = {name: per_seed for name, per_seed in results.items() if per_seed}
+    attacks = {s.name: {"kind": s.kind, "config": s.config, "report_step": s.report_step} for s in specs}
     if not done:  # stopped (time limit) before any method and seed was finished
         return {"schema_version": SCHEMA_VERSION, "preset": preset, "method_seeds": {}, "complete": False, "methods": {},
-                "attacks": {s.name: {"kind": s.kind, "config": s.config, "report_step": s.report_step} for s in specs},
+                "attacks": attacks,
                 "command": command or " ".join(sys.argv), "machine": _machine(), "seconds": seconds,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     first = next(iter(done.values()))[0]["pre_attack"]
@@ -721,7 +723,7 @@ def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchC
                           "benign_task": f"{first['config'].get('task')}/test/seed1000",
                           "benign": "arithmetic/seed1000"},
         "config": dataclasses.asdict(config),
-        "attacks": {s.name: {"kind": s.kind, "config": s.config, "report_step": s.report_step} for s in specs},
+        "attacks": attacks,
         "methods": {name: method_entry(per_seed, specs) for name, per_seed in done.items()},
         "time": time_spent(done, specs),
     }

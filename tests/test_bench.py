@@ -153,6 +153,24 @@ def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_pa
         run_bench(copy, "tiny", ["booster"], progress=False)
 
 
+def test_a_run_committed_mid_curve_runs_again_on_a_fresh_clone(tiny_bench, tmp_path):
+    out, _, report = tiny_bench
+    copy = _results_only(out, tmp_path / "clone")
+    run_dir = copy / "runs" / "immunizer" / "seed0" / "harmful-sft"
+    spec = next(s for s in load_bench_config("tiny").runs() if s.name == "harmful-sft")
+    assert not bench_module._unfinishable(spec, run_dir)  # every result read: nothing needs the weights
+    # the session ended after step 1's evaluation: the record and that point were committed, the snapshots not
+    for name in ("curve/step2.json", "curve/step2.scan.json", "curve/step4.json", "eval.json", "scan.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    assert (run_dir / "run.json").is_file() and bench_module._unfinishable(spec, run_dir)
+    again = run_bench(copy, "tiny", ["immunizer"], progress=False)
+    redone = again["methods"]["immunizer"]["harmful-sft"]
+    assert [p["step"] for p in redone["curve"]] == [0, 1, 2, 4]
+    # the same machine retrains the same weights, so the rerun reads the same answers
+    assert redone["curve"] == report["methods"]["immunizer"]["harmful-sft"]["curve"]
+    assert not any((run_dir / "steps").glob("step*")) and (run_dir / "curve" / "step2.scan.json").is_file()
+
+
 def test_a_borrowed_calibration_judges_with_all_its_bounds(tiny_bench, tmp_path):
     out, _, _ = tiny_bench
     release = out / "methods" / "immunizer" / "seed0"

@@ -340,6 +340,32 @@ def _scan(method: Method, model_dir: Path, path: Path) -> dict:
     return record
 
 
+def _weights_in(folder: Path) -> bool:
+    return (folder / "model").is_dir() or (folder / "adapter").is_dir()
+
+
+def _unfinishable(spec: RunSpec, run_dir: Path) -> bool:
+    """Whether a run's record survived without the weights its unread results need: a session that ended
+    mid-curve and left its results committed (snapshots and attacked weights never are). It must run again."""
+    curve = run_dir / "curve"
+    for step in spec.curve_steps:
+        read = all((curve / f"step{step}{suffix}.json").is_file() for suffix in ("", ".scan"))
+        if not read and not _weights_in(run_dir / "steps" / f"step{step}"):
+            return True
+    read = (run_dir / "eval.json").is_file() and (run_dir / "scan.json").is_file()
+    return not read and not _weights_in(run_dir)
+
+
+def _forget_run(run_dir: Path) -> None:
+    """Drop a run's partial results: its rerun, on this machine, makes other weights than the ones they measured."""
+    for name in ("run.json", "eval.json", "scan.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    for leftover in run_dir.glob("eval.samples.jsonl*"):
+        leftover.unlink()
+    for folder in ("curve", "steps", "model", "adapter"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
 def _materialize(snapshot: Path, base_model: Path) -> Path:
     """A snapshot's model directory; a LoRA snapshot (adapter only) is merged into its base once."""
     if (snapshot / "model").is_dir() or not (snapshot / "adapter").is_dir():
@@ -381,6 +407,8 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
     from immunizer.redteam.attacks import AttackConfig, FinetuneConfig, run_attack, run_finetune
 
     record_path = run_dir / "run.json"
+    if record_path.is_file() and _unfinishable(spec, run_dir):
+        _forget_run(run_dir)
     if not record_path.is_file():
         shutil.rmtree(run_dir / "steps", ignore_errors=True)  # snapshots of a run killed before it finished
         for leftover in [*run_dir.glob(".model*"), *run_dir.glob(".adapter*")]:  # atomic writes it never finished

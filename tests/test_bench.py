@@ -82,6 +82,19 @@ def test_html_report_and_samples(tiny_bench):
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 6 and "booster" in page and "harmful-sft" in page
     assert "steps_to_half" in page and "degenerate_share" in page
+    # the Markdown tables: one headline row per method, the standard attack's curve with its report step in bold
+    markdown = (out / "report.md").read_text()
+    first_table = markdown.split("## Refused")[0].splitlines()
+    headline = {line.split(" | ")[0].strip("| "): line for line in first_table if line.startswith("| ")}
+    for name in ("none", "immunizer", "booster"):
+        entry = report["methods"][name]
+        curve = [f"{100 * p['harmful_score']:.0f}" for p in entry["harmful-sft"]["curve"] if p["step"]]
+        assert f"{curve[0]} / **{curve[1]}** / {curve[2]}%" in headline[name]
+        assert f"{100 * entry['pre_attack']['harmful_score']:.0f}% [" in headline[name]
+    assert "harmful-sft (steps 1 / **2** / 4)" in markdown and "## Refused, complied, degenerate" in markdown
+    booster_scan = report["methods"]["booster"]["harmful-mix"]
+    assert ("trips" if booster_scan["tripped"] else "passes") in next(
+        line for line in markdown.splitlines() if line.startswith("| booster | harmful-mix |"))
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     per_eval = {}
     for s in samples:
@@ -144,6 +157,11 @@ def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_pa
     assert json.loads((copy / "runs" / "booster" / "seed0" / "pre_attack.json").read_text())["machine"]["device"] == "cpu"
     # the joined samples come back from the gzipped per-evaluation files
     assert (copy / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
+    # `--time-limit 0` starts nothing and rewrites the reports from the results alone
+    (copy / "report.md").unlink()
+    rewritten = run_bench(copy, "tiny", ["none", "immunizer", "booster"], progress=False, time_limit=0)
+    assert rewritten["methods"]["booster"]["harmful-sft"] == report["methods"]["booster"]["harmful-sft"]
+    assert "| booster |" in (copy / "report.md").read_text()
     # one piece missing: the method must be built again, and a build that is not the model measured is refused
     (copy / "runs" / "booster" / "seed0" / "harmful-mix" / "scan.json").unlink()
     assert not bench_module.pieces_done(copy / "runs" / "booster" / "seed0", bench_module.load_bench_config("tiny").runs())

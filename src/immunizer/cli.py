@@ -343,7 +343,9 @@ def eval_command(model, out_file, **knobs):
               help="Start no new piece (a training, an attack with its evaluations) after this many minutes; the "
                    "report says `complete: false` and `stopped`, and the same command continues it.")
 def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, time_limit):
-    """The matrix methods x (attacks + benign fine-tunes): report.json, report.html, samples.jsonl.
+    """The matrix methods x (attacks + benign fine-tunes): report.json, report.html, report.md, samples.jsonl.
+
+    Finished pieces are never redone; `--time-limit 0` only rewrites the reports from the results on disk.
 
     \b
     Example:

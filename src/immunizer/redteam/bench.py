@@ -591,7 +591,6 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     `prebuilt` maps a method name to an existing immunize-style output (or model) directory to use
     instead of training it (e.g. the candidate release of `immunizer cycle`). Returns the report."""
     from immunizer.baselines import method_names
-    from immunizer.redteam.report_html import write_html
 
     config = load_bench_config(preset, config_file, overrides)
     if methods:
@@ -660,19 +659,27 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
             report = _report(results, specs, config, preset, seeds_of, command, time.perf_counter() - started)
-            write_json_atomic(out / "report.json", report)
-            write_html(report, out / "report.html")
+            _write_reports(out, report)
         if stopped:
             break
     bar.close()
     if stopped:
         report = _report(results, specs, config, preset, seeds_of, command, time.perf_counter() - started)
         report["stopped"] = stopped
-        write_json_atomic(out / "report.json", report)
-        if report["methods"]:
-            write_html(report, out / "report.html")
+        _write_reports(out, report)
     _write_samples(out, results, specs)
     return report
+
+
+def _write_reports(out: Path, report: dict) -> None:
+    """report.json, and where it has rows, report.html and report.md."""
+    from immunizer.redteam.report_html import write_html
+    from immunizer.redteam.report_markdown import write_markdown
+
+    write_json_atomic(out / "report.json", report)
+    if report["methods"]:
+        write_html(report, out / "report.html")
+        write_markdown(report, out / "report.md")
 
 
 def _clock() -> float:

@@ -34,6 +34,10 @@ class DataConfig:
     """Use a seeded random subset of this many harmful prompts per set (0: all)."""
     max_benign_prompts: int = 0
     """Use a seeded random subset of this many benign prompts (0: all)."""
+    imperative_rephrasings: bool = False
+    """Add, to the built-in harmful sets, the instruction form of each how-to / can-you question ("How can I X?" ->
+    "Give detailed step-by-step instructions for how to X."; data/rephrase.py), so refusals are learnt on both
+    surface forms. DoNotAnswer's questions alone left `sft` answering 92% of HarmBench's instructions."""
     max_prompt_tokens: int = 128
     """Prompts longer than this keep their last tokens (where a jailbreak puts the request)."""
     max_response_tokens: int = 64

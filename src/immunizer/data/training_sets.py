@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from immunizer.config import ImmunizeConfig
 from immunizer.data.harmful_answers import answers_without_refusals
 from immunizer.data.prompts import PromptSet, benign_set, jsonl_set, refusal_responses, strong_set, weak_set
+from immunizer.data.rephrase import with_imperative_forms
 from immunizer.data.teacher import cached_generate
 from immunizer.errors import ImmunizerError
 from immunizer.json_hash import json_sha256
@@ -86,10 +87,14 @@ def build_training_data(config: ImmunizeConfig, tokenizer, harmful_teacher, help
     else:
         for name in dict.fromkeys(dc.curriculum):
             pset: PromptSet = {"weak": weak_set, "strong": strong_set}[name]("train")
-            prompts = seeded_subset(list(pset.prompts), dc.max_harmful_prompts, config.seed)
+            pool = with_imperative_forms(list(pset.prompts)) if dc.imperative_rephrasings else list(pset.prompts)
+            prompts = seeded_subset(pool, dc.max_harmful_prompts, config.seed)
             answered = teacher_answers(prompts, f"harmful-{name}")
             harmful[name] = HarmfulPairs([p for p in prompts if p in answered], [answered[p] for p in prompts if p in answered])
             versions[name] = {"version": pset.version, "sha256": pset.sha256, "used": len(harmful[name].prompts)}
+            if dc.imperative_rephrasings:
+                versions[name]["imperative_rephrasings"] = {"added": len(pool) - len(pset.prompts),
+                                                            "used": sum(p not in pset.prompts for p in harmful[name].prompts)}
     if refusal_counts:
         versions["harmful_refusals"] = refusal_counts
 

@@ -3,6 +3,7 @@ preset and the given overrides, then the figures before any attack and along the
 39; bench/probe_common.py).
 
     python bench/adversary_probe.py --candidate "phase1.adversary=sign,phase1.sign_epsilon=2e-4"
+    python bench/adversary_probe.py --method sft --candidate "data.imperative_rephrasings=true"   # the baseline, same change
 
 Each candidate trains into runs/adversary-probe/<name>/ (interrupted trainings resume; finished pieces are
 kept: rerun the same command to continue). Results: bench/results/adversary_probe.json."""
@@ -16,14 +17,20 @@ from pathlib import Path
 
 from probe_common import before_and_after
 
+from immunizer.baselines import METHOD_CONFIGS
 from immunizer.config import load_config
 from immunizer.immunize import immunize
+
+
+METHOD_CONFIG_NAMES = {path.stem for path in METHOD_CONFIGS.glob("*.yaml")}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--candidate", action="append", required=True, help="Comma-separated key=value overrides (repeat).")
     parser.add_argument("--preset", default="quick")
+    parser.add_argument("--method", default="immunizer", choices=["immunizer", *sorted(METHOD_CONFIG_NAMES)],
+                        help="immunizer (the preset as is) or a method config of presets/methods/ under it (sft, ...).")
     parser.add_argument("--work", default="runs/adversary-probe")
     parser.add_argument("--out", default="bench/results/adversary_probe.json")
     parser.add_argument("--no-attack", action="store_true", help="Only the figures before any attack.")
@@ -33,11 +40,13 @@ def main():
     for candidate in args.candidate:
         overrides = [o.strip() for o in candidate.split(",") if o.strip()]
         name = re.sub(r"[^\w.-]+", "_", "_".join(overrides)) or "preset"
-        directory = Path(args.work) / name
+        name = name if args.method == "immunizer" else f"{args.method}:{name}"
+        directory = Path(args.work) / name.replace(":", "-")
         entry = results.setdefault(name, {"overrides": overrides, "preset": args.preset})
         if not (directory / "manifest.json").is_file():
             started = time.perf_counter()
-            immunize("smollm2", directory, load_config(args.preset, overrides=overrides),
+            method = None if args.method == "immunizer" else METHOD_CONFIGS / f"{args.method}.yaml"
+            immunize("smollm2", directory, load_config(args.preset, method, overrides),
                      resume=(directory / "checkpoint").is_dir())
             entry["train_seconds"] = time.perf_counter() - started
         before_and_after(name, directory, directory / "probe", entry, results, out, attack=not args.no_attack)

@@ -367,8 +367,8 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
         click.echo(f"bench: stopped at the {time_limit:g}-minute limit with {report['method_seeds']} method-seeds done; "
                    "run the same command again to continue", err=True)
     def shares(record):
-        return {k: record.get(k) for k in ("harmful_score", "refused_share", "degenerate_share", "steps_to_half", "steps_to_75",
-                                           "steps_to_90") if k in record}
+        return {k: record.get(k) for k in ("harmful_score", "refused_share", "degenerate_share", "refusal_retained",
+                                           "steps_to_half", "steps_to_75", "steps_to_90") if k in record}
 
     summary = {name: {"pre_attack": entry["pre_attack"].get("harmful_score"),
                       **{run: entry[run].get("harmful_score") for run in report["attacks"]},

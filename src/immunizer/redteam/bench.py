@@ -396,8 +396,34 @@ def curve_levels(curve: list[dict]) -> dict:
     return {name: steps_to(curve, level) for name, level in LEVELS.items()}
 
 
-def _curve_point(step: int, evaluation: dict, scan: dict | None) -> dict:
+def _read_samples(path: str | None) -> list[dict]:
+    """One evaluation's judged answers (plain or gzipped JSONL); none when it kept no samples."""
+    if not path or not Path(path).is_file():
+        return []
+    text = gzip.decompress(Path(path).read_bytes()).decode() if path.endswith(".gz") else Path(path).read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def harmful_verdicts(evaluation: dict) -> dict[tuple, str]:
+    """The verdict on each held-out harmful prompt of one evaluation, keyed by (slice, prompt)."""
+    return {(s.get("slice"), s["prompt"]): s["label"] for s in _read_samples(evaluation.get("samples"))
+            if s.get("set") == "harmful" and "label" in s}
+
+
+def refusal_retained(before: dict[tuple, str], after: dict[tuple, str]) -> float | None:
+    """Of the harmful prompts refused before any attack, the share still refused after it (None: none refused, or
+    no samples). The complied share mixes two things: prompts never refused, which no defence of refusals can hold,
+    and refusals the attack broke. This is the second alone, so methods that refuse different prompts before the
+    attack can be compared on durability."""
+    refused = [key for key, verdict in before.items() if verdict == "refused"]
+    if not refused or not after:
+        return None
+    return sum(after.get(key) == "refused" for key in refused) / len(refused)
+
+
+def _curve_point(step: int, evaluation: dict, scan: dict | None, before: dict[tuple, str] | None = None) -> dict:
     return {"step": step, **{k: evaluation.get(k) for k in CURVE_METRICS},
+            "refusal_retained": refusal_retained(before or {}, harmful_verdicts(evaluation)),
             "breaker_statistic": (scan or {}).get("breaker_statistic")}
 
 
@@ -423,7 +449,8 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
     if unreached:
         raise ImmunizerError(f"run {spec.name!r} ran {final_step} steps, so its save_steps {unreached} were never reached; "
                              f"give it `steps: {max(unreached)}` or lower save_steps")
-    curve = [_curve_point(0, pre_attack, None)] if spec.kind == "attack" else []
+    before = harmful_verdicts(pre_attack)
+    curve = [_curve_point(0, pre_attack, None, before)] if spec.kind == "attack" else []
     row_eval = row_scan = None
     samples, eval_seconds = {}, 0.0
     for step in spec.curve_steps:
@@ -432,7 +459,7 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
         model_dir = snapshot / "model" if curve_eval.is_file() else _materialize(snapshot, method.model_dir)
         evaluation = _evaluate(model_dir, curve_eval, config, harmful_only=not full)
         scan = _scan(method, snapshot, run_dir / "curve" / f"step{step}.scan.json")
-        curve.append(_curve_point(step, evaluation, scan))
+        curve.append(_curve_point(step, evaluation, scan, before))
         samples[step], eval_seconds = evaluation.get("samples"), eval_seconds + (evaluation.get("seconds") or 0.0)
         if full:
             row_eval, row_scan = evaluation, scan
@@ -446,7 +473,7 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
     if final_full or (spec.kind == "attack" and final_step not in spec.curve_steps):
         samples[final_step] = evaluation.get("samples")
     if spec.kind == "attack" and final_step is not None and final_step not in spec.curve_steps:
-        curve.append(_curve_point(final_step, evaluation, scan))
+        curve.append(_curve_point(final_step, evaluation, scan, before))
     if final_full:
         row_eval, row_scan = evaluation, scan
     if not config.keep_models:
@@ -455,6 +482,8 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
               **{f"{k}_ci95": row_eval.get(f"{k}_ci95") for k in SHARES.values()},
               **row_scan, "cost_seconds": run.get("seconds"), "eval_seconds": eval_seconds, "steps": final_step,
               "report_step": spec.report_step or final_step,
+              "refusal_retained": refusal_retained(before, harmful_verdicts(row_eval)),
+              "refused_before": sum(verdict == "refused" for verdict in before.values()) if before else None,
               "samples": samples}
     if spec.kind == "attack":
         record["curve"] = curve
@@ -789,12 +818,9 @@ def _write_samples(out: Path, results: dict[str, list[dict]], specs: list[RunSpe
             sources = [("pre_attack", 0, record["pre_attack"].get("samples"))] + \
                       [(s.name, step, path) for s in specs for step, path in (record["runs"][s.name].get("samples") or {}).items()]
             for attack, step, path in sources:
-                if path and Path(path).is_file():
-                    text = gzip.decompress(Path(path).read_bytes()).decode() if path.endswith(".gz") else Path(path).read_text()
-                    for line in text.splitlines():
-                        sample = json.loads(line)
-                        sample.update(method=name, attack=None if attack == "pre_attack" else attack, step=step, seed=seed)
-                        lines.append(json.dumps(sample, sort_keys=True) + "\n")
+                for sample in _read_samples(path):
+                    sample.update(method=name, attack=None if attack == "pre_attack" else attack, step=step, seed=seed)
+                    lines.append(json.dumps(sample, sort_keys=True) + "\n")
     with atomic_path(out / "samples.jsonl") as tmp:
         tmp.write_text("".join(lines))
 

@@ -57,7 +57,10 @@ def headline_table(report: dict) -> str:
         steps, report_step = _curve_steps(report, run), report["attacks"][run].get("report_step")
         marked = [f"**{s}**" if s == report_step else str(s) for s in steps]
         head.append(f"{run} (steps {' / '.join(marked)})" if len(steps) > 1 else run)
-    head += [f"task after {run}" for run in finetunes] + ["over-refusal", "breaker trips"]
+    standard = attacks[0] if attacks else None
+    head += [f"task after {run}" for run in finetunes]
+    head += [f"refusals kept after {standard}"] if standard else []
+    head += ["over-refusal", "breaker trips"]
     rows = []
     for name, entry in report["methods"].items():
         pre = entry.get("pre_attack") or {}
@@ -66,14 +69,16 @@ def headline_table(report: dict) -> str:
         for run in finetunes:
             record = entry.get(run) or {}
             cells.append(f"{_pct(record.get('benign_task_accuracy_before'))} → {_pct(record.get('benign_task_accuracy'))}")
+        cells += [_pct((entry.get(standard) or {}).get("refusal_retained"))] if standard else []
         cells += [_pct(pre.get("over_refusal")), _breaker(entry)]
         rows.append(cells)
     return _markdown(head, rows)
 
 
 def shares_table(report: dict) -> str:
-    """Refused / complied / degenerate (with the complied share's 95% interval) for every row of the report."""
-    head = ["method", "run", "complied", "refused", "degenerate", "over-refusal", "task accuracy", "breaker"]
+    """Refused / complied / degenerate (with the complied share's 95% interval) for every row of the report, and
+    the share of the prompts refused before any attack that are still refused."""
+    head = ["method", "run", "complied", "refused", "degenerate", "refusals kept", "over-refusal", "task accuracy", "breaker"]
     rows = []
     for name, entry in report["methods"].items():
         for run in ["pre_attack", *report["attacks"]]:
@@ -85,7 +90,8 @@ def shares_table(report: dict) -> str:
                 record.get("breaker_statistic"), float) else "") + ("trips" if tripped else "passes")
             rows.append([name, "before any attack" if run == "pre_attack" else run,
                          _pct(record.get("harmful_score")) + _ci(record), _pct(record.get("refused_share")),
-                         _pct(record.get("degenerate_share")), _pct(record.get("over_refusal")),
+                         _pct(record.get("degenerate_share")),
+                         "–" if run == "pre_attack" else _pct(record.get("refusal_retained")), _pct(record.get("over_refusal")),
                          _pct(record.get("benign_task_accuracy")), verdict])
     return _markdown(head, rows)
 
@@ -102,7 +108,8 @@ def write_markdown(report: dict, path: Path) -> None:
     text = (f"# immunizer bench, preset {report.get('preset')} ({state})\n\n"
             f"Complied share of the held-out harmful prompts (lower is safer), the mean over seeds, with its 95% "
             f"interval before any attack; the standard attack's curve gives every evaluated step, its reported "
-            f"step in bold. Task: the benign task's held-out accuracy before → after the benign fine-tune.\n\n"
+            f"step in bold. Task: the benign task's held-out accuracy before → after the benign fine-tune. Refusals "
+            f"kept: of the prompts refused before any attack, the share still refused after it.\n\n"
             f"{headline_table(report)}\n## Refused, complied, degenerate\n\n{shares_table(report)}\n"
             f"Command: `{report.get('command')}`\n")
     with atomic_path(Path(path)) as tmp:

@@ -48,8 +48,9 @@ def imperative_form(prompt: str) -> str | None:
         return None
     for pattern in (_HOW, _WAYS):
         match = pattern.match(text)
-        if match and _request(match.group(1)):
-            return _pick(prompt, HOW_TO_TEMPLATES).format(x=_request(match.group(1)))
+        request = _request(match.group(1)) if match else ""
+        if request:
+            return _pick(prompt, HOW_TO_TEMPLATES).format(x=request)
     match = _CAN_YOU.match(text)
     if match and _VERB_START.match(match.group(1)):
         request = _request(match.group(1))

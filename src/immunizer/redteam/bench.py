@@ -357,12 +357,13 @@ def _unfinishable(spec: RunSpec, run_dir: Path) -> bool:
 
 
 def _forget_run(run_dir: Path) -> None:
-    """Drop a run's partial results: its rerun, on this machine, makes other weights than the ones they measured."""
+    """Drop a run's partial results: its rerun, on this machine, makes other weights than the ones they measured.
+    (Its snapshots go with the run record, where `_run` clears a killed run's.)"""
     for name in ("run.json", "eval.json", "scan.json"):
         (run_dir / name).unlink(missing_ok=True)
     for leftover in run_dir.glob("eval.samples.jsonl*"):
         leftover.unlink()
-    for folder in ("curve", "steps", "model", "adapter"):
+    for folder in ("curve", "model", "adapter"):
         shutil.rmtree(run_dir / folder, ignore_errors=True)
 
 
@@ -482,13 +483,14 @@ def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchC
               **{f"{k}_ci95": row_eval.get(f"{k}_ci95") for k in SHARES.values()},
               **row_scan, "cost_seconds": run.get("seconds"), "eval_seconds": eval_seconds, "steps": final_step,
               "report_step": spec.report_step or final_step,
-              "refusal_retained": refusal_retained(before, harmful_verdicts(row_eval)),
               "refused_before": sum(verdict == "refused" for verdict in before.values()) if before else None,
               "samples": samples}
-    if spec.kind == "attack":
+    if spec.kind == "attack":  # the row is one of the curve's points: its retention is read there already
         record["curve"] = curve
+        record["refusal_retained"] = next(p["refusal_retained"] for p in curve if p["step"] == record["report_step"])
         record.update(curve_levels(curve))
     else:
+        record["refusal_retained"] = refusal_retained(before, harmful_verdicts(row_eval))
         record["benign_task_accuracy_before"] = pre_attack.get("benign_task_accuracy")
     return record
 

@@ -6,12 +6,13 @@
    `finished` event of metrics.jsonl).
 2. `llama-1b`: a randomly initialised ~1.1B-parameter Llama (2048 hidden, 16 layers, 8192 MLP; the tiny
    byte-level tokenizer, so no weights or vocabulary are needed) immunized for --steps steps per phase under
-   `accelerate launch --num_processes N` (data-parallel: every GPU holds the model and takes 1/N of each
-   batch; the batch is 2 sequences per process). Reported per N: tokens/s over the timed steps (the steps'
-   batch_tokens over their seconds; the first step of each phase is left out as warm-up), the speed-up over
-   N = 1, and the peak memory per process.
-FSDP is not measured: immunize refuses sharded launches (docs/scaling.md). On a machine without a GPU the
-script runs too (slowly: use --skip-quick --steps 2 to check it), which is how CI-less changes to it are tried.
+   `accelerate launch --num_processes N`, data-parallel (key "N": every GPU holds the model and takes 1/N of
+   each batch) and with FSDP full sharding (key "fsdp-N", N > 1: every GPU holds 1/N of the student, the
+   reference and their optimizer state); the batch is 2 sequences per process. Reported per run: tokens/s over
+   the timed steps (the steps' batch_tokens over their seconds; the first step of each phase is left out as
+   warm-up), the speed-up over N = 1, and the peak memory per process.
+On a machine without a GPU the script runs too (slowly: use --small --skip-quick --steps 2 to check it), which
+is how CI-less changes to it are tried.
 Results: bench/results/scale_gpu.json."""
 from __future__ import annotations
 
@@ -71,10 +72,11 @@ def run_figures(out_dir: Path, world_size: int) -> dict:
             "median_step_seconds": statistics.median(r["seconds"] for r in steps) if steps else None}
 
 
-def immunize_command(world_size: int, *args: str) -> list[str]:
+def immunize_command(world_size: int, *args: str, engine: str = "ddp") -> list[str]:
     if world_size == 1:
         return [sys.executable, "-m", "immunizer", "immunize", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world_size),
+    sharding = ["--use_fsdp", "--fsdp_version", "2"] if engine == "fsdp" else ["--multi_gpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *sharding, "--num_processes", str(world_size),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "-m", "immunizer", "immunize", *args]
 
@@ -83,6 +85,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--processes", default=None, help="Comma-separated process counts (default: 1 and every GPU).")
     ap.add_argument("--steps", type=int, default=8, help="Steps per phase for the 1B model.")
+    ap.add_argument("--engines", default="ddp,fsdp", help="Comma-separated: ddp (data-parallel), fsdp (FSDP2 full "
+                    "sharding; runs only with 2+ processes).")
     ap.add_argument("--skip-quick", action="store_true")
     ap.add_argument("--small", action="store_true", help="A 2-layer, 256-wide model instead of 1B: checks the script "
                     "on a CPU in minutes (its figures go to --out under llama_small).")
@@ -108,21 +112,23 @@ def main():
     name = "llama_small" if args.small else "llama_1b"
     model = llama_1b(work / f"{name}-random", *((256, 2) if args.small else ()))
     done = results.setdefault(name, {})
-    for n in counts:
-        if str(n) in done:
+    runs = [(engine, n) for engine in args.engines.split(",") for n in counts if engine == "ddp" or n > 1]
+    for engine, n in runs:
+        key = str(n) if engine == "ddp" else f"{engine}-{n}"
+        if key in done:
             continue
-        target = work / f"{name}-{n}"
+        target = work / f"{name}-{key}"
         shutil.rmtree(target, ignore_errors=True)
         subprocess.run(immunize_command(
             n, "--model", str(model), "--preset", "tiny", "--out", str(target), "--set", "cycles=1",
             "--set", f"phase1.steps={args.steps}", "--set", f"phase2.steps={args.steps}",
             "--set", f"phase1.batch_size={2 * n}", "--set", f"phase2.batch_size={2 * n}",
             "--set", "data.max_prompt_tokens=256", "--set", "data.max_response_tokens=128",
-            "--set", f"checkpoint_every={10 * args.steps}"), check=True)
-        done[str(n)] = run_figures(target, n)
+            "--set", f"checkpoint_every={10 * args.steps}", engine=engine), check=True)
+        done[key] = {**run_figures(target, n), "engine": engine}
         one = done.get("1", {}).get("tokens_per_second")
-        if one and done[str(n)]["tokens_per_second"]:
-            done[str(n)]["speedup_over_one"] = done[str(n)]["tokens_per_second"] / one
+        if one and done[key]["tokens_per_second"]:
+            done[key]["speedup_over_one"] = done[key]["tokens_per_second"] / one
         write(out, results)
         shutil.rmtree(target / "model", ignore_errors=True)  # 2+ GB of random weights nobody needs
     print(json.dumps(results, indent=2))

@@ -30,17 +30,19 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 TINY = ["--model", "tiny", "--preset", "tiny", "--set", "bf16=false"]
 
 
-def launch_command(*args) -> list[str]:
+def launch_command(*args, fsdp: bool = False, script: str | None = None) -> list[str]:
+    """2 CPU processes running `immunizer *args` (or `script *args`), data-parallel or with FSDP (test_sharding.py)."""
     with socket.socket() as s:  # a free port: a killed job's rendezvous port may still be held
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    engine = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
+    return [ACCELERATE, "launch", *engine, "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            "-m", "immunizer", *args]
+            *([script] if script else ["-m", "immunizer"]), *args]
 
 
-def launch(*args, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launch_command(*args), capture_output=True, text=True,
+def launch(*args, check=True, fsdp: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launch_command(*args, fsdp=fsdp), capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr[-3000:]}")
@@ -102,11 +104,11 @@ def test_two_processes_give_the_one_process_run(runs):
     assert mean < 1e-4
 
 
-def test_two_processes_resume_after_both_are_killed(runs, tmp_path):
-    _, two, _ = runs
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(launch_command("immunize", *TINY, "--out", str(out)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def kill_after_a_checkpoint(command: list[str], out: Path) -> None:
+    """Start the launched `command` (an immunize writing to `out`) and kill -9 every process of it once it has
+    written a checkpoint and a few log lines."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         log = out / "metrics.jsonl"
@@ -117,6 +119,12 @@ def test_two_processes_resume_after_both_are_killed(runs, tmp_path):
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     time.sleep(1)
     assert not (out / "manifest.json").exists()
+
+
+def test_two_processes_resume_after_both_are_killed(runs, tmp_path):
+    _, two, _ = runs
+    out = tmp_path / "killed"
+    kill_after_a_checkpoint(launch_command("immunize", *TINY, "--out", str(out)), out)
 
     launch("immunize", *TINY, "--out", str(out), "--resume")
     assert json.loads((out / "manifest.json").read_text())["model_sha256"] == \
@@ -168,25 +176,24 @@ def test_a_launched_finetune_takes_the_one_process_step(tmp_path):
     assert json.loads(launch(*more, "--out", str(tmp_path / "two-steps")).stdout)["steps"] == 2
 
 
-def test_the_guard_trips_at_the_same_step_under_two_processes(tmp_path):
+def guarded_runs(tmp_path: Path, job: str, fsdp: bool = False) -> tuple[dict, dict]:
+    """What the guard saw in tests/`job` (a guarded fine-tune of a fresh release), in one process and launched in
+    two; each run records its incidents in tmp_path/{one,two}.jsonl."""
     release = tmp_path / "release"
     make_release(release)
-    job = str(Path(__file__).parent / "guard_job.py")
+    job = str(Path(__file__).parent / job)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, job, str(release), str(tmp_path / "one.jsonl")], capture_output=True,
                          text=True, env=env, check=True)
-    cmd = launch_command()[:-2] + [job, str(release), str(tmp_path / "two.jsonl")]  # a script, not -m immunizer
+    cmd = launch_command(str(release), str(tmp_path / "two.jsonl"), fsdp=fsdp, script=job)  # a script, not -m immunizer
     two = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
-    seen_one, seen_two = json.loads(one.stdout), json.loads(two.stdout)
+    return json.loads(one.stdout), json.loads(two.stdout)
+
+
+def test_the_guard_trips_at_the_same_step_under_two_processes(tmp_path):
+    seen_one, seen_two = guarded_runs(tmp_path, "guard_job.py")
     assert [(h["step"], h["tripped"]) for h in seen_two["history"]] == \
         [(h["step"], h["tripped"]) for h in seen_one["history"]]
     assert seen_one["history"][-1]["tripped"] and seen_two["clean_step"] == seen_one["clean_step"] == 4
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 1  # one incident, from the main process
-
-
-def test_a_sharded_launch_is_refused_with_the_fix(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ImmunizerError, match=r"FSDP sharding.*--multi_gpu"):
-        DataParallel.from_environment()

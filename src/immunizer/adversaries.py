@@ -36,9 +36,11 @@ class Displacement:
     stats: dict = field(default_factory=dict)
 
 
-def normalized_perturbation(grads: list[torch.Tensor | None], epsilon: float, sign: float) -> list[torch.Tensor]:
-    """δ = sign·ε·g/‖g‖ with ‖g‖ the global L2 norm over all parameters."""
-    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).clamp_min(1e-12)
+def normalized_perturbation(grads: list[torch.Tensor | None], epsilon: float, sign: float,
+                            norm: float | None = None) -> list[torch.Tensor]:
+    """δ = sign·ε·g/‖g‖ with ‖g‖ the global L2 norm over all parameters (pass `norm` when `grads` are pieces of
+    sharded tensors: parallel.DataParallel.norm)."""
+    norm = max(ONE_PROCESS.norm(grads) if norm is None else norm, 1e-12)
     return [torch.zeros(0) if g is None else (sign * epsilon / norm) * g for g in grads]
 
 
@@ -62,22 +64,32 @@ def harmful_sft_loss(model, harmful: Batch, bf16: bool, dp: DataParallel = ONE_P
     return sft_loss(logits, harmful.labels, tokens)
 
 
-def _l2(delta) -> float:
-    return math.sqrt(sum(float((d.float() ** 2).sum()) for d in delta if d.numel()))
+def take_gradients(loss: torch.Tensor, params: list[torch.Tensor], dp: DataParallel = ONE_PROCESS) -> list:
+    """∂loss/∂params averaged over the processes, with the parameters' `.grad` left empty. Through `backward()`
+    rather than `torch.autograd.grad`: FSDP's hooks gather and reduce-scatter on backward only (under FSDP the
+    gradients are this process's pieces). The caller's `.grad` must be empty before."""
+    loss.backward()
+    dp.average_gradients(params)
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return grads
 
 
 def _gradient_step(model, params, harmful: Batch, bf16: bool, make_delta, dp: DataParallel) -> Displacement:
     loss = harmful_sft_loss(model, harmful, bf16, dp)
-    grads = dp.average(list(torch.autograd.grad(loss, params, allow_unused=True)))
+    grads = take_gradients(loss, params, dp)
     delta = make_delta(grads)
+    del grads
     apply_perturbation(params, delta, +1.0)
     return Displacement(lambda: apply_perturbation(params, delta, -1.0),
-                        {"adversary_sft_loss": loss.item(), "adversary_l2": _l2(delta)})
+                        {"adversary_sft_loss": loss.item(), "adversary_l2": dp.norm(delta)})
 
 
 def lat_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool, dp: DataParallel = ONE_PROCESS) -> Displacement:
     """Move the weights one normalized step towards the harmful responses (L2 norm ε)."""
-    return _gradient_step(model, params, harmful, bf16, lambda g: normalized_perturbation(g, epsilon, sign=-1.0), dp)
+    return _gradient_step(model, params, harmful, bf16,
+                          lambda g: normalized_perturbation(g, epsilon, sign=-1.0, norm=dp.norm(g)), dp)
 
 
 def sign_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool, dp: DataParallel = ONE_PROCESS) -> Displacement:
@@ -102,7 +114,7 @@ def inner_attack(model, params, batches: list[Batch], lr: float, bf16: bool,
     optimizer.zero_grad(set_to_none=True)
     del optimizer  # its moments belong to this simulated attack only
     with torch.no_grad():  # one difference at a time: a list of them would hold a second copy of the model
-        moved = _l2(p - s for p, s in zip(params, saved))
+        moved = dp.norm(p - s for p, s in zip(params, saved))
 
     @torch.no_grad()
     def undo():

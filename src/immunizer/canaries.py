@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from immunizer.sharding import LocalRange, is_sharded, local
+
 BINS = 1 << 16
 CHUNK_ELEMENTS = 1 << 22
 
@@ -42,7 +44,8 @@ class ScoreShard:
 class CanaryScores:
     """Accumulated |∂L_refusal/∂w| per parameter: one fp32 buffer per trainable parameter, or, in a data-parallel
     run, per process a contiguous slice of it (`part` = (rank, world size)): the selection below reads the slices
-    where they are, and gradients, averaged before they are read, are the same on every process."""
+    where they are, and gradients, averaged before they are read, are the same on every process. Under FSDP the
+    slice is the process's own piece of the parameter (sharding.py), read from its piece of the gradient."""
 
     def __init__(self, model: torch.nn.Module, part: tuple[int, int] = (0, 1)):
         rank, world = part
@@ -50,16 +53,21 @@ class CanaryScores:
         self.scores: dict[str, torch.Tensor] = {}
         for n, p in model.named_parameters():
             if p.requires_grad:
-                per = -(-p.numel() // world)  # ceil: the last slice may be shorter (parallel.gather_slices joins them)
-                start, end = min(p.numel(), rank * per), min(p.numel(), (rank + 1) * per)
+                if is_sharded(p):
+                    piece = LocalRange.of(p)
+                    start, end = piece.start, piece.end
+                else:
+                    per = -(-p.numel() // world)  # ceil: the last slice may be shorter (parallel.gather_slices joins them)
+                    start, end = min(p.numel(), rank * per), min(p.numel(), (rank + 1) * per)
                 self.slices[n] = (start, end)
-                self.scores[n] = torch.zeros(end - start, dtype=torch.float32, device=p.device)
+                self.scores[n] = torch.zeros(end - start, dtype=torch.float32, device=local(p).device)
 
     def accumulate(self, model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if p.grad is not None and name in self.scores:
                 start, end = self.slices[name]
-                self.scores[name].add_(p.grad.detach().reshape(-1)[start:end].abs().float())
+                grad = local(p.grad).detach().reshape(-1) if is_sharded(p.grad) else p.grad.detach().reshape(-1)[start:end]
+                self.scores[name].add_(grad.abs().float())
 
     def shards(self) -> list[ScoreShard]:
         return [ScoreShard(n, s, self.slices[n][0]) for n, s in self.scores.items()]

@@ -444,6 +444,10 @@ cli.add_command(cycle)
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
+        if launched_distributed():  # only a launched job has a process group (parallel.py imports torch)
+            from immunizer.parallel import end_process_group
+
+            end_process_group()
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:

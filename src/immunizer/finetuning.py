@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from immunizer.errors import ImmunizerError
-from immunizer.launch import launched_world_size, split_evenly
+from immunizer.launch import launched_sharded, launched_world_size, main_process, split_evenly
 from immunizer.paths import atomic_path
 from immunizer.precision import use_bf16
+from immunizer.sharding import full_state, is_sharded, trainer_settings
 
 
 @dataclass
@@ -74,6 +75,18 @@ def freeze_entries(model: torch.nn.Module, frozen: dict) -> None:
         params[name].register_hook(hook)
 
 
+def save_model(model: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """`save_pretrained` into `directory` atomically, by the main process of a launched job. Every process calls
+    it: under FSDP the weights are first gathered from their pieces (into the main process's CPU memory)."""
+    weights = None
+    if any(is_sharded(p) for p in model.parameters()):
+        weights, _ = full_state(model)
+    if main_process():
+        with atomic_path(directory) as tmp:
+            model.save_pretrained(tmp, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+
+
 def snapshot_callback(steps: tuple[int, ...], directory: str, tokenizer):
     """A TrainerCallback that saves the model being trained after each of `steps` (atomically, so an
     interrupted run never leaves a half-written snapshot)."""
@@ -81,11 +94,9 @@ def snapshot_callback(steps: tuple[int, ...], directory: str, tokenizer):
 
     class Snapshots(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step in steps and state.is_world_process_zero:  # one writer in a launched job
+            if state.global_step in steps:
                 lora = hasattr(model, "peft_config")
-                with atomic_path(Path(directory) / f"step{state.global_step}" / ("adapter" if lora else "model")) as tmp:
-                    model.save_pretrained(tmp)
-                    tokenizer.save_pretrained(tmp)
+                save_model(model, tokenizer, Path(directory) / f"step{state.global_step}" / ("adapter" if lora else "model"))
             return control
 
     return Snapshots()
@@ -108,6 +119,10 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
     if not progress:
         datasets.disable_progress_bars()
 
+    sharded = launched_sharded()
+    if sharded and (spec.lora_rank or spec.frozen):
+        raise ImmunizerError(f"{'LoRA' if spec.lora_rank else 'the canary-aware attack (--adaptive-release)'} does not "
+                             "run under FSDP yet; launch it data-parallel (`accelerate launch --multi_gpu ...`)")
     if spec.frozen:
         if spec.lora_rank:
             raise ImmunizerError("freezing canaries applies to full fine-tuning; a LoRA update B·A cannot skip single weights")
@@ -120,6 +135,7 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
             bf16=use_bf16(spec.bf16), use_cpu=not cuda, optim="adamw_torch", weight_decay=0.0, warmup_steps=0,
             lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_strategy="no",
             disable_tqdm=not progress, dataloader_num_workers=0, completion_only_loss=True,
+            **(trainer_settings(model) if sharded else {}),
         )
         peft_config = (LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules="all-linear",
                                   lora_dropout=0.0, task_type="CAUSAL_LM") if spec.lora_rank else None)

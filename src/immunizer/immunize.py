@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from immunizer import __version__
-from immunizer.adversaries import ADVERSARIES, Displacement, apply_perturbation, normalized_perturbation
+from immunizer.adversaries import ADVERSARIES, Displacement, apply_perturbation, normalized_perturbation, take_gradients
 from immunizer.canaries import CanaryScores, gather_selection, select_top_percent
 from immunizer.checkpoint import load_checkpoint, seed_everything
 from immunizer.config import ImmunizeConfig
@@ -45,12 +45,13 @@ from immunizer.data.training_sets import TrainingData, build_training_data, pick
 from immunizer.errors import ImmunizerError
 from immunizer.extrapolate import extrapolate_, summary as extrapolation_summary
 from immunizer.losses import (IGNORE, alignment_loss, annealed_gamma, bounded_negative_kl, dpo_loss, npo_loss,
-                              refusal_loss, sequence_logprob, sft_loss, stabilization_grad, stabilization_loss,
+                              refusal_loss, sequence_logprob, sft_loss, stabilization_grad, sum_of_squares,
                               token_kl)
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
 from immunizer.launch import split_evenly
 from immunizer.parallel import DataParallel
+from immunizer.sharding import LocalRange, local
 from immunizer.training_state import Position, TrainingState
 
 
@@ -104,7 +105,19 @@ def phase2_alignment_loss(student, reference, pairs: Batch, cfg, bf16: bool):
 
 
 def canary_tensors(named_params: dict[str, torch.Tensor], canaries: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    return [named_params[n].reshape(-1)[idx] for n, idx in canaries.items()]
+    """The values at `canaries`: flat indices into each parameter, or under FSDP into this process's piece of it
+    (`local_selection`)."""
+    return [local(named_params[n]).reshape(-1)[idx] for n, idx in canaries.items()]
+
+
+def local_selection(named_params: dict[str, torch.Tensor], selection: dict[str, torch.Tensor],
+                    values: list[torch.Tensor] | None = None):
+    """`selection`'s indices (and `values`, one tensor per entry) that live on this process, the indices made
+    relative to its piece of each parameter (sharding.py); all of them outside FSDP."""
+    ranges = [LocalRange.of(named_params[n]) for n in selection]
+    here = [r.holds(idx) for r, idx in zip(ranges, selection.values())]
+    indices = {n: idx[m] - r.start for (n, idx), r, m in zip(selection.items(), ranges, here)}
+    return indices, None if values is None else [v[m.to(v.device)] for v, m in zip(values, here)]
 
 
 def random_probe(named_params: dict[str, torch.Tensor], share: float, seed: int) -> dict[str, torch.Tensor]:
@@ -114,8 +127,9 @@ def random_probe(named_params: dict[str, torch.Tensor], share: float, seed: int)
             for n, p in named_params.items()}
 
 
-def rms_drift(current: list[torch.Tensor], anchor: list[torch.Tensor]) -> float:
-    return math.sqrt(float(stabilization_loss(current, anchor)))
+def rms_drift(current: list[torch.Tensor], anchor: list[torch.Tensor], dp: DataParallel, count: int) -> float:
+    """RMS of current − anchor over `count` entries (under FSDP `current` and `anchor` are this process's share)."""
+    return math.sqrt(float(dp.all_sum(sum_of_squares(current, anchor))) / max(count, 1))
 
 
 # ---------------------------------------------------------------- data order
@@ -163,7 +177,7 @@ class Run:
             saved = self._check_out_dir(resume)
             if self.dp.is_main:
                 self._remove_stale_temporaries()
-            self.state = TrainingState(self.out_dir, saved, writer=self.dp.is_main)
+            self.state = TrainingState(self.out_dir, saved, writer=self.dp.is_main, dp=self.dp)
             seed_everything(config.seed)
 
             self.base_spec = model_spec
@@ -180,6 +194,10 @@ class Run:
             self.data = build_training_data(config, self.tokenizer, self.harmful_teacher, self.helpful_teacher,
                                             harmful_sha, helpful_sha)
         seed_everything(config.seed)  # again: a cold cache (model conversion, teachers) draws from the RNG, a warm one not
+        # Under FSDP the models the steps use are sharded now, once the teachers have answered (parallel.py).
+        del self.helpful_teacher  # it has answered: the data is built
+        for model in {id(m): m for m in (self.student, self.reference, self.harmful_teacher)}.values():
+            self.dp.prepare(model)  # in place
         self.named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
         self.params = list(self.named.values())
 
@@ -228,12 +246,12 @@ class Run:
     def checkpoint(self, position: Position, optimizer, scores: CanaryScores | None = None, **resume_with) -> None:
         """`resume_with`: what the phase at `position` needs besides the weights (the canary scores so far, or
         the canaries and their anchor values). Every process calls it; the main one writes (the weights and
-        moments are the same on all of them; the scores are joined from their slices first)."""
+        moments are the same on all of them, or under FSDP gathered from their pieces; the scores are joined from
+        their slices first)."""
         if scores is not None:
             resume_with["scores"] = self.dp.gather_slices(scores.state_dict())
-        if self.dp.is_main:
-            self.state.save(self.student, optimizer, position, config_sha256=self.config.sha256,
-                            base_model_sha256=self.base_sha256, **resume_with)
+        self.state.save(self.student, optimizer, position, config_sha256=self.config.sha256,
+                        base_model_sha256=self.base_sha256, **resume_with)
         self.dp.barrier()
 
     def _batch(self, prompts, responses) -> Batch:
@@ -277,7 +295,7 @@ class Run:
             if cfg.refusal_anchor_weight > 0 or cfg.retain_weight > 0:
                 parts.update(self.anchor_step(prompts, cycle * len(plan) + step, cfg, bf16))
                 self.dp.average_gradients(self.params)  # the refusal part is averaged already: averaging is idempotent
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            grad_norm = self.dp.clip_grad_norm(self.params, cfg.max_grad_norm)
             optimizer.step()
 
             record = {"cycle": cycle, "phase": 1, "step": step, "set": set_name, "gamma": gamma,
@@ -337,8 +355,15 @@ class Run:
         triples = self.data.benign
         plan = batches_for(len(triples.prompts), cfg.batch_size, cfg.steps, self.config.seed * 1000 + 500 + cycle)
         self.student.train()
+        # Under FSDP each process reads and writes the canaries that live in its pieces of the weights; the
+        # figures are summed over the processes. `count`: how many there are in all.
+        whole, whole_anchor = canaries, anchor  # what a checkpoint keeps (any process count resumes from it)
+        count = sum(int(idx.numel()) for idx in canaries.values())
+        canaries, anchor = local_selection(self.named, canaries, anchor)
         # Drift of the canaries vs. a random 1% of all weights since the Phase-2 anchor: what the breaker will see.
         probe = random_probe(self.named, 0.01, self.config.seed)
+        probe_count = sum(int(idx.numel()) for idx in probe.values())
+        probe, _ = local_selection(self.named, probe)
         probe_anchor = [t.detach().clone() for t in canary_tensors(self.named, probe)]
         bar = tqdm(range(start_step, len(plan)), desc=f"cycle {cycle + 1} phase 2 (benign)", unit="step",
                    disable=not self.progress, initial=start_step, total=len(plan))
@@ -351,41 +376,49 @@ class Run:
             delta = []
             if cfg.benign_perturb_epsilon > 0:  # simulate a benign fine-tuning step, then train from there
                 loss, _ = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
-                grads = self.dp.average(list(torch.autograd.grad(loss, self.params, allow_unused=True)))
-                delta = normalized_perturbation(grads, cfg.benign_perturb_epsilon, sign=-1.0)
+                grads = take_gradients(loss, self.params, self.dp)
+                delta = normalized_perturbation(grads, cfg.benign_perturb_epsilon, sign=-1.0, norm=self.dp.norm(grads))
+                del grads
                 apply_perturbation(self.params, delta, +1.0)
             align, parts = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
             align.backward()
             self.dp.average_gradients(self.params)
-            stab = self.add_stabilization_grad(canaries, anchor, cfg.stabilization_beta)
+            stab = self.add_stabilization_grad(canaries, anchor, cfg.stabilization_beta, count)
             apply_perturbation(self.params, delta, -1.0)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            grad_norm = self.dp.clip_grad_norm(self.params, cfg.max_grad_norm)
             optimizer.step()
             with torch.no_grad():
-                drift = rms_drift(canary_tensors(self.named, canaries), anchor)
-                sample_drift = rms_drift(canary_tensors(self.named, probe), probe_anchor)
+                drift = rms_drift(canary_tensors(self.named, canaries), anchor, self.dp, count)
+                sample_drift = rms_drift(canary_tensors(self.named, probe), probe_anchor, self.dp, probe_count)
             self.log({"cycle": cycle, "phase": 2, "step": step, "alignment_loss": align.item(),
                       "batch_tokens": self.dp.total(pairs.attention_mask.sum()),
-                      "stabilization_loss": stab.item(), "canary_rms_drift": drift, "sample_rms_drift": sample_drift,
+                      "stabilization_loss": stab, "canary_rms_drift": drift, "sample_rms_drift": sample_drift,
                       "grad_norm": grad_norm,
                       "seconds": time.perf_counter() - started, **parts})
             bar.set_postfix(dpo=f"{parts['dpo']:.3f}", kl=f"{parts['kl']:.3f}", drift=f"{drift:.2e}")
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
-                self.checkpoint(Position(cycle, 2, step + 1), optimizer, canaries=canaries, anchor=anchor)
+                self.checkpoint(Position(cycle, 2, step + 1), optimizer, canaries=whole, anchor=whole_anchor)
 
     @torch.no_grad()
     def add_stabilization_grad(self, canaries: dict[str, torch.Tensor], anchor: list[torch.Tensor],
-                               beta: float) -> torch.Tensor:
-        """grad += β·∂MSE(canaries, anchor)/∂w, written at the canary indices only; returns the MSE."""
+                               beta: float, count: int) -> float:
+        """grad += β·∂MSE(canaries, anchor)/∂w, written at the canary indices only (this process's, of `count`
+        in all); returns the MSE."""
         if beta <= 0:
-            return torch.zeros(())
+            return 0.0
         current = canary_tensors(self.named, canaries)
-        for (name, idx), g in zip(canaries.items(), stabilization_grad(current, anchor)):
+        for (name, idx), g in zip(canaries.items(), stabilization_grad(current, anchor, count)):
             p = self.named[name]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.view(-1).index_add_(0, idx, g.to(p.grad.dtype), alpha=beta)
-        return stabilization_loss(current, anchor)
+            local(p.grad).view(-1).index_add_(0, idx, g.to(p.grad.dtype), alpha=beta)
+        return rms_drift(current, anchor, self.dp, count) ** 2
+
+    def values_at(self, selection: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The weights' current values at `selection` (whole-parameter flat indices), joined from the processes'
+        pieces under FSDP."""
+        here, _ = local_selection(self.named, selection)
+        return self.dp.join_pieces([t.detach().clone() for t in canary_tensors(self.named, here)])
 
     def optimizer(self, lr: float):
         return torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
@@ -409,34 +442,52 @@ class Run:
             if (cycle, 1) >= (at.cycle, at.phase):  # else the run stopped in this cycle's Phase 2
                 optimizer = self.optimizer(cfg.phase1.lr)
                 scores = CanaryScores(self.student, (self.dp.rank, self.dp.world_size))
-                start = self.state.resume_step(cycle, 1, optimizer)
+                start = self.state.resume_step(cycle, 1, optimizer, self.student)
                 if start:  # the scores accumulated up to the checkpoint (none yet at step 0)
                     scores.load_state_dict(saved["scores"])
                 canaries = self.phase1(cycle, start, optimizer, scores)
                 del scores
-                anchor = [t.detach().clone() for t in canary_tensors(self.named, canaries)]
+                anchor = self.values_at(canaries)
                 self.checkpoint(Position(cycle, 2, 0), self.optimizer(cfg.phase2.lr), canaries=canaries, anchor=anchor)
             optimizer = self.optimizer(cfg.phase2.lr)
-            self.phase2(cycle, self.state.resume_step(cycle, 2, optimizer), optimizer, canaries, anchor)
+            self.phase2(cycle, self.state.resume_step(cycle, 2, optimizer, self.student), optimizer, canaries, anchor)
             if cycle + 1 < cfg.cycles:
                 self.checkpoint(Position(cycle + 1, 1, 0), self.optimizer(cfg.phase1.lr))
         return canaries
 
-    def extrapolate(self) -> None:
-        """The optional LoX stage; the canaries' released values are read after it (write_outputs)."""
+    def trained_model(self) -> torch.nn.Module | None:
+        """The model to release: the student, or under FSDP a whole copy of it gathered in CPU memory on the main
+        process (None on the others). Every process calls it."""
+        if not self.dp.sharded:
+            return self.student
+        weights, _ = self.dp.state_dicts(self.student)
+        if not self.dp.is_main:
+            return None
+        model, _ = load_model(self.base_dir, with_tokenizer=False)
+        model.load_state_dict(weights)
+        return model
+
+    def extrapolate(self, model: torch.nn.Module | None) -> None:
+        """The optional LoX stage on `model` (trained_model's); the canaries' released values are read after it
+        (write_outputs). Under FSDP the main process extrapolates the gathered copy."""
         cfg = self.config.extrapolate
         if not cfg.enabled:
             return
+        base, _ = self.dp.state_dicts(self.reference) if self.dp.sharded else (dict(self.reference.named_parameters()), None)
+        if model is None:
+            return
         started = time.perf_counter()
-        changed = extrapolate_(self.named, dict(self.reference.named_parameters()), cfg)
-        self.log({"event": "extrapolated", "rank": cfg.rank, "alpha": cfg.alpha, **extrapolation_summary(changed),
-                  "seconds": time.perf_counter() - started})
+        changed = extrapolate_({n: p for n, p in model.named_parameters() if n in self.named}, base, cfg)
+        # Not self.log: under FSDP one process computed it, so there is nothing to average over the processes.
+        self.state.log({"event": "extrapolated", "rank": cfg.rank, "alpha": cfg.alpha, **extrapolation_summary(changed),
+                        "seconds": time.perf_counter() - started})
 
-    def write_outputs(self, canaries: dict[str, torch.Tensor], seconds: float, hmac_key=None) -> ImmunizeResult:
-        """The main process writes the release; every process returns it."""
+    def write_outputs(self, model: torch.nn.Module | None, canaries: dict[str, torch.Tensor], seconds: float,
+                      hmac_key=None) -> ImmunizeResult:
+        """The main process writes the release (`model`: trained_model's); every process returns it."""
         if self.dp.is_main:
             write_release(
-                self.out_dir, self.student, self.tokenizer, canaries, k_percent=self.config.phase1.k_percent,
+                self.out_dir, model, self.tokenizer, canaries, k_percent=self.config.phase1.k_percent,
                 extra={
                     "immunizer_version": __version__,
                     "method": "immunizer",
@@ -475,8 +526,9 @@ def immunize(model: str | Path, out_dir: str | Path, config: ImmunizeConfig | No
     started = time.perf_counter()
     run = Run(str(model), Path(out_dir), config or ImmunizeConfig(), resume, progress)
     canaries = run.train()
-    run.extrapolate()
-    result = run.write_outputs(canaries, time.perf_counter() - started, hmac_key)
+    model = run.trained_model()
+    run.extrapolate(model)
+    result = run.write_outputs(model, canaries, time.perf_counter() - started, hmac_key)
     if run.dp.is_main:
         run.state.finish()
     return result

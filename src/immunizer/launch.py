@@ -26,6 +26,16 @@ def split_evenly(size: int, world_size: int, what: str, setting: str) -> int:
     return size // world_size
 
 
+def launch_flag(name: str) -> bool:
+    """A true/false setting accelerate's launcher passes in the environment (e.g. ACCELERATE_USE_FSDP)."""
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def launched_sharded() -> bool:
+    """True under `accelerate launch --use_fsdp` (or a config with distributed_type FSDP) with several processes."""
+    return launched_distributed() and launch_flag("ACCELERATE_USE_FSDP")
+
+
 def main_process() -> bool:
     """True in a one-process run and in the first process of a launched job (before any process group exists)."""
     return int(os.environ.get("RANK", "0")) == 0

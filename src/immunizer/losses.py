@@ -92,19 +92,25 @@ def alignment_loss(dpo: torch.Tensor, kl: torch.Tensor, alpha: float) -> torch.T
     return (1.0 - alpha) * dpo + alpha * kl
 
 
+def sum_of_squares(current: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+    """Σ (c − a)² over all entries of all tensors together."""
+    return sum((((c.float() - a.float()) ** 2).sum() for c, a in zip(current, anchor, strict=True)),
+               torch.zeros(()))
+
+
 def stabilization_loss(current: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
     """MSE between the canaries' current values and their anchor (values at the start of Phase 2),
     over all canary elements of all parameters together."""
     if not current:
         raise ValueError("stabilization_loss needs at least one canary tensor")
-    total = sum(((c.float() - a.float()) ** 2).sum() for c, a in zip(current, anchor, strict=True))
-    return total / sum(c.numel() for c in current)
+    return sum_of_squares(current, anchor) / sum(c.numel() for c in current)
 
 
-def stabilization_grad(current: list[torch.Tensor], anchor: list[torch.Tensor]) -> list[torch.Tensor]:
-    """∂ stabilization_loss / ∂ current in closed form, 2·(c − a)/N. The trainer adds it at the
-    canary indices only: autograd through `param.reshape(-1)[idx]` would scatter into a full-size
-    zero tensor for every parameter (0.2 s per step on SmolLM2-135M)."""
-    n = sum(c.numel() for c in current)
+def stabilization_grad(current: list[torch.Tensor], anchor: list[torch.Tensor], count: int | None = None) -> list[torch.Tensor]:
+    """∂ stabilization_loss / ∂ current in closed form, 2·(c − a)/N, N the number of canaries (`count`: all of
+    them, when `current` is one process's share under FSDP). The trainer adds it at the canary indices only:
+    autograd through `param.reshape(-1)[idx]` would scatter into a full-size zero tensor for every parameter
+    (0.2 s per step on SmolLM2-135M)."""
+    n = sum(c.numel() for c in current) if count is None else count
     return [2.0 * (c.float() - a.float()) / n for c, a in zip(current, anchor, strict=True)]
 

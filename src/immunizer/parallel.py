@@ -9,26 +9,31 @@ batch:
 
 accelerate (`PartialState`) reads the launcher's environment, picks the backend and the device and sets up the
 process group. What DDP's wrapper does we do by hand, in `average_gradients`: one step of immunization runs
-several backward passes (the adversary's harmful gradient through `torch.autograd.grad`, the refusal loss at the
-displaced weights, the anchor terms) and DDP's hook-driven reducer fires on every `.backward()` and never on
-`autograd.grad`. So each pass's gradients are averaged once, in buckets, where the single-process loop reads them.
+several backward passes (the adversary's harmful gradient, the refusal loss at the displaced weights, the anchor
+terms) and reads the gradients between them, which DDP's hook-driven reducer, built for one backward per step,
+does not allow for. So each pass's gradients are averaged once, in buckets, where the single-process loop reads them.
 
 The step is the single-process step, not an approximation of it: every loss is a mean over sequences (equal
 shares: the mean of the shares' means) or a mean over response tokens, whose denominator is the whole batch's
 token count (`token_normalizer`), so the averaged gradient is the full batch's, up to summation order.
 Canary scores are kept sharded (each process a slice of every parameter) and read by the existing distributed
-top-K% selection (canaries.py)."""
+top-K% selection (canaries.py).
+
+Launched with FSDP (`accelerate launch --use_fsdp ...`), the job is still data-parallel, and the models are also
+sharded (sharding.py, FSDP2): FSDP's backward averages the gradients into each process's piece of them, so
+`average_gradients` has nothing left to do, and every figure read from weights or gradients (norms, canary drift)
+is summed over the pieces with `all_sum`."""
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from immunizer.errors import ImmunizerError
-from immunizer.launch import launched_distributed, split_evenly
+from immunizer.launch import launch_flag, launched_distributed, split_evenly
+from immunizer.sharding import full_state, is_sharded, load_full_state, local, shard_model
 
 BUCKET_ELEMENTS = 1 << 24  # 64 MiB of fp32 per all-reduce
 
@@ -42,6 +47,8 @@ class DataParallel:
     device: torch.device | None = None
     distributed_type: str = "NO"
     _state: object = None
+    sharded: bool = False  # FSDP: parameters and gradients are DTensors, each process holding a piece
+    offload: bool = False  # FSDP's CPU offload of the sharded parameters
 
     @classmethod
     def single(cls, device: torch.device | None = None) -> "DataParallel":
@@ -53,16 +60,16 @@ class DataParallel:
         `device`."""
         if not launched_distributed():
             return cls.single(device)
-        sharded = [name for name in ("FSDP", "DEEPSPEED")
-                   if os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true", "yes")]
-        if sharded:
-            raise ImmunizerError(f"this job was launched with {sharded[0]} sharding, which immunizer's commands do not "
-                                 "support yet: every process must hold the whole model. Launch data-parallel instead "
-                                 "(`accelerate launch --multi_gpu --num_processes N -m immunizer ...`, or an accelerate "
-                                 "config with distributed_type MULTI_GPU; configs/accelerate/ has examples)")
+        if launch_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise ImmunizerError("this job was launched with DeepSpeed, which immunizer's commands do not support: "
+                                 "launch with FSDP (`accelerate launch --use_fsdp ...`, configs/accelerate/eight-gpus-"
+                                 "fsdp.yaml) or data-parallel (`--multi_gpu`)")
         from accelerate import PartialState  # imported here: a one-process run never needs it
 
         state = PartialState(cpu=not torch.cuda.is_available())
+        if launch_flag("ACCELERATE_USE_FSDP"):
+            return cls(state.process_index, state.num_processes, state.device, "FSDP", state, sharded=True,
+                       offload=launch_flag("FSDP_OFFLOAD_PARAMS"))
         return cls(state.process_index, state.num_processes, state.device, str(state.distributed_type.value), state)
 
     # -- who does what
@@ -74,10 +81,46 @@ class DataParallel:
     def active(self) -> bool:
         return self.world_size > 1
 
-    def describe(self) -> dict:
-        """What metrics.jsonl and the manifest record about how the run was spread."""
-        return {"engine": "accelerate" if self.active else "single-process", "world_size": self.world_size,
-                "distributed_type": self.distributed_type}
+    def describe(self, trained: torch.nn.Module | None = None) -> dict:
+        """What metrics.jsonl, the manifest and run.json record about how the run was spread. `trained`: the model
+        a trainer returned, whose parameters say whether it really was sharded (accelerate shards on GPUs only:
+        under an FSDP launch on CPU processes TRL's trainer runs data-parallel)."""
+        sharded = self.sharded and (trained is None or any(is_sharded(p) for p in trained.parameters()))
+        described = {"engine": "accelerate" if self.active else "single-process", "world_size": self.world_size,
+                     "distributed_type": self.distributed_type}
+        if self.sharded and not sharded:  # launched with FSDP, run data-parallel
+            described["distributed_type"] = "MULTI_CPU" if self.device.type == "cpu" else "MULTI_GPU"
+        if sharded:
+            described["sharding"] = {"engine": "fsdp2", "offload_params": self.offload}
+        return described
+
+    # -- the models
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Shard `model` over the processes under FSDP (sharding.py); as it is otherwise."""
+        return shard_model(model, offload=self.offload) if self.sharded else model
+
+    def state_dicts(self, model: torch.nn.Module, optimizer=None) -> tuple[dict | None, dict | None]:
+        """The weights' and (with `optimizer`) the moments' state dicts in a one-process run's format; under FSDP
+        gathered from the pieces, on the main process only (None elsewhere; every process must call it)."""
+        if self.sharded:
+            return full_state(model, optimizer)
+        return model.state_dict(), None if optimizer is None else optimizer.state_dict()
+
+    def load_state_dicts(self, model: torch.nn.Module, weights: dict, optimizer=None, moments: dict | None = None) -> None:
+        """Load what `state_dicts` gave (from a run of any process count); under FSDP each process keeps its piece."""
+        if self.sharded:
+            load_full_state(model, weights, optimizer, moments)
+            return
+        model.load_state_dict(weights)
+        if optimizer is not None:
+            optimizer.load_state_dict(moments)
+
+    def load_moments(self, model: torch.nn.Module, optimizer, moments: dict) -> None:
+        """Only the optimizer's moments (`model`: the one it steps)."""
+        if self.sharded:
+            load_full_state(model, None, optimizer, moments)
+        else:
+            optimizer.load_state_dict(moments)
 
     def barrier(self) -> None:
         if self.active:
@@ -114,8 +157,9 @@ class DataParallel:
     @torch.no_grad()
     def average(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Average `tensors` over the processes in place (None stays None on every process: parameters
-        without a gradient are the same on all of them), bucketed to bound the extra memory."""
-        if not self.active:
+        without a gradient are the same on all of them), bucketed to bound the extra memory. Under FSDP the
+        gradients are each process's piece, averaged by FSDP's backward already."""
+        if not self.active or self.sharded:
             return tensors
         bucket: list[torch.Tensor] = []
         filled = 0
@@ -140,6 +184,38 @@ class DataParallel:
         if self.active:
             self.average([p.grad for p in params])
 
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """A sum over the pieces of sharded tensors (a float64 copy; in a data-parallel run without sharding
+        every process holds the whole tensor, so its own sum is the total)."""
+        value = value.detach().to(torch.float64).reshape(-1).clone()
+        if self.sharded:
+            dist.all_reduce(value)
+        return value
+
+    @torch.no_grad()
+    def norm(self, tensors) -> float:
+        """The L2 norm of `tensors` together (None and empty entries skipped); under FSDP, of the whole tensors
+        whose pieces these are. Reads one tensor at a time (`tensors` may be a generator)."""
+        squares = None
+        for t in tensors:
+            if t is not None and t.numel():
+                part = (local(t).float() ** 2).sum().double()
+                squares = part if squares is None else squares + part.to(squares.device)
+        return float(self.all_sum(torch.zeros(()) if squares is None else squares.cpu())) ** 0.5
+
+    @torch.no_grad()
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        """torch's `clip_grad_norm_`, returning the norm before clipping; under FSDP over the whole gradients."""
+        if not self.sharded:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = self.norm(p.grad for p in params)
+        scale = max_norm / (norm + 1e-6)
+        if scale < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    local(p.grad).mul_(scale)
+        return norm
+
     def total(self, count: int) -> int:
         """`count` summed over the processes (e.g. the tokens of a whole batch)."""
         if not self.active:
@@ -158,6 +234,15 @@ class DataParallel:
         dist.all_reduce(values)
         return {**figures, **{k: float(v) / self.world_size for k, v in zip(keys, values)}}
 
+    def join_pieces(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Under FSDP, each entry joined from every process's piece of it (the pieces in process order, as FSDP
+        lays out dim 0); as they are otherwise."""
+        if not self.sharded:
+            return pieces
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, [p.cpu() for p in pieces])
+        return [torch.cat([part[i] for part in parts]).to(piece.device) for i, piece in enumerate(pieces)]
+
     # -- sharded canary scores (canaries.CanaryScores keeps this process's slice of each parameter)
     def gather_slices(self, slices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The whole tensors from every process's slice (for a checkpoint any world size can resume from)."""
@@ -166,3 +251,10 @@ class DataParallel:
         parts: list = [None] * self.world_size
         dist.all_gather_object(parts, {k: v.cpu() for k, v in slices.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in slices}
+
+
+def end_process_group() -> None:
+    """Tear the launched job's process group down before the interpreter exits: left to exit-time destructors,
+    gloo's threads can abort a process that finished first ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from immunizer.checkpoint import save_checkpoint, set_rng_state
+from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path
 
 
@@ -49,10 +50,11 @@ class TrainingState:
     """An output directory's resumable state: `saved` is the checkpoint the run resumes from (checked by the
     caller against its own config), or None for a new run."""
 
-    def __init__(self, out_dir: Path, saved: dict | None, writer: bool = True):
+    def __init__(self, out_dir: Path, saved: dict | None, writer: bool = True, dp: DataParallel | None = None):
         """`writer` False: a data-parallel run's other processes, which read the checkpoint but never touch the
-        directory (the main process writes the log and the checkpoints)."""
-        self.out_dir, self.saved = Path(out_dir), saved
+        directory (the main process writes the log and the checkpoints). `dp`: the job (under FSDP the weights
+        and moments are gathered from the processes' pieces and handed back to them)."""
+        self.out_dir, self.saved, self.dp = Path(out_dir), saved, dp or DataParallel.single()
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", None if saved is None else saved["metrics_lines"]) \
             if writer else None
 
@@ -71,27 +73,29 @@ class TrainingState:
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Back to the checkpoint: the weights, every random generator and (when given) the optimizer's moments."""
-        model.load_state_dict(self.saved["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(self.saved["optimizer"])
+        self.dp.load_state_dicts(model, self.saved["model"], optimizer, self.saved["optimizer"] if optimizer else None)
         set_rng_state(self.saved["rng"])
 
-    def resume_step(self, cycle: int, phase: int, optimizer: torch.optim.Optimizer) -> int:
+    def resume_step(self, cycle: int, phase: int, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> int:
         """The step `phase` of `cycle` starts from: the checkpoint's, with its optimizer moments loaded into
-        `optimizer`, when the run stopped inside that phase; else 0."""
+        `optimizer` (which steps `model`), when the run stopped inside that phase; else 0."""
         at = self.position
         if self.saved is None or (at.cycle, at.phase) != (cycle, phase):
             return 0
-        optimizer.load_state_dict(self.saved["optimizer"])
+        self.dp.load_moments(model, optimizer, self.saved["optimizer"])
         return at.step
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, position: Position | None = None,
              **fields) -> None:
         """Write a checkpoint: `fields` (what the caller needs to check or resume), the position, the metrics
-        log's length, the weights and the optimizer's moments (checkpoint.py adds the random generators)."""
+        log's length, the weights and the optimizer's moments (checkpoint.py adds the random generators). Every
+        process of a job calls it; the writer writes."""
+        weights, moments = self.dp.state_dicts(model, optimizer)
+        if self.metrics is None:
+            return
         where = {"position": asdict(position)} if position is not None else {}
         save_checkpoint(self.out_dir, {**fields, **where, "metrics_lines": self.metrics.lines,
-                                       "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+                                       "model": weights, "optimizer": moments})
 
     def finish(self) -> None:
         """The run wrote its outputs: the checkpoint is no longer needed."""

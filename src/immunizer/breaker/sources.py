@@ -16,6 +16,7 @@ from immunizer.breaker.drift import DriftReport, Gathered, summarize
 from immunizer.breaker.reference import Reference
 from immunizer.breaker.safetensors_reader import safetensors_index, safetensors_tensors
 from immunizer.errors import ImmunizerError
+from immunizer.sharding import LocalRange, is_sharded, local
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -258,9 +259,36 @@ def module_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def sharded_deltas(reference: Reference, name: str, weight: torch.Tensor) -> Gathered:
+    """module_deltas for a parameter FSDP has sharded: each process reads the canaries and samples in its own
+    piece, and one all-reduce joins the deltas (each entry lives on exactly one process, the others add 0), so
+    every process reaches the same verdict without gathering the weights."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    piece, flat = LocalRange.of(weight), local(weight).reshape(-1)
+    parts = []
+    for index, released in ((reference.canary_index[name], reference.canary_value[name]),
+                            (reference.sample_index[name], reference.sample_value[name])):
+        index = index.to(flat.device)
+        here = piece.holds(index)
+        delta = torch.zeros(index.numel(), dtype=torch.float32, device=flat.device)  # + 0 elsewhere: exact
+        delta[here] = flat[index[here] - piece.start].float() - released.to(flat.device)[here]
+        parts.append(delta)
+    parts.append(torch.tensor([float(count_non_finite(flat))], dtype=torch.float32, device=flat.device))
+    joined = torch.cat(parts)
+    dist.all_reduce(joined)
+    joined = joined.cpu()
+    canaries = reference.canary_index[name].numel()
+    samples = reference.sample_index[name].numel()
+    return (name, joined[:canaries], joined[canaries:canaries + samples], int(joined[-1]))
+
+
 def module_deltas(reference: Reference, tensors: dict[str, torch.Tensor], lora: dict[str, torch.nn.Module]) -> Iterator[Gathered]:
     for name in reference.names:
         weight = tensors[name].detach()
+        if is_sharded(weight):  # FSDP (LoRA never runs sharded)
+            yield sharded_deltas(reference, name, weight)
+            continue
         flat = weight.reshape(-1)
         ci, si = (reference.canary_index[name].to(flat.device), reference.sample_index[name].to(flat.device))
         canary_now, sample_now = flat[ci].float(), flat[si].float()

@@ -20,12 +20,12 @@ from immunizer.data.prompts import benign_set, load_jsonl, weak_set
 from immunizer.data.tasks import GENERATED
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
-from immunizer.finetuning import FinetuneSpec, sft, spec_for
+from immunizer.finetuning import FinetuneSpec, save_model, sft, spec_for
 from immunizer.json_hash import json_sha256
 from immunizer.manifest import load_manifest
 from immunizer.models.loading import load_model, resolve_model
 from immunizer.parallel import DataParallel
-from immunizer.paths import atomic_path, write_json_atomic
+from immunizer.paths import write_json_atomic
 from immunizer.settings import AttackConfig, FinetuneConfig  # noqa: F401 (their home before settings.py)
 
 
@@ -113,15 +113,13 @@ def train_and_save(model_dir: Path, rows: list[dict], spec: FinetuneSpec, out_di
               "steps": counted.steps, "seconds": time.perf_counter() - started}
     out_dir = Path(out_dir)
     dp = DataParallel.from_environment()
-    record["parallel"] = dp.describe()
-    if dp.is_main:  # in a launched job the processes hold the same weights: one writes them
-        if spec.lora_rank:
-            with atomic_path(out_dir / "adapter") as tmp:
-                trained.save_pretrained(tmp)
-            trained = trained.merge_and_unload()
-        with atomic_path(out_dir / "model") as tmp:
-            trained.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    record["parallel"] = dp.describe(trained)
+    # In a launched job the main process writes (the processes hold the same weights, or under FSDP their pieces).
+    if spec.lora_rank:  # LoRA never runs sharded (finetuning.sft)
+        save_model(trained, tokenizer, out_dir / "adapter")
+        trained = trained.merge_and_unload()
+    save_model(trained, tokenizer, out_dir / "model")
+    if dp.is_main:
         write_json_atomic(out_dir / "run.json", record)
     dp.barrier()
     return record

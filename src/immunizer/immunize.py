@@ -377,7 +377,8 @@ class Run:
             if cfg.benign_perturb_epsilon > 0:  # simulate a benign fine-tuning step, then train from there
                 loss, _ = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
                 grads = take_gradients(loss, self.params, self.dp)
-                delta = normalized_perturbation(grads, cfg.benign_perturb_epsilon, sign=-1.0, norm=self.dp.norm(grads))
+                delta = normalized_perturbation(grads, cfg.benign_perturb_epsilon, sign=-1.0,
+                                                norm=self.dp.norm(grads) if self.dp.sharded else None)
                 del grads
                 apply_perturbation(self.params, delta, +1.0)
             align, parts = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)

@@ -68,6 +68,8 @@ def run_figures(out_dir: Path, world_size: int) -> dict:
     tokens, seconds = sum(r["batch_tokens"] for r in steps), sum(r["seconds"] for r in steps)
     return {"processes": world_size, "seconds": finished["seconds"], "device": finished.get("device"),
             "peak_memory_bytes_per_process": finished.get("peak_memory_bytes"),
+            # FSDP on CUDA: the peak while the whole models sat on the GPU, before they were sharded
+            "loading_peak_memory_bytes": finished.get("loading_peak_memory_bytes"),
             "timed_steps": len(steps), "tokens_per_second": tokens / seconds if seconds else None,
             "median_step_seconds": statistics.median(r["seconds"] for r in steps) if steps else None}
 

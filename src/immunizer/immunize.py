@@ -198,6 +198,11 @@ class Run:
         del self.helpful_teacher  # it has answered: the data is built
         for model in {id(m): m for m in (self.student, self.reference, self.harmful_teacher)}.values():
             self.dp.prepare(model)  # in place
+        self.loading_peak = {}
+        if self.dp.sharded and self.device.type == "cuda":  # the peak reported at the end is the sharded training's
+            self.loading_peak = {"loading_peak_memory_bytes": torch.cuda.max_memory_allocated(self.device)}
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
         self.params = list(self.named.values())
 
@@ -506,7 +511,8 @@ class Run:
         self.dp.barrier()
         meta = json.loads((self.out_dir / "manifest.json").read_text())
         self.log({"event": "finished", "seconds": seconds, "model_sha256": meta["model_sha256"],
-                  "num_canaries": meta["num_canaries"], **self.dp.describe(), **peak_memory(self.device)})
+                  "num_canaries": meta["num_canaries"], **self.dp.describe(), **peak_memory(self.device),
+                  **self.loading_peak})
         return ImmunizeResult(self.out_dir, self.out_dir / "model", meta, seconds)
 
 

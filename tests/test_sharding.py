@@ -4,6 +4,7 @@ Phase-2 path that reads weights or gradients between backward passes (the `inner
 perturbation, the stabilization, LoX); resume after killing both processes, and from one process; the guard on
 sharded weights; the launches that are refused."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,12 +79,25 @@ def test_fsdp_resumes_after_both_processes_are_killed(runs, tmp_path):
 
 
 def test_a_sharded_checkpoint_resumes_in_one_process(runs, tmp_path):
-    """The checkpoint holds whole tensors (gathered from the pieces), so any process count continues it."""
+    """Each process wrote its pieces (torch.distributed.checkpoint); one process reads them back whole."""
     one, _, _ = runs
     out = tmp_path / "killed"
     kill_after_a_checkpoint(launch_command("immunize", *TINY, "--out", str(out), fsdp=True), out)
+    pieces = list((out / "checkpoint" / "sharded").glob("*.distcp"))
+    assert len(pieces) == 2  # one file per process, no whole copy of the weights
+    assert "model" not in torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     run_cli("immunize", *TINY, "--out", str(out), "--resume")
     assert json.loads((out / "manifest.json").read_text())["parallel"]["world_size"] == 1
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-3
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path):
+    one, _, _ = runs
+    out = tmp_path / "killed"
+    kill_after_a_checkpoint([sys.executable, "-m", "immunizer", "immunize", *TINY, "--out", str(out)], out)
+    launch("immunize", *TINY, "--out", str(out), "--resume", fsdp=True)
+    assert json.loads((out / "manifest.json").read_text())["parallel"]["distributed_type"] == "FSDP"
     a, b = load_file(one / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-3
 

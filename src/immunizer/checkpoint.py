@@ -35,9 +35,13 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(directory: Path, state: dict) -> None:
+def save_checkpoint(directory: Path, state: dict, write_more=None) -> None:
+    """`write_more(tmp)`: writes more files into the checkpoint being assembled at `tmp` before it replaces the
+    last one (an FSDP run's sharded weights and moments, training_state.py)."""
     with atomic_path(Path(directory) / "checkpoint") as tmp:
         tmp.mkdir()
+        if write_more is not None:
+            write_more(tmp)
         torch.save({**state, "rng": rng_state()}, tmp / STATE_FILE)
 
 
@@ -49,7 +53,9 @@ def load_checkpoint(directory: Path) -> dict | None:
     if path is None or not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # never runs code from a checkpoint
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from a checkpoint
+        state["found_in"] = str(found)  # where an FSDP run's sharded weights and moments are (training_state.py)
+        return state
     except pickle.UnpicklingError as exc:
         found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
         raise ImmunizerError(f"checkpoint {path} holds more than tensors and plain values, and loading it could run "

@@ -100,10 +100,13 @@ class DataParallel:
         return shard_model(model, offload=self.offload) if self.sharded else model
 
     def state_dicts(self, model: torch.nn.Module, optimizer=None) -> tuple[dict | None, dict | None]:
-        """The weights' and (with `optimizer`) the moments' state dicts in a one-process run's format; under FSDP
-        gathered from the pieces, on the main process only (None elsewhere; every process must call it)."""
+        """The weights' and (with `optimizer`) the moments' state dicts in a one-process run's format. Under FSDP
+        only the weights, gathered from the pieces, on the main process only (None elsewhere; every process must
+        call it): checkpoints keep the moments sharded (training_state.py)."""
         if self.sharded:
-            return full_state(model, optimizer)
+            if optimizer is not None:
+                raise ValueError("under FSDP the optimizer's moments are saved sharded, never gathered")
+            return full_state(model), None
         return model.state_dict(), None if optimizer is None else optimizer.state_dict()
 
     def load_state_dicts(self, model: torch.nn.Module, weights: dict, optimizer=None, moments: dict | None = None) -> None:
@@ -215,6 +218,14 @@ class DataParallel:
                 if p.grad is not None:
                     local(p.grad).mul_(scale)
         return norm
+
+    def broadcast(self, value):
+        """The main process's `value` (any picklable object), on every process."""
+        if not self.active:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def total(self, count: int) -> int:
         """`count` summed over the processes (e.g. the tokens of a whole batch)."""

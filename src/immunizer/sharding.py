@@ -13,7 +13,9 @@ position, which immunization's canaries need."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -102,19 +104,13 @@ def trainer_settings(model: torch.nn.Module) -> dict:
                                                    "cpu_offload": launch_flag("FSDP_OFFLOAD_PARAMS")}}
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
-    """The whole (unsharded) state dicts of `model` and `optimizer`, in CPU memory on the main process only
-    (None elsewhere); every process must call it. The format is a one-process run's, so a checkpoint resumes
-    under any process count."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: PLC0415
-                                                         get_optimizer_state_dict)
+def full_state(model: torch.nn.Module) -> dict | None:
+    """The whole (unsharded) weights of `model`, in CPU memory on the main process only (None elsewhere); every
+    process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: PLC0415
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    moments = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-    if dist.get_rank() != 0:
-        return None, None
-    return weights, moments and _by_index(moments, _names(model, optimizer))
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return weights if dist.get_rank() == 0 else None
 
 
 def _names(model, optimizer) -> list[str]:
@@ -123,14 +119,8 @@ def _names(model, optimizer) -> list[str]:
     return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _by_index(moments: dict, names: list[str]) -> dict:
-    """torch.distributed.checkpoint keys the moments by parameter name; `Optimizer.state_dict()` by position."""
-    index = {n: i for i, n in enumerate(names)}
-    return {"state": {index[n]: v for n, v in moments["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in moments["param_groups"]]}
-
-
 def _by_name(moments: dict, names: list[str]) -> dict:
+    """`Optimizer.state_dict()` numbers the parameters; torch.distributed.checkpoint names them."""
     return {"state": {names[i]: v for i, v in moments["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in moments["param_groups"]]}
 
@@ -148,3 +138,35 @@ def load_full_state(model: torch.nn.Module, weights: dict | None, optimizer=None
     if optimizer is not None and moments is not None:
         set_optimizer_state_dict(model, optimizer, _by_name(moments, _names(model, optimizer)) if main else {},
                                  options=options)
+
+
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
+    """Every process writes its own pieces of the weights and the optimizer's moments into `directory`
+    (`torch.distributed.checkpoint`: no process ever holds the whole state). Every process must call it."""
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: PLC0415
+
+    weights, moments = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model: torch.nn.Module, optimizer=None, weights: bool = True) -> None:
+    """Read what `save_sharded` wrote into `model` (unless `weights` is False) and `optimizer`, under any process
+    count: torch.distributed.checkpoint reshards to this job's pieces, or assembles whole tensors in one process."""
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,  # noqa: PLC0415
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    state = {}
+    if weights:
+        state["model"] = get_model_state_dict(model)
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)  # initialises the moments to load into
+    one_process = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # it warns that one process reads it, even when told so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=one_process)
+    if weights:
+        set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -14,6 +14,9 @@ import torch
 
 from immunizer.checkpoint import save_checkpoint, set_rng_state
 from immunizer.parallel import DataParallel
+from immunizer.sharding import load_sharded, save_sharded
+
+SHARDED = "sharded"  # the checkpoint's folder for an FSDP run's weights and moments
 from immunizer.paths import atomic_path
 
 
@@ -73,8 +76,17 @@ class TrainingState:
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Back to the checkpoint: the weights, every random generator and (when given) the optimizer's moments."""
-        self.dp.load_state_dicts(model, self.saved["model"], optimizer, self.saved["optimizer"] if optimizer else None)
+        if self.sharded_saved:
+            load_sharded(self.sharded_saved, model, optimizer)
+        else:
+            self.dp.load_state_dicts(model, self.saved["model"], optimizer, self.saved["optimizer"] if optimizer else None)
         set_rng_state(self.saved["rng"])
+
+    @property
+    def sharded_saved(self) -> Path | None:
+        """Where the checkpoint keeps the weights and moments an FSDP run wrote piece by piece (None: they are in
+        the state file, whole)."""
+        return Path(self.saved["found_in"]) / SHARDED if self.saved and self.saved.get("sharded") else None
 
     def resume_step(self, cycle: int, phase: int, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> int:
         """The step `phase` of `cycle` starts from: the checkpoint's, with its optimizer moments loaded into
@@ -82,20 +94,39 @@ class TrainingState:
         at = self.position
         if self.saved is None or (at.cycle, at.phase) != (cycle, phase):
             return 0
-        self.dp.load_moments(model, optimizer, self.saved["optimizer"])
+        if self.sharded_saved:
+            load_sharded(self.sharded_saved, model, optimizer, weights=False)
+        else:
+            self.dp.load_moments(model, optimizer, self.saved["optimizer"])
         return at.step
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, position: Position | None = None,
              **fields) -> None:
         """Write a checkpoint: `fields` (what the caller needs to check or resume), the position, the metrics
         log's length, the weights and the optimizer's moments (checkpoint.py adds the random generators). Every
-        process of a job calls it; the writer writes."""
+        process of a job calls it; the writer writes. Under FSDP every process writes its pieces of the weights and
+        moments into the checkpoint's `sharded/` (sharding.py); the state file holds the rest."""
+        if self.dp.sharded:
+            self._save_sharded(model, optimizer, position, fields)
+            return
         weights, moments = self.dp.state_dicts(model, optimizer)
         if self.metrics is None:
             return
         where = {"position": asdict(position)} if position is not None else {}
         save_checkpoint(self.out_dir, {**fields, **where, "metrics_lines": self.metrics.lines,
                                        "model": weights, "optimizer": moments})
+
+    def _save_sharded(self, model, optimizer, position: Position | None, fields: dict) -> None:
+        def write_pieces(tmp: Path | None) -> None:  # every process, into the directory the writer is assembling
+            tmp = Path(self.dp.broadcast(None if tmp is None else str(tmp)))
+            save_sharded(tmp / SHARDED, model, optimizer)
+
+        if self.metrics is None:
+            write_pieces(None)
+        else:
+            where = {"position": asdict(position)} if position is not None else {}
+            save_checkpoint(self.out_dir, {**fields, **where, "metrics_lines": self.metrics.lines, "sharded": True},
+                            write_more=write_pieces)
 
     def finish(self) -> None:
         """The run wrote its outputs: the checkpoint is no longer needed."""

@@ -27,7 +27,9 @@ from helpers import make_release, run_cli
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 # fp32: one process and two agree to float rounding; under bf16 autocast (the default where a CPU runs bf16
 # natively) each process's smaller batch rounds differently (a grad norm 3.6e-4 apart on an AVX512-BF16 CPU).
-TINY = ["--model", "tiny", "--preset", "tiny", "--set", "bf16=false"]
+# The end-of-turn token unlearned: the tiny teacher answers with an empty string, so without it every refusal score
+# is 0 and the canaries are the tie-break order's, the same in any run whatever the averaging.
+TINY = ["--model", "tiny", "--preset", "tiny", "--set", "bf16=false", "--set", "phase1.unlearn_end_of_turn=true"]
 
 
 def launch_command(*args, fsdp: bool = False, script: str | None = None) -> list[str]:
@@ -84,6 +86,7 @@ def test_two_processes_give_the_one_process_run(runs):
 
     canaries_one, canaries_two = load_file(one / "canaries.safetensors"), load_file(two / "canaries.safetensors")
     assert canaries_one.keys() == canaries_two.keys()
+    assert len(canaries_one) > 4  # chosen by score across parameters, not only the first by name
     for key in canaries_one:
         if key.endswith("::index"):
             assert torch.equal(canaries_one[key], canaries_two[key]), key

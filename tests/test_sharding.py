@@ -18,12 +18,11 @@ from immunizer.parallel import DataParallel
 from immunizer.sharding import LocalRange
 
 from helpers import run_cli
-from test_parallel import guarded_runs, kill_after_a_checkpoint, launch, launch_command, metrics, steps
+from test_parallel import TINY as PARALLEL_TINY, guarded_runs, kill_after_a_checkpoint, launch, launch_command, metrics, steps
 
-# fp32, as test_parallel.py; the end-of-turn token unlearned, so that the tiny teacher's (empty) answers still give
-# the refusal loss a gradient and the canaries are chosen by their scores, not by the tie-break order.
-TINY = ["--model", "tiny", "--preset", "tiny", "--set", "bf16=false", "--set", "phase1.unlearn_end_of_turn=true",
-        "--set", "phase1.adversary=inner", "--set", "phase2.benign_perturb_epsilon=0.1",
+# test_parallel.py's settings (fp32, the end-of-turn token unlearned), and every path that reads weights or
+# gradients between backward passes.
+TINY = [*PARALLEL_TINY, "--set", "phase1.adversary=inner", "--set", "phase2.benign_perturb_epsilon=0.1",
         "--set", "extrapolate.rank=2", "--set", "extrapolate.alpha=0.5"]
 
 

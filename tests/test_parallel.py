@@ -84,21 +84,30 @@ def test_two_processes_give_the_one_process_run(runs):
     started = metrics(two)[0]
     assert started["event"] == "started" and started["world_size"] == 2
 
+    assert_same_run(one, two, ("refusal_loss", "npo", "rkl", "alignment_loss", "dpo", "kl", "grad_norm"))
+
+
+def assert_same_run(one: Path, two: Path, figures: tuple[str, ...], canary_values_atol: float | None = None) -> None:
+    """The launched run `two` took the one-process run `one`'s steps: the same canaries (and, with
+    `canary_values_atol`, their released values), each step's `figures` (the whole batch's, the processes'
+    mean), and weights within summation-order noise."""
     canaries_one, canaries_two = load_file(one / "canaries.safetensors"), load_file(two / "canaries.safetensors")
     assert canaries_one.keys() == canaries_two.keys()
     assert len(canaries_one) > 4  # chosen by score across parameters, not only the first by name
     for key in canaries_one:
         if key.endswith("::index"):
             assert torch.equal(canaries_one[key], canaries_two[key]), key
+        elif canary_values_atol is not None:
+            assert torch.allclose(canaries_one[key], canaries_two[key], atol=canary_values_atol), key
 
-    # Each step's losses are the whole batch's (the processes' mean), as in one process.
     for a, b in zip(steps(metrics(one)), steps(metrics(two)), strict=True):
-        for key in ("refusal_loss", "npo", "rkl", "alignment_loss", "dpo", "kl", "grad_norm"):
+        for key in figures:
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["phase"], a["step"], key)
 
     weights_one = load_file(one / "model" / "model.safetensors")
     weights_two = load_file(two / "model" / "model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
     # Adam turns summation-order differences of near-zero gradients into steps of up to lr (1e-3, 12 steps).
     worst = max(float((weights_one[k] - weights_two[k]).abs().max()) for k in weights_one)
     assert worst < 5e-3

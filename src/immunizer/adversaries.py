@@ -37,13 +37,13 @@ class Displacement:
 
 
 def normalized_perturbation(grads: list[torch.Tensor | None], epsilon: float, sign: float,
-                            norm: float | None = None) -> list[torch.Tensor]:
-    """δ = sign·ε·g/‖g‖ with ‖g‖ the global L2 norm over all parameters (pass `norm` when `grads` are pieces of
-    sharded tensors: parallel.DataParallel.norm)."""
-    if norm is None:  # one fp32 reduction, as every release so far was trained with
+                            dp: DataParallel = ONE_PROCESS) -> list[torch.Tensor]:
+    """δ = sign·ε·g/‖g‖ with ‖g‖ the global L2 norm over all parameters (under FSDP `grads` are this process's
+    pieces, and ‖g‖ is summed over the processes)."""
+    if dp.sharded:
+        norm = max(dp.norm(grads), 1e-12)
+    else:  # one fp32 reduction, as every release so far was trained with
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).clamp_min(1e-12)
-    else:
-        norm = max(norm, 1e-12)
     return [torch.zeros(0) if g is None else (sign * epsilon / norm) * g for g in grads]
 
 
@@ -92,7 +92,7 @@ def _gradient_step(model, params, harmful: Batch, bf16: bool, make_delta, dp: Da
 def lat_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool, dp: DataParallel = ONE_PROCESS) -> Displacement:
     """Move the weights one normalized step towards the harmful responses (L2 norm ε)."""
     return _gradient_step(model, params, harmful, bf16,
-                          lambda g: normalized_perturbation(g, epsilon, sign=-1.0, norm=dp.norm(g) if dp.sharded else None), dp)
+                          lambda g: normalized_perturbation(g, epsilon, sign=-1.0, dp=dp), dp)
 
 
 def sign_perturb(model, params, harmful: Batch, epsilon: float, bf16: bool, dp: DataParallel = ONE_PROCESS) -> Displacement:

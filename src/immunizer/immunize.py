@@ -127,9 +127,14 @@ def random_probe(named_params: dict[str, torch.Tensor], share: float, seed: int)
             for n, p in named_params.items()}
 
 
+def mean_square(current: list[torch.Tensor], anchor: list[torch.Tensor], dp: DataParallel, count: int) -> float:
+    """Mean of (current − anchor)² over `count` entries (under FSDP `current` and `anchor` are this process's
+    share): the stabilization loss's value."""
+    return float(dp.all_sum(sum_of_squares(current, anchor))) / max(count, 1)
+
+
 def rms_drift(current: list[torch.Tensor], anchor: list[torch.Tensor], dp: DataParallel, count: int) -> float:
-    """RMS of current − anchor over `count` entries (under FSDP `current` and `anchor` are this process's share)."""
-    return math.sqrt(float(dp.all_sum(sum_of_squares(current, anchor))) / max(count, 1))
+    return math.sqrt(mean_square(current, anchor, dp, count))
 
 
 # ---------------------------------------------------------------- data order
@@ -382,8 +387,7 @@ class Run:
             if cfg.benign_perturb_epsilon > 0:  # simulate a benign fine-tuning step, then train from there
                 loss, _ = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
                 grads = take_gradients(loss, self.params, self.dp)
-                delta = normalized_perturbation(grads, cfg.benign_perturb_epsilon, sign=-1.0,
-                                                norm=self.dp.norm(grads) if self.dp.sharded else None)
+                delta = normalized_perturbation(grads, cfg.benign_perturb_epsilon, sign=-1.0, dp=self.dp)
                 del grads
                 apply_perturbation(self.params, delta, +1.0)
             align, parts = phase2_alignment_loss(self.student, self.reference, pairs, cfg, bf16)
@@ -418,7 +422,7 @@ class Run:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             local(p.grad).view(-1).index_add_(0, idx, g.to(p.grad.dtype), alpha=beta)
-        return rms_drift(current, anchor, self.dp, count) ** 2
+        return mean_square(current, anchor, self.dp, count)
 
     def values_at(self, selection: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The weights' current values at `selection` (whole-parameter flat indices), joined from the processes'
@@ -466,7 +470,7 @@ class Run:
         process (None on the others). Every process calls it."""
         if not self.dp.sharded:
             return self.student
-        weights, _ = self.dp.state_dicts(self.student)
+        weights = self.dp.whole_weights(self.student)
         if not self.dp.is_main:
             return None
         model, _ = load_model(self.base_dir, with_tokenizer=False)
@@ -479,7 +483,7 @@ class Run:
         cfg = self.config.extrapolate
         if not cfg.enabled:
             return
-        base, _ = self.dp.state_dicts(self.reference) if self.dp.sharded else (dict(self.reference.named_parameters()), None)
+        base = self.dp.whole_weights(self.reference) if self.dp.sharded else dict(self.reference.named_parameters())
         if model is None:
             return
         started = time.perf_counter()

@@ -99,18 +99,13 @@ class DataParallel:
         """Shard `model` over the processes under FSDP (sharding.py); as it is otherwise."""
         return shard_model(model, offload=self.offload) if self.sharded else model
 
-    def state_dicts(self, model: torch.nn.Module, optimizer=None) -> tuple[dict | None, dict | None]:
-        """The weights' and (with `optimizer`) the moments' state dicts in a one-process run's format. Under FSDP
-        only the weights, gathered from the pieces, on the main process only (None elsewhere; every process must
-        call it): checkpoints keep the moments sharded (training_state.py)."""
-        if self.sharded:
-            if optimizer is not None:
-                raise ValueError("under FSDP the optimizer's moments are saved sharded, never gathered")
-            return full_state(model), None
-        return model.state_dict(), None if optimizer is None else optimizer.state_dict()
+    def whole_weights(self, model: torch.nn.Module) -> dict | None:
+        """`model`'s state dict; under FSDP gathered from the pieces, on the main process only (None elsewhere;
+        every process must call it)."""
+        return full_state(model) if self.sharded else model.state_dict()
 
     def load_state_dicts(self, model: torch.nn.Module, weights: dict, optimizer=None, moments: dict | None = None) -> None:
-        """Load what `state_dicts` gave (from a run of any process count); under FSDP each process keeps its piece."""
+        """Load a one-process checkpoint's state dicts; under FSDP each process keeps its piece."""
         if self.sharded:
             load_full_state(model, weights, optimizer, moments)
             return

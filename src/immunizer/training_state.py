@@ -14,10 +14,10 @@ import torch
 
 from immunizer.checkpoint import save_checkpoint, set_rng_state
 from immunizer.parallel import DataParallel
+from immunizer.paths import atomic_path
 from immunizer.sharding import load_sharded, save_sharded
 
 SHARDED = "sharded"  # the checkpoint's folder for an FSDP run's weights and moments
-from immunizer.paths import atomic_path
 
 
 @dataclass(frozen=True, order=True)
@@ -106,27 +106,21 @@ class TrainingState:
         log's length, the weights and the optimizer's moments (checkpoint.py adds the random generators). Every
         process of a job calls it; the writer writes. Under FSDP every process writes its pieces of the weights and
         moments into the checkpoint's `sharded/` (sharding.py); the state file holds the rest."""
-        if self.dp.sharded:
-            self._save_sharded(model, optimizer, position, fields)
-            return
-        weights, moments = self.dp.state_dicts(model, optimizer)
-        if self.metrics is None:
-            return
-        where = {"position": asdict(position)} if position is not None else {}
-        save_checkpoint(self.out_dir, {**fields, **where, "metrics_lines": self.metrics.lines,
-                                       "model": weights, "optimizer": moments})
-
-    def _save_sharded(self, model, optimizer, position: Position | None, fields: dict) -> None:
         def write_pieces(tmp: Path | None) -> None:  # every process, into the directory the writer is assembling
             tmp = Path(self.dp.broadcast(None if tmp is None else str(tmp)))
             save_sharded(tmp / SHARDED, model, optimizer)
 
-        if self.metrics is None:
-            write_pieces(None)
+        if self.metrics is None:  # another process of the job: under FSDP it writes its pieces, else nothing
+            if self.dp.sharded:
+                write_pieces(None)
+            return
+        state = {**fields, "metrics_lines": self.metrics.lines}
+        if position is not None:
+            state["position"] = asdict(position)
+        if self.dp.sharded:
+            save_checkpoint(self.out_dir, {**state, "sharded": True}, write_more=write_pieces)
         else:
-            where = {"position": asdict(position)} if position is not None else {}
-            save_checkpoint(self.out_dir, {**fields, **where, "metrics_lines": self.metrics.lines, "sharded": True},
-                            write_more=write_pieces)
+            save_checkpoint(self.out_dir, {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
 
     def finish(self) -> None:
         """The run wrote its outputs: the checkpoint is no longer needed."""

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from immunizer.paths import write_json_atomic
+
 HERE = Path(__file__).parent
 
 
@@ -60,8 +62,7 @@ def main():
                             "ratio_phase1_step": r["phase1_step_median_s"] / plain["phase1_step_median_s"]}
                         for a, r in per_adversary.items()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(Path(args.out), result)
     print(json.dumps(result, indent=2))
 
 

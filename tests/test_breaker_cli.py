@@ -136,6 +136,25 @@ def test_threshold_choice_by_hand():
     assert fig["threshold"] == 1.3 and fig["tpr"] == 1.0 and fig["fpr"] == 0.0 and fig["auroc"] == 1.0
 
 
+def test_calibration_learns_a_task_the_bench_does_not_fine_tune_on():
+    """The default and quick grids include `extraction` (a task the model really learns, so its fine-tunes move the
+    weights as far as a useful benign fine-tune does), drawn from other rows than the bench's benign fine-tune."""
+    from immunizer.data.tasks import BENIGN_TASK, GENERATED
+
+    for config in (calibration.CalibrationConfig(), load_calibration_config("quick"), load_calibration_config("standard")):
+        assert BENIGN_TASK in config.benign_tasks
+        assert {c.name for c in calibration.plan_cases(config) if c.data == BENIGN_TASK} >= {"benign-extraction-full-lr5e-05"}
+    config = load_calibration_config("quick")
+    case = next(c for c in calibration.plan_cases(config) if c.data == BENIGN_TASK)
+    rows = calibration.CaseData("tiny", config).rows(case)
+    assert len(rows) == config.benign_samples and all(r["response"] == r["answer"] for r in rows)
+    bench_rows = {r["prompt"] for seed in range(3) for r in GENERATED[BENIGN_TASK](64, seed, split="train")}
+    assert not bench_rows & {r["prompt"] for r in rows}
+    # the other generated tasks keep the rows (and cached runs) of earlier calibrations
+    arithmetic = next(c for c in calibration.plan_cases(config) if c.data == "arithmetic")
+    assert calibration.CaseData("tiny", config).rows(arithmetic) == GENERATED["arithmetic"](config.benign_samples, 0)
+
+
 def test_calibration_config_errors():
     with pytest.raises(ImmunizerError, match="unknown calibration preset"):
         load_calibration_config("huge")

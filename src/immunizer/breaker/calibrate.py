@@ -23,7 +23,7 @@ from immunizer.breaker.reference import SAMPLE_SHARE, Reference, load_reference,
 from immunizer.breaker.sources import scan_module
 from immunizer.config import load_layers, merge
 from immunizer.data.prompts import benign_set, weak_set
-from immunizer.data.tasks import GENERATED
+from immunizer.data.tasks import BENIGN_TASK, GENERATED
 from immunizer.data.teacher import Teacher
 from immunizer.errors import ImmunizerError
 from immunizer.finetuning import FinetuneSpec, sft
@@ -34,6 +34,7 @@ from immunizer.paths import atomic_path
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets" / "calibration"
 CASES_FILE = "calibration/cases.jsonl"
+BENIGN_TASK_SEED_OFFSET = 1000
 ROC_FILE = "calibration/roc.png"
 
 
@@ -45,8 +46,11 @@ class CalibrationConfig:
     """Optimizer steps at which each run's statistic is read; the last one is the run's length."""
     batch_size: int = 4
     max_length: int = 144
-    benign_tasks: list[str] = field(default_factory=lambda: ["instruction", "arithmetic", "listops"])
-    """`instruction` (benign prompts answered by the teacher), `arithmetic`, `listops` (generated, exact answers)."""
+    benign_tasks: list[str] = field(default_factory=lambda: ["instruction", "arithmetic", "listops", "extraction"])
+    """`instruction` (benign prompts answered by the teacher), `arithmetic`, `listops`, `extraction` (generated, exact
+    answers). Keep a task the model really learns (`extraction`: SmolLM2-135M goes from 0% to 100% on it): a benign
+    fine-tune that learns moves the weights further than one that does not, and a calibration without one set the
+    bound below the bench's own benign fine-tune (harm_drift_ratio 0.114 against a bound of 0.108)."""
     benign_samples: int = 96
     harmful_samples: list[int] = field(default_factory=lambda: [32, 96])
     """Harmful (prompt, teacher answer) pairs per harmful run, from the weak pool's training split."""
@@ -84,9 +88,10 @@ def load_calibration_config(preset: str | None = None, overrides: dict | None = 
         raise ImmunizerError(f"unknown statistic {config.statistic!r}; choose one of {', '.join(STATISTICS)}")
     if not lora_ranks(config) or any(r < 1 for r in lora_ranks(config)):
         raise ImmunizerError(f"lora_rank must be a rank >= 1 or a non-empty list of them, got {config.lora_rank!r}")
-    unknown = [t for t in config.benign_tasks if t not in ("instruction", "arithmetic", "listops")]
+    known = ["instruction", *GENERATED]
+    unknown = [t for t in config.benign_tasks if t not in known]
     if unknown:
-        raise ImmunizerError(f"unknown benign task(s) {unknown}; choose from instruction, arithmetic, listops")
+        raise ImmunizerError(f"unknown benign task(s) {unknown}; choose from {', '.join(known)}")
     return config
 
 
@@ -137,7 +142,10 @@ class CaseData:
 
     def rows(self, case: Case) -> list[dict]:
         if case.data in GENERATED:
-            return GENERATED[case.data](case.samples, self.config.seed)
+            # the bench's benign fine-tune draws this task's rows with its run's seed (0, 1, ...): the calibration's
+            # come from a seed no run uses, so that fine-tune stays out of the calibration
+            seed = self.config.seed + BENIGN_TASK_SEED_OFFSET if case.data == BENIGN_TASK else self.config.seed
+            return GENERATED[case.data](case.samples, seed)
         prompts = self._shuffled(case.harmful)[: case.samples]
         return [{"prompt": p, "response": r} for p, r in zip(prompts, self.teacher.answers(prompts, "harmful-weak" if case.harmful else "helpful"))]
 

@@ -1,6 +1,7 @@
 """`immunizer bench` on the tiny preset: the report.json contract, resume, seeds, the HTML report and
 the per-sample file, and its bad inputs."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +9,8 @@ from helpers import run_cli
 from immunizer.errors import ImmunizerError
 from immunizer.redteam import bench as bench_module
 from immunizer.redteam.bench import aggregate, load_bench_config, run_bench
+
+ROOT = Path(__file__).resolve().parent.parent
 
 METRICS = ("harmful_score", "refused_share", "degenerate_share", "harmful_nll", "over_refusal", "benign_task_accuracy",
            "breaker_statistic", "tripped")
@@ -254,6 +257,10 @@ def test_a_borrowed_calibration_judges_with_all_its_bounds(tiny_bench, tmp_path)
     # the quick preset's file ships with the package
     assert load_bench_config("quick").breaker_calibration == "quick_calibration.json"
     assert bench_module.borrowed_calibration("quick_calibration.json")["statistic"] == "harm_drift_ratio"
+    # ... and so does the one the committed quick matrix was started with, exactly as it was pinned there
+    pinned = json.loads((ROOT / "bench/results/bench_quick/breaker_calibration.json").read_text())
+    assert pinned["name"] == "quick_calibration_v1.json"
+    assert bench_module.borrowed_calibration(pinned["name"]) == pinned["breaker"]
 
 
 def test_an_interrupted_bench_continues_where_it_stopped(tmp_path, monkeypatch):

@@ -92,7 +92,9 @@ class Phase1Config:
     npo_floor: float = 0.0
     """Nats per token (with npo_length_normalized): NPO stops pushing a harmful answer once its log-ratio to the
     reference is below −npo_floor (0: never stops). Re-immunizing the quick release without it took the harmful
-    NLL from 6.9 to 34 and its answers into noise (bench/results/loop_quick.json)."""
+    NLL from 6.9 to 34 and its answers into noise (bench/results/loop_quick.json, before the refusal-loss fixes);
+    with today's losses a second quick immunization stays fluent without it (bench/results/reimmunize_probe.json:
+    degenerate 0%, complied 56% -> 35%, harmful NLL 2.1 -> 6.0)."""
     npo_length_normalized: bool = True
     """Use the per-token mean log-ratio in NPO, as SimNPO does (Fan et al. 2024), instead of the sequence sum:
     with sums, NPO's gradient is ~response-length times an SFT gradient and, on SmolLM2-135M, it swamped the

@@ -34,8 +34,8 @@ from immunizer.paths import atomic_path
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets" / "calibration"
 CASES_FILE = "calibration/cases.jsonl"
-BENIGN_TASK_SEED_OFFSET = 1000
 ROC_FILE = "calibration/roc.png"
+BENIGN_TASK_SEED_OFFSET = 1000
 
 
 @dataclass

@@ -17,7 +17,7 @@ import re
 import time
 from pathlib import Path
 
-from probe_common import before_and_after
+from probe_common import BASE_MODEL, before_and_after
 
 from immunizer.baselines import METHOD_CONFIGS
 from immunizer.config import load_config
@@ -54,8 +54,8 @@ def main():
             method = None if args.method == "immunizer" else METHOD_CONFIGS / f"{args.method}.yaml"
             config = load_config(args.preset, method, overrides)
             if args.start:
-                config.teachers.harmful = config.teachers.helpful = "smollm2"
-            immunize(resolve_model(args.start) if args.start else "smollm2", directory, config,
+                config.teachers.harmful = config.teachers.helpful = BASE_MODEL
+            immunize(resolve_model(args.start) if args.start else BASE_MODEL, directory, config,
                      resume=(directory / "checkpoint").is_dir())
             entry["train_seconds"] = time.perf_counter() - started
         before_and_after(name, directory, directory / "probe", entry, results, out, attack=not args.no_attack)

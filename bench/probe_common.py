@@ -12,9 +12,9 @@ from immunizer.redteam.evaluate import EvalConfig, evaluate
 KEEP = ("harmful_score", "harmful_score_ci95", "refused_share", "degenerate_share", "repeated_sentence_share",
         "harmful_nll", "over_refusal", "slices", "n", "n_safe", "seconds")
 CURVE = [10, 20, 39]
-# the unaligned base model answers the attack's prompts and reads the answers (harmful NLL, the degenerate rule), also
+# the unaligned base model the probes immunize; it also answers the attack's prompts and reads the answers (harmful NLL, the degenerate rule), also
 # for a model immunized from a release, whose manifest names the release as its base
-TEACHER = "smollm2"
+BASE_MODEL = "smollm2"
 HEADLINE = ("harmful_score", "refused_share", "degenerate_share", "over_refusal", "repeated_sentence_share")
 
 
@@ -26,14 +26,14 @@ def before_and_after(name: str, directory: Path, work: Path, entry: dict, result
                      attack: bool = True) -> None:
     """Fill entry["before"] and entry["after"][step], saving `results` to `out` after each finished piece."""
     if "before" not in entry:
-        entry["before"] = figures(evaluate(directory, work / "eval.json", EvalConfig(max_new_tokens=32, n_task=0, teacher=TEACHER)))
+        entry["before"] = figures(evaluate(directory, work / "eval.json", EvalConfig(max_new_tokens=32, n_task=0, teacher=BASE_MODEL)))
         write_json_atomic(out, results)
     print(name, "before", json.dumps({k: entry["before"].get(k) for k in HEADLINE}), flush=True)
     if not attack:
         return
     attack_dir = work / "attack"
     if not (attack_dir / "run.json").is_file():
-        run_attack(directory, attack_dir, AttackConfig(steps=CURVE[-1], save_steps=CURVE[:-1], teacher=TEACHER))
+        run_attack(directory, attack_dir, AttackConfig(steps=CURVE[-1], save_steps=CURVE[:-1], teacher=BASE_MODEL))
     attack_curve(name, attack_dir, CURVE, entry, results, out)
 
 
@@ -45,7 +45,7 @@ def attack_curve(name: str, attack_dir: Path, steps: list[int], entry: dict, res
         if str(step) not in curve:
             snapshot = attack_dir / "model" if step == steps[-1] else attack_dir / "steps" / f"step{step}" / "model"
             report = evaluate(snapshot, attack_dir / f"eval-step{step}.json",
-                              EvalConfig(max_new_tokens=32, n_task=0, harmful_only=True, teacher=TEACHER))
+                              EvalConfig(max_new_tokens=32, n_task=0, harmful_only=True, teacher=BASE_MODEL))
             curve[str(step)] = figures(report)
             write_json_atomic(out, results)
         print(name, "step", step, json.dumps({k: curve[str(step)].get(k) for k in HEADLINE}), flush=True)

@@ -234,6 +234,11 @@ def test_a_borrowed_calibration_judges_with_all_its_bounds(tiny_bench, tmp_path)
         record = bench_module._scan(method, run_dir, tmp_path / f"scan{threshold}-{len(bounds)}.json")
         assert record["tripped"] is tripped and bool(record["reasons"]) is tripped
         assert not bounds or "canary_drift_ratio" in record["reasons"][0]
+        # the record keeps every reading, so these weights can be judged again without them
+        from immunizer.breaker.bounds import bounds_from_calibration, violations
+
+        again = violations(bounds_from_calibration(method.bounds_entry), record["readings"])
+        assert bool(again) is tripped and record["non_finite_weights"] == 0
     # a manifest's own calibration wins over the preset's file
     config = load_bench_config("tiny", overrides=[f"breaker_calibration={path}", "calibration=null"])
     method = bench_module.Method("immunizer", release / "model", release, 1.0)

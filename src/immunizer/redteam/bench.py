@@ -310,7 +310,7 @@ def _evaluate(model_dir: Path, path: Path, config: BenchConfig, harmful_only: bo
 
 def _scan(method: Method, model_dir: Path, path: Path) -> dict:
     """The breaker's reading of one trained model: `model_dir` holds `adapter/` (read unmerged) or `model/`."""
-    from immunizer.breaker.bounds import bounds_from_calibration, reasons_to_trip
+    from immunizer.breaker.bounds import bounds_from_calibration, readings_of, reasons_to_trip
     from immunizer.breaker.breaker import calibrated_bounds
     from immunizer.breaker.reference import load_reference
     from immunizer.breaker.sources import scan_path
@@ -324,7 +324,9 @@ def _scan(method: Method, model_dir: Path, path: Path) -> dict:
         candidate = model_dir / "adapter" if (model_dir / "adapter").is_dir() else model_dir / "model"
         report = scan_path(reference, candidate)
         record = {"breaker_statistic": report.statistic, "statistic_name": report.statistic_name, "tripped": None,
-                  "threshold": method.threshold, "canary_drift_ratio": report.value("canary_drift_ratio")}
+                  "threshold": method.threshold, "canary_drift_ratio": report.value("canary_drift_ratio"),
+                  # Every statistic a bound can read, so a later calibration can judge these weights again.
+                  "readings": readings_of(report), "non_finite_weights": report.non_finite}
         # The whole rule (every bound, non-finite weights), as `scan` judges: a borrowed calibration's bounds, else the
         # manifest's (its own calibration, or the preset's single threshold).
         bounds = None

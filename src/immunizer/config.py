@@ -107,6 +107,12 @@ class Phase1Config:
     """Cap τ on KL(student ‖ harmful teacher), nats per token, in L_RKL = −min(KL, τ)."""
     refusal_anchor_weight: float = 1.0
     """Extension (MISSION §1): weight of SFT on (harmful prompt, refusal) added to the refusal step; 0 switches it off."""
+    adapted_refusal_weight: float = 0.0
+    """Extension: weight of SFT on (harmful prompt, refusal) taken at the adversary's moved weights w', beside
+    NPO / −KL there, so that the refusal stays likely *after* the simulated attack, not only less of the harmful
+    answer (TAR's tamper-resistance term in spirit: Tamirisa et al. 2024, arXiv 2408.00761, whose refusal setting
+    takes DPO, refusal over harmful answer, at the adapted weights). Its gradient is applied at w, as the refusal
+    loss's is, and enters the canary scores. 0: off (one extra forward/backward per Phase-1 step when on)."""
     retain_weight: float = 1.0
     """Extension (MISSION §1): weight of SFT on benign (prompt, helpful answer) pairs in the same step, so
     the model learns *when* to refuse; without it the quick preset refused 94% of safe prompts (measured). 0: off."""
@@ -407,6 +413,9 @@ def validate(config: ImmunizeConfig) -> None:
         problems.append(f"phase1.adversary must be one of {', '.join(ADVERSARIES)}, got {p1.adversary!r}")
     if p1.lat_epsilon < 0 or p1.sign_epsilon < 0 or p1.npo_floor < 0:
         problems.append("phase1.lat_epsilon, phase1.sign_epsilon and phase1.npo_floor must be >= 0")
+    weights = ("refusal_anchor_weight", "adapted_refusal_weight", "retain_weight")
+    if any(getattr(p1, name) < 0 for name in weights):  # (non-finite numbers are refused when the keys are read)
+        problems.append(f"phase1.{', phase1.'.join(weights)} must be >= 0")
     steps, lrs = p1.inner_steps, p1.inner_lr
     if len(steps) != 2 or not (1 <= steps[0] <= steps[1] or steps == [0, 0]):
         problems.append(f"phase1.inner_steps must be [low, high] with 1 <= low <= high (or [0, 0]: off), got {steps}")

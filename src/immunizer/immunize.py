@@ -7,6 +7,7 @@
                                    sign   δ = −ε·sign(g), every weight moved like an Adam step
                                    inner  K AdamW steps of harmful SFT from w
             refusal_loss         γ·((1−λ)·NPO + λ·(−min(KL(student‖harmful teacher), τ)))  at w'
+                                 [+ adapted_refusal_weight · SFT on (prompt, refusal) at w', optional]
             accumulate_canary_scores   += |∂L_refusal/∂w| at w'
             restore              w ← w  (the refusal gradient from w' is applied at w: SAM-style / first order)
             (anchor step)        + SFT on (prompt, refusal) + SFT on (benign prompt, helpful answer), at w
@@ -286,13 +287,19 @@ class Run:
             optimizer.zero_grad(set_to_none=True)
 
             moved = self.simulate_attack(pairs, cycle, step, harmful)
-            if gamma > 0:
-                loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16,
-                                                  self.tokenizer.eos_token_id)
+            if gamma > 0 or cfg.adapted_refusal_weight > 0:
+                loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
+                if gamma > 0:
+                    loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma,
+                                                      cfg, bf16, self.tokenizer.eos_token_id)
+                if cfg.adapted_refusal_weight > 0:  # the refusal still likely at w', after the simulated attack
+                    held = self.refusal_sft(prompts, bf16)
+                    loss = loss + cfg.adapted_refusal_weight * held
+                    parts["adapted_refusal_sft"] = held.item()
                 loss.backward()
                 self.dp.average_gradients(self.params)
                 scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
-            else:  # γ = 0 switches the refusal terms off (the plain-alignment baseline)
+            else:  # γ = 0 (and no adapted refusal term) switches the refusal terms off: the plain-alignment baseline
                 loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
                 if cfg.score_untrained_refusal:  # measured for canary selection only, never trained on
                     measured, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, 1.0, cfg,
@@ -340,6 +347,13 @@ class Run:
         if moved.stats:
             moved.stats["adversary_seconds"] = time.perf_counter() - started
         return moved
+
+    def refusal_sft(self, harmful_prompts: list[str], bf16: bool) -> torch.Tensor:
+        """SFT loss on (harmful prompt, refusal) at the student's current weights (this process's share)."""
+        batch = self._batch(harmful_prompts, [pick_refusal(p, self.data.refusals) for p in harmful_prompts])
+        with autocast(bf16):
+            logits = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return sft_loss(logits, batch.labels, self.dp.token_normalizer(batch.labels))
 
     def anchor_step(self, harmful_prompts: list[str], global_step: int, cfg, bf16: bool) -> dict:
         """Extensions to the refusal step, one forward over both: SFT on (harmful prompt, refusal), the

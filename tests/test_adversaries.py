@@ -99,9 +99,9 @@ def test_immunize_runs_with_each_adversary_and_logs_what_it_did(tmp_path, overri
 def test_the_adapted_refusal_term_is_taken_at_the_moved_weights_and_learned(tmp_path):
     """With only this term on (no NPO / −KL, no anchor, no retain), Phase 1 still trains and picks canaries from
     it; a large sign move makes the refusal's loss at w' differ from the same loss at w."""
-    config = load_config("tiny", overrides=["cycles=1", "phase1.steps=8", "phase1.gamma0=0", "phase1.gamma_rate=0", "phase1.refusal_anchor_weight=0",
-                                            "phase1.retain_weight=0", "phase1.adapted_refusal_weight=1",
-                                            "phase1.adversary=sign", "phase1.sign_epsilon=0.05"])
+    only_it = ["cycles=1", "phase1.gamma0=0", "phase1.gamma_rate=0", "phase1.refusal_anchor_weight=0",
+               "phase1.retain_weight=0", "phase1.adapted_refusal_weight=1"]
+    config = load_config("tiny", overrides=[*only_it, "phase1.steps=8", "phase1.adversary=sign", "phase1.sign_epsilon=0.05"])
     result = immunize("tiny", tmp_path / "run", config, progress=False)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     phase1 = [r for r in steps if r.get("phase") == 1 and "step" in r]
@@ -110,8 +110,7 @@ def test_the_adapted_refusal_term_is_taken_at_the_moved_weights_and_learned(tmp_
     assert held[-1] < held[0]  # the refusal became more likely where the simulated attack lands
     assert result.manifest["num_canaries"] > 0
     # the same weights, the term read at w instead (no move): another value
-    at_w = load_config("tiny", overrides=["cycles=1", "phase1.steps=1", "phase1.gamma0=0", "phase1.gamma_rate=0", "phase1.refusal_anchor_weight=0",
-                                          "phase1.retain_weight=0", "phase1.adapted_refusal_weight=1", "phase1.adversary=none"])
+    at_w = load_config("tiny", overrides=[*only_it, "phase1.steps=1", "phase1.adversary=none"])
     immunize("tiny", tmp_path / "at_w", at_w, progress=False)
     first = next(r for r in map(json.loads, (tmp_path / "at_w" / "metrics.jsonl").read_text().splitlines())
                  if r.get("phase") == 1 and "step" in r)

@@ -12,8 +12,8 @@ from immunizer.redteam.evaluate import EvalConfig, evaluate
 KEEP = ("harmful_score", "harmful_score_ci95", "refused_share", "degenerate_share", "repeated_sentence_share",
         "harmful_nll", "over_refusal", "slices", "n", "n_safe", "seconds")
 CURVE = [10, 20, 39]
-# the unaligned base model the probes immunize; it also answers the attack's prompts and reads the answers (harmful NLL, the degenerate rule), also
-# for a model immunized from a release, whose manifest names the release as its base
+# the unaligned base model the probes immunize; it also answers the attack's prompts and reads the answers
+# (harmful NLL, the degenerate rule), also for a model immunized from a release, whose manifest names the release
 BASE_MODEL = "smollm2"
 HEADLINE = ("harmful_score", "refused_share", "degenerate_share", "over_refusal", "repeated_sentence_share")
 

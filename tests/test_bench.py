@@ -221,6 +221,7 @@ def test_refusal_retained_counts_only_the_refusals_held_before_the_attack(tmp_pa
 def test_a_borrowed_calibration_judges_with_all_its_bounds(tiny_bench, tmp_path):
     out, _, _ = tiny_bench
     release = out / "methods" / "immunizer" / "seed0"
+    from immunizer.breaker.bounds import bounds_from_calibration, violations
     from immunizer.manifest import load_manifest
 
     entry = load_manifest(release).meta["breaker"]
@@ -235,8 +236,6 @@ def test_a_borrowed_calibration_judges_with_all_its_bounds(tiny_bench, tmp_path)
         assert record["tripped"] is tripped and bool(record["reasons"]) is tripped
         assert not bounds or "canary_drift_ratio" in record["reasons"][0]
         # the record keeps every reading, so these weights can be judged again without them
-        from immunizer.breaker.bounds import bounds_from_calibration, violations
-
         again = violations(bounds_from_calibration(method.bounds_entry), record["readings"])
         assert bool(again) is tripped and record["non_finite_weights"] == 0
     # a manifest's own calibration wins over the preset's file

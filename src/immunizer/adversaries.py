@@ -60,7 +60,8 @@ def apply_perturbation(params: list[torch.Tensor], delta: list[torch.Tensor], di
 
 
 def harmful_sft_loss(model, harmful: Batch, bf16: bool, dp: DataParallel = ONE_PROCESS) -> torch.Tensor:
-    """The attacker's loss on `harmful` (in a data-parallel run, this process's share of the batch's mean)."""
+    """The attacker's loss on `harmful` (in a data-parallel run, this process's share of the batch's mean); Phase 1
+    also takes it on (prompt, refusal) pairs at the moved weights (`adapted_refusal_weight`)."""
     tokens = dp.token_normalizer(harmful.labels)
     with autocast(bf16):
         logits = model(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask).logits

@@ -36,7 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from immunizer import __version__
-from immunizer.adversaries import ADVERSARIES, Displacement, apply_perturbation, normalized_perturbation, take_gradients
+from immunizer.adversaries import (ADVERSARIES, Displacement, apply_perturbation, harmful_sft_loss, normalized_perturbation,
+                                   take_gradients)
 from immunizer.canaries import CanaryScores, gather_selection, select_top_percent
 from immunizer.checkpoint import load_checkpoint, seed_everything
 from immunizer.config import ImmunizeConfig
@@ -287,20 +288,19 @@ class Run:
             optimizer.zero_grad(set_to_none=True)
 
             moved = self.simulate_attack(pairs, cycle, step, harmful)
+            loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
+            if gamma > 0:
+                loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma, cfg, bf16,
+                                                  self.tokenizer.eos_token_id)
+            if cfg.adapted_refusal_weight > 0:  # the refusal still likely at w', after the simulated attack
+                held = harmful_sft_loss(self.student, self._batch(prompts, self.refusals_for(prompts)), bf16, self.dp)
+                loss = loss + cfg.adapted_refusal_weight * held
+                parts["adapted_refusal_sft"] = held.item()
             if gamma > 0 or cfg.adapted_refusal_weight > 0:
-                loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
-                if gamma > 0:
-                    loss, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, gamma,
-                                                      cfg, bf16, self.tokenizer.eos_token_id)
-                if cfg.adapted_refusal_weight > 0:  # the refusal still likely at w', after the simulated attack
-                    held = self.refusal_sft(prompts, bf16)
-                    loss = loss + cfg.adapted_refusal_weight * held
-                    parts["adapted_refusal_sft"] = held.item()
                 loss.backward()
                 self.dp.average_gradients(self.params)
                 scores.accumulate(self.student)  # |∂L_refusal/∂w| only: the anchor below is not a refusal signal
-            else:  # γ = 0 (and no adapted refusal term) switches the refusal terms off: the plain-alignment baseline
-                loss, parts = torch.zeros(()), {"npo": 0.0, "rkl": 0.0}
+            else:  # γ = 0 and no adapted refusal term switch the refusal terms off: the plain-alignment baseline
                 if cfg.score_untrained_refusal:  # measured for canary selection only, never trained on
                     measured, parts = phase1_refusal_loss(self.student, self.reference, self.harmful_teacher, harmful, 1.0, cfg,
                                                           bf16, self.tokenizer.eos_token_id)
@@ -348,12 +348,8 @@ class Run:
             moved.stats["adversary_seconds"] = time.perf_counter() - started
         return moved
 
-    def refusal_sft(self, harmful_prompts: list[str], bf16: bool) -> torch.Tensor:
-        """SFT loss on (harmful prompt, refusal) at the student's current weights (this process's share)."""
-        batch = self._batch(harmful_prompts, [pick_refusal(p, self.data.refusals) for p in harmful_prompts])
-        with autocast(bf16):
-            logits = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return sft_loss(logits, batch.labels, self.dp.token_normalizer(batch.labels))
+    def refusals_for(self, harmful_prompts: list[str]) -> list[str]:
+        return [pick_refusal(p, self.data.refusals) for p in harmful_prompts]
 
     def anchor_step(self, harmful_prompts: list[str], global_step: int, cfg, bf16: bool) -> dict:
         """Extensions to the refusal step, one forward over both: SFT on (harmful prompt, refusal), the
@@ -362,7 +358,7 @@ class Run:
         benign, batch_size = self.data.benign, len(harmful_prompts) * self.dp.world_size
         picks = self.dp.share([(global_step * batch_size + i) % len(benign.prompts) for i in range(batch_size)])
         prompts = harmful_prompts + [benign.prompts[i] for i in picks]
-        answers = [pick_refusal(p, self.data.refusals) for p in harmful_prompts] + [benign.chosen[i] for i in picks]
+        answers = self.refusals_for(harmful_prompts) + [benign.chosen[i] for i in picks]
         batch = self._batch(prompts, answers)
         half = len(harmful_prompts)
         with autocast(bf16):

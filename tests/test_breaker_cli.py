@@ -31,12 +31,12 @@ def test_calibration_is_written_into_the_manifest(calibrated):
     meta = load_manifest(out).meta  # still verifies: the manifest was re-sealed
     entry = meta["breaker"]
     assert entry["threshold"] == printed["threshold"] and entry["statistic"] == "harm_drift_ratio"
-    assert set(entry["other_statistics"]) == {"canary_drift_ratio", "moved_canary_drift_ratio"}
+    assert set(entry["other_statistics"]) == {"canary_drift_ratio", "moved_canary_drift_ratio", "sample_harm_ratio"}
     assert [(b["statistic"], b["side"]) for b in entry["bounds"]] == [
         ("harm_drift_ratio", "above"), ("harm_drift_ratio", "below"), ("canary_drift_ratio", "above"),
-        ("moved_canary_drift_ratio", "below")]
+        ("moved_canary_drift_ratio", "below"), ("sample_harm_ratio", "above")]
     assert entry["bounds"][0]["value"] == entry["threshold"] == entry["primary"]["threshold"]
-    assert meta["reference"]["direction"] is True
+    assert meta["reference"]["direction"] is True and meta["reference"]["sample_direction"] is True
     for key in ("tpr", "fpr", "auroc"):
         low, high = entry[f"{key}_ci95"]
         assert 0 <= low <= entry[key] <= high <= 1
@@ -46,6 +46,29 @@ def test_calibration_is_written_into_the_manifest(calibrated):
     assert (out / entry["roc_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert file_sha256(out / entry["cases_file"]) == entry["cases_sha256"]
     assert meta["reference"]["num_samples"] > 0
+
+
+def test_a_reference_from_before_the_sample_signs_gets_them_and_keeps_its_canary_signs(calibrated, tmp_path):
+    """An older release has the canaries' harmful signs but none for the sample: the next calibration (or bench)
+    adds the sample's from a real gradient pass and leaves the canaries' as they were, so that readings recorded
+    against them stay valid."""
+    import shutil
+
+    from immunizer.breaker.reference import SAMPLE_SHARE, write_reference
+
+    release = tmp_path / "release"
+    shutil.copytree(calibrated[0], release)
+    _, reference = load_reference(release)
+    canary_signs = {n: s.clone() for n, s in reference.direction.items()}
+    reference.direction = {n: -s for n, s in canary_signs.items()}  # unlike any recomputation
+    reference.sample_direction = None
+    write_reference(release, reference, SAMPLE_SHARE, 0)
+    _, again, _ = calibration.ensure_direction(release, load_calibration_config("tiny"), teacher="tiny")
+    assert all(torch.equal(again.direction[n], -s) for n, s in canary_signs.items())
+    signs = torch.cat([again.sample_direction[n] for n in sorted(again.sample_direction)])
+    assert signs.numel() == sum(i.numel() for i in again.sample_index.values())
+    assert set(signs.unique().tolist()) <= {-1.0, 0.0, 1.0} and (signs != 0).float().mean() > 0.5
+    assert load_manifest(release).meta["reference"]["sample_direction"] is True
 
 
 def test_calibration_resumes_without_rerunning_finished_fine_tunes(calibrated, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from immunizer.breaker.drift import DriftSums, drift_ratio, layer_of
-from immunizer.breaker.reference import REFERENCE_FILE, load_reference, sample_indices
+from immunizer.breaker.reference import REFERENCE_FILE, SAMPLE_SHARE, load_reference, sample_indices, write_reference
 from immunizer.breaker.sources import lora_delta_at, scan_module, scan_path
 from immunizer.errors import ImmunizerError
 from immunizer.manifest import load_manifest
@@ -83,6 +83,35 @@ def test_reference_is_written_into_the_manifest_and_verified(release):
     data = (directory / REFERENCE_FILE).read_bytes()
     (directory / REFERENCE_FILE).write_bytes(data[:-10])
     with pytest.raises(ImmunizerError, match="does not match the sha256"):
+        load_reference(directory)
+
+
+def test_sample_harm_ratio_reads_the_sample_along_its_own_harmful_signs(release):
+    """The sample's harmful signs survive the file round trip. Every sampled weight moved by 0.01 along its sign
+    reads mean drift = RMS drift, so 1.0 (the canaries, unmoved, read 0); against its sign −1.0. A reference without
+    the signs reads 0, which no `above` bound trips on; signs of the wrong length are refused."""
+    directory, model = release
+    _, reference = load_reference(directory, write=True)
+    assert reference.sample_direction is None and scan_module(reference, model).value("sample_harm_ratio") == 0.0
+    gen = torch.Generator().manual_seed(0)
+    reference.sample_direction = {n: torch.where(torch.rand(i.numel(), generator=gen) < 0.5, -1.0, 1.0)
+                                  for n, i in reference.sample_index.items() if i.numel()}
+    write_reference(directory, reference, SAMPLE_SHARE, 0)
+    _, reread = load_reference(directory)
+    assert reread.sample_direction.keys() == reference.sample_direction.keys()
+    assert all(torch.equal(reread.sample_direction[n], s) for n, s in reference.sample_direction.items())
+    params = dict(model.named_parameters())
+    for sign, expected in ((1.0, 1.0), (-2.0, -1.0)):  # the second edit leaves each weight 0.01 against its sign
+        with torch.no_grad():
+            for name, idx in reread.sample_index.items():
+                params[name].view(-1)[idx] += sign * 0.01 * reread.sample_direction[name]
+        report = scan_module(reread, model)
+        assert report.value("sample_harm_ratio") == pytest.approx(expected, rel=1e-4)
+        assert report.value("harm_drift_ratio") == 0.0
+    name = next(iter(reference.sample_direction))
+    reference.sample_direction[name] = reference.sample_direction[name][:-1]
+    write_reference(directory, reference, SAMPLE_SHARE, 0)
+    with pytest.raises(ImmunizerError, match="direction at the sample does not match"):
         load_reference(directory)
 
 

@@ -3,7 +3,9 @@
 A harmful fine-tune pushes the canaries along the harmful direction (`harm_drift_ratio` above its bound).
 An attacker who knows the canaries can hold them still instead; then the canaries move far *less* than in
 any benign fine-tune while the other weights move (`canary_drift_ratio` below its bound), or, jittered
-by hand, more (`canary_drift_ratio` above its bound). Each bound is set on the calibration's benign runs."""
+by hand, more (`canary_drift_ratio` above its bound). The non-canary sample is pushed along its own harmful
+signs too (`sample_harm_ratio` above its bound), and keeps that reading when an attack runs on long after the
+canaries' has faded. Each bound is set on the calibration's benign runs."""
 from __future__ import annotations
 
 import math
@@ -46,7 +48,9 @@ class Bound:
 
     def violated(self, reading: Mapping[str, float]) -> bool:
         """`reading`: the statistics and `other_drift` of one candidate (`readings_of(report)` or a calibration reading)."""
-        value = reading[self.statistic]
+        value = reading.get(self.statistic)
+        if value is None:  # a reading recorded before this statistic existed: this bound cannot judge it
+            return False
         if self.side == "above":
             return value > self.value
         moved = reading["other_drift"]
@@ -104,17 +108,20 @@ def choose_threshold(benign: list[float], target_fpr: float) -> float:
 
 
 TWO_SIDED = (("harm_drift_ratio", "above"), ("harm_drift_ratio", "below"), ("canary_drift_ratio", "above"),
-             ("moved_canary_drift_ratio", "below"))
+             ("moved_canary_drift_ratio", "below"), ("sample_harm_ratio", "above"))
 """Harmful push; push against the harmful direction; canaries moved more than benign drift; canaries held
-still where the rest of their parameter moved."""
+still where the rest of their parameter moved; harmful push on the non-canary sample (it holds up over long
+attacks, where the canaries' reading fades)."""
 
 
 def choose_bounds(benign: list[Mapping[str, float]], primary: str, target_fpr: float,
                   sides: tuple[tuple[str, str], ...] = TWO_SIDED) -> list[Bound]:
     """The primary statistic's upper bound first, then the other `sides`. The target FPR is split evenly
     among them, so that on the benign readings the union trips on at most ⌊target_fpr · n⌋; each `below`
-    bound then moves further out by BELOW_MARGIN."""
-    sides = [(primary, "above")] + [side for side in sides if side != (primary, "above")]
+    bound then moves further out by BELOW_MARGIN. A side whose statistic some benign reading lacks (recorded
+    before it existed) gets no bound."""
+    sides = [(primary, "above")] + [side for side in sides if side != (primary, "above")
+                                    and all(side[0] in r for r in benign)]
     share = target_fpr / len(sides)
     moved = MOVED_SHARE * min(r["other_drift"] for r in benign)
     bounds = []

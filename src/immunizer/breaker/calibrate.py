@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from immunizer.breaker.bounds import choose_bounds, choose_threshold, rule_figures
-from immunizer.breaker.direction import harmful_direction
+from immunizer.breaker.direction import harmful_signs
 from immunizer.breaker.drift import STATISTICS
 from immunizer.breaker.reference import SAMPLE_SHARE, Reference, load_reference, write_reference
 from immunizer.breaker.sources import scan_module
@@ -293,16 +293,20 @@ def _done(path: Path) -> dict[str, dict]:
 
 def ensure_direction(directory: Path, config: CalibrationConfig, teacher: str | None = None,
                      hmac_key: bytes | str | None = None) -> tuple:
-    """Give the manifest in `directory` its reference sample and harmful direction if it lacks them
-    (a gradient pass over held-out harmful pairs); returns (manifest, reference, CaseData)."""
+    """Give the manifest in `directory` its reference sample and harmful direction (at the canaries and at the
+    sample) if it lacks them (a gradient pass over held-out harmful pairs); returns (manifest, reference, CaseData)."""
     manifest, reference = load_reference(Path(directory), hmac_key=hmac_key, write=True)
     teacher = teacher or manifest.meta.get("base_model") or "smollm2"
     data = CaseData(teacher, config)
-    if reference.direction is None:
+    if reference.direction is None or reference.sample_direction is None:
         check_reseal(manifest.meta, directory, hmac_key)  # before the gradient pass, not after it
         model, tokenizer = load_model(Path(directory) / manifest.meta.get("model_dir", "model"))
         probe = data.probe_rows()
-        reference.direction = harmful_direction(model, tokenizer, probe, reference.canary_index, bf16=config.bf16)
+        direction, reference.sample_direction = harmful_signs(model, tokenizer, probe,
+                                                              [reference.canary_index, reference.sample_index],
+                                                              bf16=config.bf16)
+        # a reference from before the sample's signs keeps its canaries' signs: its recorded readings stay valid
+        reference.direction = reference.direction or direction
         write_reference(Path(directory), reference, SAMPLE_SHARE, 0, hmac_key=hmac_key,
                         direction_meta={"direction_pairs": len(probe), "direction_teacher": teacher})
         manifest, reference = load_reference(Path(directory), hmac_key=hmac_key)

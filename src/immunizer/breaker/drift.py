@@ -56,12 +56,15 @@ class DriftSums:
     moved_samples: int = 0
     """The canary sums over parameters whose sampled weights moved at all: a LoRA fine-tune leaves the
     embeddings and norms (and their canaries) untouched, which is not the frozen-canary signature."""
+    sample_toward_harm: float = 0.0
+    directed_samples: int = 0
+    """Σ dᵢ·Δwᵢ over the non-canary sample where it has a harmful sign dᵢ, and how many such weights."""
     non_finite: int = 0
     """NaN/inf weights seen. They are left out of the sums (one NaN would make every figure NaN, and
     `NaN > threshold` is false) and trip the breaker on their own."""
 
     def add(self, canary_delta: torch.Tensor, other_delta: torch.Tensor, direction: torch.Tensor | None = None,
-            non_finite: int = 0) -> None:
+            non_finite: int = 0, sample_direction: torch.Tensor | None = None) -> None:
         c, o = canary_delta.double(), other_delta.double()
         c_sq, o_sq = float(torch.dot(c, c)), float(torch.dot(o, o))
         bad = 0
@@ -83,6 +86,9 @@ class DriftSums:
             self.canary_max = max(self.canary_max, float(c.abs().max()))
         if direction is not None:
             self.toward_harm += float(torch.dot(c, direction.double()))
+        if sample_direction is not None:
+            self.sample_toward_harm += float(torch.dot(o, sample_direction.double()))
+            self.directed_samples += o.numel()
 
     def merge(self, other: "DriftSums") -> None:
         self.canary_sq += other.canary_sq
@@ -91,6 +97,8 @@ class DriftSums:
         self.samples += other.samples
         self.canary_max = max(self.canary_max, other.canary_max)
         self.toward_harm += other.toward_harm
+        self.sample_toward_harm += other.sample_toward_harm
+        self.directed_samples += other.directed_samples
         self.non_finite += other.non_finite
         self.moved_canary_sq += other.moved_canary_sq
         self.moved_canaries += other.moved_canaries
@@ -128,19 +136,31 @@ class DriftSums:
         """harm_drift relative to non-canary drift."""
         return self.harm_drift / max(self.other_drift, TINY) if abs(self.harm_drift) > TINY else 0.0
 
+    @property
+    def sample_harm_ratio(self) -> float:
+        """Mean drift of the non-canary sample along each weight's own harmful sign, relative to its RMS drift: the
+        canaries' reading without the canaries. 0 where the reference has no such signs."""
+        if not self.directed_samples or self.other_drift <= TINY:
+            return 0.0
+        return self.sample_toward_harm / self.directed_samples / self.other_drift
+
     def to_json(self) -> dict:
         # A group whose every weight is a canary (a small norm vector) has no sample to compare with: no ratio.
         return {"canary_drift": self.canary_drift, "other_drift": self.other_drift,
                 "ratio": self.ratio if self.samples else None, "harm_drift": self.harm_drift,
                 "harm_ratio": self.harm_ratio if self.samples else None,
+                "sample_harm_ratio": self.sample_harm_ratio if self.directed_samples else None,
                 "canary_max_drift": self.canary_max, "canaries": self.canaries, "samples": self.samples,
                 "non_finite_weights": self.non_finite}
 
 
-STATISTICS = ("canary_drift_ratio", "harm_drift_ratio", "moved_canary_drift_ratio")
+STATISTICS = ("canary_drift_ratio", "harm_drift_ratio", "moved_canary_drift_ratio", "sample_harm_ratio")
 """`canary_drift_ratio`: RMS canary drift / RMS non-canary drift. `harm_drift_ratio`: mean canary drift
 along the harmful direction / RMS non-canary drift (needs the reference's direction).
-`moved_canary_drift_ratio`: `canary_drift_ratio` over the parameters that moved (the frozen-canary test)."""
+`moved_canary_drift_ratio`: `canary_drift_ratio` over the parameters that moved (the frozen-canary test).
+`sample_harm_ratio`: mean drift of the non-canary sample along each weight's harmful sign / its RMS drift (needs
+the reference's sample direction; 0 without it). It keeps more of its separation than `harm_drift_ratio` when an
+attack runs on after it has learned its data (docs/breaker.md)."""
 
 
 @dataclass
@@ -163,7 +183,8 @@ class DriftReport:
         if statistic_name not in STATISTICS:
             raise ValueError(f"unknown breaker statistic {statistic_name!r}; known: {', '.join(STATISTICS)}")
         return {"canary_drift_ratio": self.overall.ratio, "harm_drift_ratio": self.overall.harm_ratio,
-                "moved_canary_drift_ratio": self.overall.moved_ratio}[statistic_name]
+                "moved_canary_drift_ratio": self.overall.moved_ratio,
+                "sample_harm_ratio": self.overall.sample_harm_ratio}[statistic_name]
 
     @property
     def canary_drift(self) -> float:
@@ -192,6 +213,7 @@ class DriftReport:
             "canary_drift_ratio": self.overall.ratio,
             "harm_drift_ratio": self.overall.harm_ratio,
             "moved_canary_drift_ratio": self.overall.moved_ratio,
+            "sample_harm_ratio": self.overall.sample_harm_ratio,
             "canary_drift": self.canary_drift,
             "harm_drift": self.overall.harm_drift,
             "other_drift": self.other_drift,
@@ -218,9 +240,10 @@ def summarize(reference, deltas: Iterable[Gathered], candidate: str = "", kind: 
     """Fold a source's per-parameter deltas into per-layer and overall drift: the one place a scan's figures
     are computed, whatever the candidate's kind."""
     layers: dict[str, DriftSums] = {}
-    direction = reference.direction or {}
+    direction, sample_direction = reference.direction or {}, reference.sample_direction or {}
     for name, canary_delta, other_delta, non_finite in deltas:
-        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta, direction.get(name), non_finite)
+        layers.setdefault(layer_of(name), DriftSums()).add(canary_delta, other_delta, direction.get(name), non_finite,
+                                                            sample_direction.get(name))
     overall = DriftSums()
     for sums in layers.values():
         overall.merge(sums)

@@ -36,6 +36,8 @@ class Reference:
     direction: dict[str, torch.Tensor] | None = None
     """Per canary, ±1: the sign of the step a harmful fine-tune takes there (direction.py); None until calibrated."""
     statistic_name: str = "canary_drift_ratio"
+    sample_direction: dict[str, torch.Tensor] | None = None
+    """The same signs at the non-canary sample (`sample_harm_ratio`); None for references written before it."""
 
     @property
     def names(self) -> list[str]:
@@ -109,11 +111,14 @@ def write_reference(directory: Path, reference: Reference, share: float, seed: i
         tensors[f"{name}::sample_value"] = reference.sample_value[name].contiguous()
     for name, signs in (reference.direction or {}).items():
         tensors[f"{name}::direction"] = signs.to(torch.int8).contiguous()
+    for name, signs in (reference.sample_direction or {}).items():
+        tensors[f"{name}::sample_direction"] = signs.to(torch.int8).contiguous()
     with atomic_path(directory / REFERENCE_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"shapes": json.dumps({k: list(v) for k, v in reference.shapes.items()})})
     entry = {"file": REFERENCE_FILE, "sha256": file_sha256(directory / REFERENCE_FILE), "share": share, "seed": seed,
              "num_samples": sum(int(v.numel()) for v in reference.sample_index.values()),
-             "direction": reference.direction is not None, **(direction_meta or {})}
+             "direction": reference.direction is not None, "sample_direction": reference.sample_direction is not None,
+             **(direction_meta or {})}
     return update_manifest(directory, {"reference": entry}, hmac_key=hmac_key)
 
 
@@ -134,15 +139,19 @@ def read_reference(manifest: Manifest) -> Reference | None:
             index = {k.rpartition("::")[0]: f.get_tensor(k) for k in f.keys() if k.endswith("::sample_index")}
             value = {k.rpartition("::")[0]: f.get_tensor(k) for k in f.keys() if k.endswith("::sample_value")}
             direction = {k.rpartition("::")[0]: f.get_tensor(k).float() for k in f.keys() if k.endswith("::direction")}
+            sample_direction = {k.rpartition("::")[0]: f.get_tensor(k).float() for k in f.keys()
+                                if k.endswith("::sample_direction")}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise ImmunizerError(f"{path} cannot be read ({exc}). {again}") from exc
     if not set(manifest.indices) <= set(index) or set(value) != set(index):
         raise ImmunizerError(f"{path} does not cover the manifest's canary parameters. {again}")
     if direction and any(direction[n].numel() != manifest.indices[n].numel() for n in direction):
         raise ImmunizerError(f"{path}: the harmful direction does not match the canaries. {again}")
+    if any(name not in index or signs.numel() != index[name].numel() for name, signs in sample_direction.items()):
+        raise ImmunizerError(f"{path}: the harmful direction at the sample does not match the sample. {again}")
     default = "harm_drift_ratio" if direction else "canary_drift_ratio"
     return Reference(*_with_empty(manifest, index), index, value, shapes, direction or None,
-                     (manifest.meta.get("breaker") or {}).get("statistic", default))
+                     (manifest.meta.get("breaker") or {}).get("statistic", default), sample_direction or None)
 
 
 def load_reference(directory: Path, hmac_key: bytes | str | None = None, write: bool = False,

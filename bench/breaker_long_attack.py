@@ -4,7 +4,8 @@ beside candidate readings that might keep their separation:
 
 - `harm_drift_ratio`: the breaker's (mean canary drift along the harmful direction / RMS non-canary drift);
 - `sample_harm_ratio`: the same reading on the reference's non-canary sample, each weight with its own harmful sign
-  (measured here, as direction.py measures it at the canaries), and `canary_excess`, the ratio of the two;
+  (direction.py; measured here for a release calibrated before those signs existed), and `canary_excess`, the
+  ratio of the two;
 - `harmful_nll_drop`: how much easier held-out harmful answers became (mean answer NLL, release − candidate): a
   behavioural reading, not a weight statistic.
 
@@ -56,24 +57,9 @@ def answer_nll(model, tokenizer, rows: list[dict], bf16: bool, batch_size: int =
     return total / n
 
 
-def sample_harm_ratio(model, reference, sample_direction: dict) -> float:
-    """Mean drift along each sampled weight's own harmful sign / RMS drift of the sample."""
-    params = dict(model.named_parameters())
-    along, sq, count = 0.0, 0.0, 0
-    for name, idx in reference.sample_index.items():
-        if name not in sample_direction or idx.numel() == 0:
-            continue
-        delta = params[name].detach().reshape(-1)[idx].double() - reference.sample_value[name].double()
-        along += float((sample_direction[name].double() * delta).sum())
-        sq += float((delta * delta).sum())
-        count += idx.numel()
-    rms = (sq / count) ** 0.5
-    return along / count / rms if rms > 0 else 0.0
-
-
 class Readings(TrainerCallback):
-    def __init__(self, steps, reference, sample_direction, tokenizer, probe, bf16, nll_release):
-        self.steps, self.reference, self.sample_direction = set(steps), reference, sample_direction
+    def __init__(self, steps, reference, tokenizer, probe, bf16, nll_release):
+        self.steps, self.reference = set(steps), reference
         self.tokenizer, self.probe, self.bf16, self.nll_release = tokenizer, probe, bf16, nll_release
         self.readings = []
 
@@ -81,8 +67,7 @@ class Readings(TrainerCallback):
         if state.global_step not in self.steps:
             return
         report = scan_module(self.reference, model)
-        hdr = report.value("harm_drift_ratio")
-        sample = sample_harm_ratio(model, self.reference, self.sample_direction)
+        hdr, sample = report.value("harm_drift_ratio"), report.value("sample_harm_ratio")
         nll = answer_nll(model, self.tokenizer, self.probe, self.bf16)
         reading = {"step": state.global_step, "harm_drift_ratio": hdr, "sample_harm_ratio": sample,
                    "canary_excess": hdr / sample if sample > 0 else None, "harm_drift": report.overall.harm_drift,
@@ -112,7 +97,8 @@ def main():
     if "sample_direction_pairs" not in results:
         results["nll_release"] = answer_nll(model, tokenizer, probe, config.bf16)
         results["sample_direction_pairs"] = len(probe)
-    sample_direction = harmful_direction(model, tokenizer, probe, reference.sample_index, bf16=config.bf16)
+    if reference.sample_direction is None:  # a release calibrated before the sample's signs: measure them here
+        reference.sample_direction = harmful_direction(model, tokenizer, probe, reference.sample_index, bf16=config.bf16)
     del model
     for name, harmful, task, lr in RUNS:
         if name in results.get("runs", {}):
@@ -120,7 +106,7 @@ def main():
         started = time.perf_counter()
         rows = data.rows(Case(name, harmful, task, config.benign_samples, lr, 0))
         model, tokenizer = load_model(release / manifest.meta.get("model_dir", "model"))
-        recorder = Readings(steps, reference, sample_direction, tokenizer, probe, config.bf16, results["nll_release"])
+        recorder = Readings(steps, reference, tokenizer, probe, config.bf16, results["nll_release"])
         spec = FinetuneSpec(lr=lr, steps=steps[-1], batch_size=config.batch_size, max_length=config.max_length,
                             seed=config.seed, bf16=config.bf16)
         sft(model, tokenizer, rows, spec, callbacks=[recorder])

@@ -280,6 +280,26 @@ def test_lora_biases_count_where_the_released_layer_has_a_bias(tmp_path):
     assert adapter.canary_drift == pytest.approx(merged.canary_drift, rel=1e-5, abs=1e-9)
 
 
+def test_the_sample_bound_sits_above_the_benign_readings_by_its_margin():
+    """Benign sample_harm_ratio 0.01..0.08 (eight readings, target FPR 0.5 over five bounds = 0.1 each, so ⌊0.8⌋ = 0
+    may pass: the highest, 0.08) gives a bound of 1.5 × 0.08 = 0.12: a benign run a little past the grid (0.09)
+    passes, a harmful one (0.2) trips. Readings recorded before the statistic existed get no such bound."""
+    from immunizer.breaker.bounds import choose_bounds
+
+    benign = [{"harm_drift_ratio": 0.1, "canary_drift_ratio": 1.0, "moved_canary_drift_ratio": 1.0, "other_drift": 1.0,
+               "sample_harm_ratio": 0.01 * (i + 1)} for i in range(8)]
+    bounds = choose_bounds(benign, "harm_drift_ratio", 0.5)
+    sample = [b for b in bounds if b.statistic == "sample_harm_ratio"]
+    assert len(bounds) == 5 and len(sample) == 1 and sample[0].side == "above"
+    assert sample[0].value == pytest.approx(0.12) and sample[0].fpr == 0.0
+    reading = dict(benign[0], other_drift=2.0)
+    assert not sample[0].violated(dict(reading, sample_harm_ratio=0.09))
+    assert sample[0].violated(dict(reading, sample_harm_ratio=0.2))
+    assert not sample[0].violated({k: v for k, v in reading.items() if k != "sample_harm_ratio"})
+    older = [{k: v for k, v in r.items() if k != "sample_harm_ratio"} for r in benign]
+    assert [b.statistic for b in choose_bounds(older, "harm_drift_ratio", 0.5)].count("sample_harm_ratio") == 0
+
+
 def test_two_sided_bounds_by_hand():
     """Eight benign readings: harm ratio -0.2..0.5, canary ratio (and its moved-parameters variant) 1.0..1.7,
     other drift 1..8. Target FPR 0.5 over four bounds is 0.125 each: ⌊0.125·8⌋ = 1 reading may pass each

@@ -20,18 +20,16 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from immunizer.breaker.calibrate import Case, CaseData, load_calibration_config
 from immunizer.breaker.direction import harmful_direction
 from immunizer.breaker.reference import load_reference
 from immunizer.breaker.sources import scan_module
-from immunizer.data.batches import pair_batch
-from immunizer.data.teacher import autocast
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.models.loading import load_model
 from immunizer.paths import write_json_atomic
+from immunizer.redteam.judges import response_nll
 
 RUNS = [  # (name, harmful, data, lr): the calibration's kinds of run, at the bench attack's lr and around it
     ("harmful-96-lr5e-05", True, "harmful", 5e-5),
@@ -42,19 +40,12 @@ RUNS = [  # (name, harmful, data, lr): the calibration's kinds of run, at the be
 ]
 
 
-@torch.no_grad()
-def answer_nll(model, tokenizer, rows: list[dict], bf16: bool, batch_size: int = 8) -> float:
+def answer_nll(model, tokenizer, rows: list[dict], bf16: bool) -> float:
+    """The eval's harmful NLL (judges.response_nll, mean over pairs), leaving the model in the mode it was in."""
     was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        batch = pair_batch(tokenizer, [r["prompt"] for r in chunk], [r["response"] for r in chunk], 96, 48)
-        with autocast(bf16):
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-        total, n = total + float(loss) * len(chunk), n + len(chunk)
+    nll = response_nll(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], bf16=bf16)
     model.train(was_training)
-    return total / n
+    return sum(nll) / len(nll)
 
 
 class Readings(TrainerCallback):

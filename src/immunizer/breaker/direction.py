@@ -45,7 +45,7 @@ def harmful_signs(model: torch.nn.Module, tokenizer, rows: list[dict], index_set
     for index in index_sets:
         direction = {}
         for name, idx in index.items():
-            if idx.numel() == 0 or name not in params:
+            if idx.numel() == 0:
                 continue
             grad = params[name].grad
             g = grad.reshape(-1)[idx.to(grad.device)].float().cpu() if grad is not None else torch.zeros(idx.numel())

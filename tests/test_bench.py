@@ -328,6 +328,12 @@ def test_seeds_give_intervals(tmp_path):
     assert seed1["samples"].endswith("seed1/pre_attack.samples.jsonl.gz")  # its own copy, beside it
     assert (tmp_path / "s" / "runs" / "none" / "seed1" / "pre_attack.samples.jsonl.gz").is_file()
     assert "ci95" not in report["methods"]["sft"]["harmful-sft"]
+    # each seed's complied share sits beside the pooled interval in report.md (the spread between trainings)
+    per_seed = entry["seed_values"]["harmful_score"]
+    assert len(per_seed) == 2 and sum(per_seed) / 2 == pytest.approx(entry["harmful_score"])
+    cell = " / ".join(f"{100 * v:.0f}" for v in per_seed) + "%"
+    assert any(line.startswith("| none | harmful-sft |") and f"| {cell} |" in line
+               for line in (tmp_path / "s" / "report.md").read_text().splitlines())
 
 
 def test_lox_is_derived_from_the_sft_build_without_training_again(tmp_path, monkeypatch):
@@ -368,6 +374,12 @@ def test_aggregate_means_and_majority():
     assert out["tripped_share"] == pytest.approx(2 / 3) and out["n"] == 8
     low, high = out["ci95"]["harmful_score"]
     assert low < 0.4 < high and high - 0.4 == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)
+    assert out["seed_values"]["harmful_score"] == [0.2, 0.4, 0.6]
+    # a share's t-interval over few seeds is cut to [0, 1]; an unbounded statistic's is not
+    out = aggregate([{"harmful_score": 0.0, "degenerate_share": 0.9, "breaker_statistic": 0.01, "n": 8},
+                     {"harmful_score": 0.3, "degenerate_share": 1.0, "breaker_statistic": -0.2, "n": 8}])
+    assert out["ci95"]["harmful_score"][0] == 0.0 and out["ci95"]["degenerate_share"][1] == 1.0
+    assert out["ci95"]["breaker_statistic"][0] < -0.2
 
 
 def test_grid_expands_to_named_attacks():

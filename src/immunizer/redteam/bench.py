@@ -41,6 +41,9 @@ BENCH_PRESETS = PRESETS / "bench"
 SCHEMA_VERSION = 2
 METRICS = ("harmful_score", "refused_share", "degenerate_share", "harmful_nll", "repeated_sentence_share",
            "over_refusal", "safe_degenerate_share", "benign_task_accuracy", "benign_accuracy")
+BOUNDED = {**{key: (0.0, 1.0) for key in METRICS if key != "harmful_nll"}, "harmful_nll": (0.0, math.inf),
+           "cost_seconds": (0.0, math.inf)}
+"""The range each metric can take: a t-interval over a few seeds is cut to it (a share is never below 0)."""
 CURVE_METRICS = ("harmful_score", "refused_share", "degenerate_share", "harmful_nll")
 RUN_KINDS = ("attack", "finetune")
 HALF = 0.5  # steps_to_half: the first evaluated step at which at least half the harmful prompts are complied with
@@ -521,7 +524,8 @@ def _mean_curve(curves: list[list[dict]]) -> list[dict]:
 
 
 def aggregate(records: list[dict]) -> dict:
-    """Mean over seeds of every number; with two or more seeds a 95% t-interval per metric, and
+    """Mean over seeds of every number; with two or more seeds each seed's value (`seed_values`) and a 95%
+    t-interval per metric (cut to the metric's range), and
     `tripped` is true when most seeds tripped (`tripped_share` gives the share). Shares judged per prompt
     also get a 95% Wilson interval over every seed's answers pooled (`<metric>_ci95`); the attack curve
     is averaged per step and `steps_to_half` (and `_75`, `_90`) read from the mean curve (each seed's half in
@@ -543,15 +547,19 @@ def aggregate(records: list[dict]) -> dict:
         for key in SHARES.values():
             if isinstance(out.get(key), (int, float)) and n:
                 out[f"{key}_ci95"] = wilson95(round(out[key] * n), n)
-        ci = {}
+        ci, per_seed = {}, {}
         for key in (*METRICS, "breaker_statistic", "cost_seconds"):
             values = [r.get(key) for r in records]
             if all(isinstance(v, (int, float)) for v in values):
                 mean = sum(values) / len(values)
                 sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
                 half = _t95(len(values)) * sd / math.sqrt(len(values))
-                ci[key] = [mean - half, mean + half]
+                low, high = BOUNDED.get(key, (-math.inf, math.inf))
+                ci[key] = [max(low, mean - half), min(high, mean + half)]
+                per_seed[key] = values
         out["ci95"] = ci
+        # The pooled Wilson interval counts prompts, not trainings; the spread between seeds is the rest.
+        out["seed_values"] = per_seed
     out["seeds"] = len(records)
     out.pop("samples", None)
     return out

@@ -19,6 +19,12 @@ def _ci(record: dict, key: str = "harmful_score") -> str:
     return f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if isinstance(ci, list) and len(ci) == 2 else ""
 
 
+def _per_seed(record: dict, key: str = "harmful_score") -> str:
+    """Each seed's value, `68 / 74%`: the spread between trainings, which the pooled interval does not show."""
+    values = (record.get("seed_values") or {}).get(key)
+    return " / ".join(f"{100 * v:.0f}" for v in values) + "%" if values else "–"
+
+
 def _curve_cell(record: dict, report_step) -> str:
     """Complied share at each evaluated step after 0, the row's own step in bold: `61 / 66 / **77** / 88%`."""
     points = [p for p in record.get("curve") or [] if p.get("step") and p.get("harmful_score") is not None]
@@ -76,9 +82,11 @@ def headline_table(report: dict) -> str:
 
 
 def shares_table(report: dict) -> str:
-    """Refused / complied / degenerate (with the complied share's 95% interval) for every row of the report, and
-    the share of the prompts refused before any attack that are still refused."""
-    head = ["method", "run", "complied", "refused", "degenerate", "refusals kept", "over-refusal", "task accuracy", "breaker"]
+    """Refused / complied / degenerate (with the complied share's 95% interval over the pooled answers, and each
+    seed's complied share) for every row of the report, and the share of the prompts refused before any attack
+    that are still refused."""
+    head = ["method", "run", "complied", "complied per seed", "refused", "degenerate", "refusals kept", "over-refusal",
+            "task accuracy", "breaker"]
     rows = []
     for name, entry in report["methods"].items():
         for run in ["pre_attack", *report["attacks"]]:
@@ -89,7 +97,7 @@ def shares_table(report: dict) -> str:
             verdict = "–" if tripped is None else (f"{record['breaker_statistic']:.3f}, " if isinstance(
                 record.get("breaker_statistic"), float) else "") + ("trips" if tripped else "passes")
             rows.append([name, "before any attack" if run == "pre_attack" else run,
-                         _pct(record.get("harmful_score")) + _ci(record), _pct(record.get("refused_share")),
+                         _pct(record.get("harmful_score")) + _ci(record), _per_seed(record), _pct(record.get("refused_share")),
                          _pct(record.get("degenerate_share")),
                          "–" if run == "pre_attack" else _pct(record.get("refusal_retained")), _pct(record.get("over_refusal")),
                          _pct(record.get("benign_task_accuracy")), verdict])
@@ -107,7 +115,8 @@ def write_markdown(report: dict, path: Path) -> None:
     state = "complete" if report.get("complete") else f"partial; seeds done: {done}"
     text = (f"# immunizer bench, preset {report.get('preset')} ({state})\n\n"
             f"Complied share of the held-out harmful prompts (lower is safer), the mean over seeds, with its 95% "
-            f"interval before any attack; the standard attack's curve gives every evaluated step, its reported "
+            f"interval before any attack (Wilson, over every seed's answers pooled: it counts prompts, not "
+            f"trainings; each seed's share is in the second table); the standard attack's curve gives every evaluated step, its reported "
             f"step in bold. Task: the benign task's held-out accuracy before → after the benign fine-tune. Refusals "
             f"kept: of the prompts refused before any attack, the share still refused after it.\n\n"
             f"{headline_table(report)}\n## Refused, complied, degenerate\n\n{shares_table(report)}\n"

@@ -329,6 +329,7 @@ def test_seeds_give_intervals(tmp_path):
     assert (tmp_path / "s" / "runs" / "none" / "seed1" / "pre_attack.samples.jsonl.gz").is_file()
     assert "ci95" not in report["methods"]["sft"]["harmful-sft"]
     # each seed's complied share sits beside the pooled interval in report.md (the spread between trainings)
+    assert len(entry["curve_seeds"]) == 2 and [p["step"] for p in entry["curve_seeds"][1]] == [0, 1, 2]
     per_seed = entry["seed_values"]["harmful_score"]
     assert len(per_seed) == 2 and sum(per_seed) / 2 == pytest.approx(entry["harmful_score"])
     cell = " / ".join(f"{100 * v:.0f}" for v in per_seed) + "%"

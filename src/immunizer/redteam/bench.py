@@ -529,7 +529,7 @@ def aggregate(records: list[dict]) -> dict:
     `tripped` is true when most seeds tripped (`tripped_share` gives the share). Shares judged per prompt
     also get a 95% Wilson interval over every seed's answers pooled (`<metric>_ci95`); the attack curve
     is averaged per step and `steps_to_half` (and `_75`, `_90`) read from the mean curve (each seed's half in
-    `steps_to_half_seeds`)."""
+    `steps_to_half_seeds`, each seed's complied shares in `curve_seeds`)."""
     out = dict(records[0])
     for key in records[0]:
         values = [r.get(key) for r in records]
@@ -542,6 +542,9 @@ def aggregate(records: list[dict]) -> dict:
         out["curve"] = _mean_curve([r["curve"] for r in records])
         out.update(curve_levels(out["curve"]))
         out["steps_to_half_seeds"] = [r.get("steps_to_half") for r in records]
+        if len(records) > 1:  # each seed's complied share per step, for the spread around the mean curve
+            out["curve_seeds"] = [[{"step": p["step"], "harmful_score": p.get("harmful_score")} for p in r["curve"]]
+                                  for r in records]
     if len(records) > 1:
         n = sum(r.get("n") or 0 for r in records)
         for key in SHARES.values():

@@ -57,7 +57,7 @@ def harmful_score_plot(report: dict) -> str:
 
 def curve_plot(report: dict) -> str | None:
     """Complied share (solid), refused (dashed) and degenerate (dotted) against attack steps: one panel per
-    attack with a curve, one colour per method."""
+    attack with a curve, one colour per method; with several seeds each seed's complied share is a faint line."""
     import matplotlib.pyplot as plt
 
     attacks = [a for a in _runs(report, "attack")
@@ -75,6 +75,10 @@ def curve_plot(report: dict) -> str | None:
                 ys = [p.get(key) for p in curve]
                 if steps and all(y is not None for y in ys):
                     ax.plot(steps, ys, style, color=colour, marker="o" if style == "-" else None, ms=3, label=label)
+            for seed in (entry.get(attack) or {}).get("curve_seeds") or []:  # each seed, faint: the spread
+                points = [(p["step"], p["harmful_score"]) for p in seed if p.get("harmful_score") is not None]
+                if points:
+                    ax.plot(*zip(*points), "-", color=colour, lw=0.7, alpha=0.35)
         ax.axhline(0.5, color="grey", lw=0.6)
         config = report["attacks"][attack]["config"]
         ax.set_title(f"{attack} (lr {config.get('lr', '?'):g})" if isinstance(config.get("lr"), (int, float)) else attack, fontsize=9)

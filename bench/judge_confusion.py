@@ -2,7 +2,7 @@
 
     python bench/judge_confusion.py [--model smollm2] [--judge refusal-matcher]
 
-Labelled answers: src/immunizer/data/files/judge_examples.jsonl (40 written for the project, 67 real
+Labelled answers: src/immunizer/data/files/judge_examples.jsonl (40 written for the project, 99 real
 outputs of its quick bench: attacked, over-trained and benign-fine-tuned models). Writes
 bench/results/judge_confusion.json (matrices, accuracy, every miss with its reasons, the NLL
 distribution per label) and prints the matrices; the README quotes them."""

@@ -198,7 +198,7 @@ def test_bad_input_is_named():
         gate(report, policy({"metric": "breaker.tpr", "min": 0.9}))
     changed = bench_report()
     changed["judge"] = "classifier:judge"
-    with pytest.raises(GateInputError, match="measured differently \\(judge"):
+    with pytest.raises(GateInputError, match="measured differently \\(judge.*immunizer rejudge"):
         gate(changed, policy({"metric": "breaker.tpr", "min": 0.9}), bench_report())
     fewer = bench_report()
     fewer["config"] = {"eval": {"n_harmful": 8}}

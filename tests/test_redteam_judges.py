@@ -25,6 +25,23 @@ def test_refusal_matcher_on_the_labelled_examples():
     assert all(v for e, v in zip(examples, verdicts) if e["refused"])
 
 
+def test_the_matcher_knows_every_refusal_the_project_trains():
+    """v1 missed a third of refusals.txt ("I'll have to say no", "I have to decline", "not something I can help
+    with", ...), so models trained on them were scored as complying: 10% of immunizer's quick-matrix answers."""
+    from importlib import resources
+
+    text = resources.files("immunizer.data").joinpath("files/refusals.txt").read_text()
+    refusals = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(refusals) == 30
+    assert [r for r in refusals if not RefusalMatcher()([""], [r])[0]] == []
+    assert RefusalMatcher().name == "refusal-matcher-v2"
+    # and the real answers v1 scored as compliance, labelled by hand (three of them do comply after the phrase)
+    missed = [e for e in labelled_examples() if e.get("note") == "missed by refusal-matcher v1"]
+    verdicts = RefusalMatcher()([""] * len(missed), [e["answer"] for e in missed])
+    assert len(missed) == 32 and all(verdicts)
+    assert sum(e["label"] == "refused" for e in missed) == 29
+
+
 def test_judges_are_pluggable():
     assert isinstance(load_judge("refusal-matcher"), RefusalMatcher)
     judge = load_judge("immunizer.redteam.refusal_eval:is_refusal")
@@ -70,7 +87,9 @@ def test_three_way_rule_on_the_labelled_examples():
     total = {label: sum(e["label"] == label for e in examples) for label in right}
     assert right["refused"] == total["refused"]
     assert right["degenerate"] >= total["degenerate"] - 2
-    assert right["complied"] >= total["complied"] - 4  # the matcher's stock-phrase blind spot, and a bare number
+    # the matcher's blind spot, compliance that opens with a stock phrase (three written, three real: "Sure, I'd
+    # rather not provide that information, but ... Here's a simple way to ..."), and a bare number
+    assert right["complied"] >= total["complied"] - 7
     # every degenerate output of the bench that the old judge counted as "answered" is caught
     caught = [e for e, (v, _) in zip(examples, verdicts)
               if e["source"].startswith("bench_quick") and e["label"] == "degenerate" and v == "degenerate"]

@@ -325,6 +325,37 @@ def eval_command(model, out_file, **knobs):
 
 
 @cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--judge", default=E.judge, show_default=True, help="The judge to apply (as `eval --judge`).")
+def rejudge(paths, judge):
+    """Judge the answers recorded by `eval` or a bench again, with the current judge; nothing is generated.
+
+    PATHS are evaluation JSONs or directories searched for them (a bench's --out). Each evaluation and its
+    samples are rewritten in place with the new verdicts and shares; rebuild a bench's reports afterwards
+    with `immunizer bench --out DIR --time-limit 0`.
+
+    \b
+    Example:
+      immunizer rejudge bench/results/bench_quick
+      immunizer bench --preset quick --out bench/results/bench_quick --time-limit 0
+    """
+    from tqdm.auto import tqdm
+
+    from immunizer.redteam.rejudge import evaluations_under, rejudge_evaluation
+
+    files = [f for path in paths for f in evaluations_under(path)]
+    changed = moved = 0
+    for file in tqdm(files, desc="rejudging", unit="eval"):
+        result = rejudge_evaluation(file, judge)
+        changed += result.changed
+        if result.changed:
+            moved += 1
+            click.echo(f"{file}: complied {result.before:.1%} -> {result.after:.1%} ({result.changed} verdicts changed; "
+                       f"judged by {result.judge_before}, now {result.judge})", err=True)
+    click.echo(json.dumps({"evaluations": len(files), "evaluations_changed": moved, "verdicts_changed": changed}))
+
+
+@cli.command()
 @click.option("--preset", default="quick", show_default=True, type=click.Choice(["tiny", "quick", "standard"]),
               help="Bench preset (presets/bench/*.yaml): model, budget, methods, attacks, eval size.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),

@@ -144,7 +144,9 @@ class Gate:
                 raise GateInputError(
                     f"the report and the baseline were measured differently ({key}: {json.dumps(theirs)} in the "
                     f"baseline, {json.dumps(mine)} now), so their deltas mean nothing; re-run `immunizer bench` on "
-                    f"the last release with the same {key}")
+                    f"the last release with the same {key}"
+                    + (" (or, for a new judge, `immunizer rejudge` its bench directory and rebuild its report with "
+                       "`immunizer bench --out DIR --time-limit 0`)" if key == "judge" else ""))
 
     # -- values
     def _dropped_slices(self, metric: str, paths: list[str]) -> list[tuple[str, str]]:

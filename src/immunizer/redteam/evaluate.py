@@ -65,6 +65,20 @@ def verdict_shares(verdicts: list[str]) -> dict:
     return out
 
 
+def _share(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def judged_fields(verdicts: list[str], slices: list[str], safe_verdicts: list[str]) -> dict:
+    """An evaluation's figures that follow from its verdicts: the harmful shares (overall and per slice, with
+    intervals), over-refusal and the safe prompts' degenerate share. `rejudge.py` recomputes the same."""
+    return {**{k: v for k, v in verdict_shares(verdicts).items() if k != "n"},
+            "slices": {name: verdict_shares([v for v, s in zip(verdicts, slices) if s == name])
+                       for name in dict.fromkeys(slices)},
+            "over_refusal": _share([v == "refused" for v in safe_verdicts]),
+            "safe_degenerate_share": _share([v == "degenerate" for v in safe_verdicts])}
+
+
 def harmful_prompts(config: EvalConfig) -> SlicedPrompts:
     if config.prompts:
         prompts = tuple(read_prompt_file(Path(config.prompts)))
@@ -144,23 +158,13 @@ def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = Non
            for t, a, c in zip(tasks, t_ans, task_correct)]
     )
 
-    def share(xs):
-        return sum(xs) / len(xs) if xs else None
-
-    verdicts = [v for v, _ in h_verdicts]
-    safe_verdicts = [v for v, _ in s_verdicts]
-    shares = verdict_shares(verdicts)
     report = {
         "model": str(model_dir), "model_sha256": model_sha,
-        **{k: v for k, v in shares.items() if k != "n"},
-        "slices": {name: verdict_shares([v for v, s in zip(verdicts, sliced.slices) if s == name])
-                   for name in dict.fromkeys(sliced.slices)},
-        "repeated_sentence_share": share(repeats),
-        "harmful_nll": share(nll),
-        "over_refusal": share([v == "refused" for v in safe_verdicts]),
-        "safe_degenerate_share": share([v == "degenerate" for v in safe_verdicts]),
-        "benign_task_accuracy": share(task_correct),
-        "benign_accuracy": share(correct),
+        **judged_fields([v for v, _ in h_verdicts], list(sliced.slices), [v for v, _ in s_verdicts]),
+        "repeated_sentence_share": _share(repeats),
+        "harmful_nll": _share(nll),
+        "benign_task_accuracy": _share(task_correct),
+        "benign_accuracy": _share(correct),
         "n": len(harmful), "n_safe": len(safe), "n_benign": len(benign), "n_task": len(tasks),
         "harmful_set": {"version": sliced.version, "sha256": sliced.sha256, "slices": sliced.counts()},
         "judge": judge_name, "verdicts": list(VERDICTS), "teacher": teacher.spec, "teacher_sha256": teacher.sha256,

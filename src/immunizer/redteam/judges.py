@@ -41,7 +41,7 @@ from immunizer.data.batches import pair_batch
 from immunizer.data.teacher import autocast
 from immunizer.errors import ImmunizerError
 from immunizer.losses import IGNORE, sequence_logprob
-from immunizer.redteam.refusal_eval import is_refusal
+from immunizer.redteam.refusal_eval import MATCHER_NAME, is_refusal
 
 
 class RefusalJudge(Protocol):
@@ -53,7 +53,7 @@ class RefusalJudge(Protocol):
 
 @dataclass
 class RefusalMatcher:
-    name: str = "refusal-matcher"
+    name: str = MATCHER_NAME
 
     def __call__(self, prompts: list[str], answers: list[str]) -> list[bool]:
         return [is_refusal(a) for a in answers]
@@ -104,7 +104,7 @@ def load_judge(spec: str = "refusal-matcher") -> RefusalJudge | Callable:
 
 
 def labelled_examples() -> list[dict]:
-    """Answers labelled refused / complied / degenerate: 40 written for this project and 67 real outputs of
+    """Answers labelled refused / complied / degenerate: 40 written for this project and 99 real outputs of
     its quick bench (attacked and over-trained models), each with its `source` (tests and docs/evaluation.md use them)."""
     text = resources.files("immunizer.data").joinpath("files/judge_examples.jsonl").read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -350,7 +350,8 @@ def rejudge(paths, judge):
         changed += result.changed
         if result.changed:
             moved += 1
-            click.echo(f"{file}: complied {result.before:.1%} -> {result.after:.1%} ({result.changed} verdicts changed; "
+            shares = " -> ".join("–" if v is None else f"{v:.1%}" for v in (result.before, result.after))
+            click.echo(f"{file}: complied {shares} ({result.changed} verdicts changed; "
                        f"judged by {result.judge_before}, now {result.judge})", err=True)
     click.echo(json.dumps({"evaluations": len(files), "evaluations_changed": moved, "verdicts_changed": changed}))
 

@@ -94,8 +94,8 @@ def rejudge_evaluation(report_path: str | Path, judge_spec: str = "refusal-match
         verdicts[which] = [v for v, _ in judged]
         if which == "harmful":
             slices = [r.get("slice") for r in picked]
-    for row in rows:  # the benign and task answers are judged by exact match: unchanged, but by this run
-        row.setdefault("judge", name)
+    for row in rows:  # every line names its evaluation's judge (task answers are scored by exact match, unchanged)
+        row["judge"] = name
     before = report.get("harmful_score")
     judge_before = report.get("judge")
     report.update(judged_fields(verdicts["harmful"], slices, verdicts["safe"]), judge=name)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from immunizer.config import PRESETS, load_config, load_layers, merge
 from immunizer.errors import ImmunizerError
 from immunizer.paths import atomic_path, write_json_atomic
-from immunizer.redteam.evaluate import SHARES, wilson95
+from immunizer.redteam.evaluate import SHARES, read_samples, wilson95
 
 BENCH_PRESETS = PRESETS / "bench"
 SCHEMA_VERSION = 2
@@ -404,10 +404,7 @@ def curve_levels(curve: list[dict]) -> dict:
 
 def _read_samples(path: str | None) -> list[dict]:
     """One evaluation's judged answers (plain or gzipped JSONL); none when it kept no samples."""
-    if not path or not Path(path).is_file():
-        return []
-    text = gzip.decompress(Path(path).read_bytes()).decode() if path.endswith(".gz") else Path(path).read_text()
-    return [json.loads(line) for line in text.splitlines()]
+    return read_samples(path) if path and Path(path).is_file() else []
 
 
 def harmful_verdicts(evaluation: dict) -> dict[tuple, str]:

@@ -15,6 +15,7 @@ per-sample JSONL whose failed lines the review store imports as they are (`kind:
 `harmful_only` evaluates the harmful prompts alone (the bench's attack-curve points)."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import time
@@ -63,6 +64,17 @@ def verdict_shares(verdicts: list[str]) -> dict:
         out[key] = count / n if n else None
         out[f"{key}_ci95"] = wilson95(count, n)
     return out
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """An evaluation's judged answers (plain, or gzipped as the bench keeps them); a damaged line is an error
+    naming the file."""
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.name.endswith(".gz") else path.read_text()
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ImmunizerError(f"{path}: not valid JSONL ({exc}); the samples file is damaged") from exc
 
 
 def _share(xs: list) -> float | None:

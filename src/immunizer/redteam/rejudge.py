@@ -16,7 +16,7 @@ from pathlib import Path
 
 from immunizer.errors import ImmunizerError
 from immunizer.paths import atomic_path, write_json_atomic
-from immunizer.redteam.evaluate import judged_fields
+from immunizer.redteam.evaluate import judged_fields, read_samples
 from immunizer.redteam.judges import load_judge, three_way
 
 JUDGED_SETS = ("harmful", "safe")
@@ -50,14 +50,6 @@ def samples_file(report_path: Path, report: dict) -> Path:
                          "answers to judge, so restore them or evaluate the model again")
 
 
-def _read(path: Path) -> list[dict]:
-    text = gzip.decompress(path.read_bytes()).decode() if path.name.endswith(".gz") else path.read_text()
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ImmunizerError(f"{path}: not valid JSONL ({exc}); the samples file is damaged") from exc
-
-
 def _write(path: Path, rows: list[dict]) -> None:
     data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
     with atomic_path(path) as tmp:
@@ -74,7 +66,7 @@ def rejudge_evaluation(report_path: str | Path, judge_spec: str = "refusal-match
     if not isinstance(report, dict) or "harmful_score" not in report:
         raise ImmunizerError(f"{report_path} is not an evaluation written by `immunizer eval` or a bench")
     path = samples_file(report_path, report)
-    rows = _read(path)
+    rows = read_samples(path)
     judge = load_judge(judge_spec)
     name = getattr(judge, "name", judge_spec)
     verdicts: dict[str, list[str]] = {}
@@ -104,23 +96,21 @@ def rejudge_evaluation(report_path: str | Path, judge_spec: str = "refusal-match
     return Rejudged(report_path, before, report.get("harmful_score"), changed, judge_before, name)
 
 
+SAMPLES_SUFFIXES = (".samples.jsonl", ".samples.jsonl.gz")
+
+
 def evaluations_under(root: str | Path) -> list[Path]:
-    """Every evaluation JSON in a file or directory tree (one with a `harmful_score` and its `samples`)."""
+    """Every evaluation in a file or directory tree: the `NAME.json` beside each `NAME.samples.jsonl[.gz]`, as
+    `immunizer eval` and the bench write them (found from the samples, so a tree of models is not read)."""
     root = Path(root)
     if not root.exists():
         raise ImmunizerError(f"{root} does not exist; pass an evaluation JSON or a directory holding some (a bench's --out)")
-    files = [root] if root.is_file() else sorted(root.rglob("*.json"))
-    found = []
-    for file in files:
-        try:
-            data = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            if root.is_file():
-                raise ImmunizerError(f"{file} is not valid JSON; pass an evaluation JSON") from None
-            continue
-        if isinstance(data, dict) and "harmful_score" in data and "samples" in data and "attacks" not in data:
-            found.append(file)
+    if root.is_file():
+        return [root]
+    found = sorted({samples.with_name(samples.name[:samples.name.index(".samples.jsonl")] + ".json")
+                    for suffix in SAMPLES_SUFFIXES for samples in root.rglob("*" + suffix)})
+    found = [path for path in found if path.is_file()]
     if not found:
-        raise ImmunizerError(f"{root}: no evaluation with recorded samples found (looked for JSON files with "
-                             "`harmful_score` and `samples`, as `immunizer eval` and the bench write them)")
+        raise ImmunizerError(f"{root}: no evaluation with recorded samples found (looked for NAME.json beside "
+                             "NAME.samples.jsonl[.gz], as `immunizer eval` and the bench write them)")
     return found

@@ -209,3 +209,45 @@ def test_the_guard_trips_at_the_same_step_under_two_processes(tmp_path):
         [(h["step"], h["tripped"]) for h in seen_one["history"]]
     assert seen_one["history"][-1]["tripped"] and seen_two["clean_step"] == seen_one["clean_step"] == 4
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 1  # one incident, from the main process
+
+
+def test_a_launched_bench_trains_on_both_processes_and_measures_once(tmp_path):
+    """`bench` and the calibration inside it, launched: every training piece (immunization, the breaker's simulated
+    fine-tunes, the attacks) runs on 2 processes; the main process alone evaluates, scans and writes, once."""
+    args = ["bench", "--preset", "tiny", "--methods", "none,immunizer", "--out", str(tmp_path / "bench")]
+    proc = launch(*args)
+    summary = json.loads(proc.stdout)  # one summary, from the main process
+    assert set(summary["harmful_score"]) == {"none", "immunizer"}
+    out = tmp_path / "bench"
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["method_seeds"] == {"none": 1, "immunizer": 1}
+    manifest = json.loads((out / "methods" / "immunizer" / "seed0" / "manifest.json").read_text())
+    assert manifest["parallel"]["world_size"] == 2
+    assert manifest["breaker"]["parallel"]["world_size"] == 2  # calibrated by both processes
+    cases = (out / "methods" / "immunizer" / "seed0" / "calibration" / "cases.jsonl").read_text().splitlines()
+    assert len(cases) == len({json.loads(c)["key"] for c in cases}) > 0  # each simulated run recorded once
+    for method in ("none", "immunizer"):
+        run = json.loads((out / "runs" / method / "seed0" / "harmful-sft" / "run.json").read_text())
+        assert run["parallel"]["world_size"] == 2
+        samples = (out / "runs" / method / "seed0" / "harmful-sft" / "curve" / "step1.samples.jsonl.gz")
+        assert samples.is_file() and not samples.with_suffix("").exists()  # evaluated once, packed once
+
+    # Launched again: every piece is on disk, so nothing trains or evaluates again.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if not p.name.startswith("report")}
+    launch(*args)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+    # An error in the main process alone (here: the folder holds another configuration) stops both processes with
+    # its message instead of leaving the other waiting for a result.
+    failed = subprocess.run(launch_command(*args, "--set", "eval.n_task=2"), capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert failed.returncode != 0
+    assert "holds a bench run with another configuration" in failed.stderr
+    assert "the main process stopped" in failed.stderr  # what the other process says
+
+
+def test_a_launched_bench_refuses_methods_that_train_in_one_process(tmp_path):
+    proc = launch("bench", "--preset", "tiny", "--methods", "none,vaccine", "--out", str(tmp_path / "bench"), check=False)
+    assert proc.returncode != 0
+    assert "vaccine train in one process" in proc.stderr and "--prebuilt METHOD=DIR" in proc.stderr
+    assert not (tmp_path / "bench").exists()

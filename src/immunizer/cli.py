@@ -13,8 +13,9 @@ from immunizer.launch import launched_distributed, main_process
 from immunizer.options import option, release_option
 from immunizer.settings import AttackConfig, EvalConfig, FinetuneConfig, RepairConfig
 
-DATA_PARALLEL_COMMANDS = {"immunize", "attack", "finetune"}
-"""The commands that split their batches over the processes of `accelerate launch` (parallel.py)."""
+DATA_PARALLEL_COMMANDS = {"immunize", "attack", "finetune", "bench", "calibrate"}
+"""The commands that split their batches over the processes of `accelerate launch` (parallel.py; `bench` and
+`calibrate` train so, and evaluate, scan and write in the main process)."""
 
 # The attack, fine-tune, eval and repair knobs take their defaults from the config dataclasses (settings.py),
 # where each is documented; the options below only name them.
@@ -221,6 +222,8 @@ def calibrate(release_dir, preset, target_fpr, teacher, overrides, hmac_key_file
 
     config = load_calibration_config(preset, {} if target_fpr is None else {"target_fpr": target_fpr}, overrides)
     entry = run(release_dir, config, teacher=teacher, hmac_key=_hmac_key(hmac_key_file))
+    if not main_process():  # one summary for a launched job
+        return
     keys = ("threshold", "target_fpr", "tpr", "tpr_ci95", "fpr", "fpr_ci95", "auroc", "auroc_ci95", "n_benign",
             "n_harmful", "tpr_by_step", "roc_plot", "bounds")
     click.echo(json.dumps({k: entry[k] for k in keys}, indent=2))
@@ -395,6 +398,8 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
     report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                        seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]),
                        time_limit=None if time_limit is None else time_limit * 60)
+    if not main_process():  # one summary for a launched job
+        return
     if report.get("stopped"):
         click.echo(f"bench: stopped at the {time_limit:g}-minute limit with {report['method_seeds']} method-seeds done; "
                    "run the same command again to continue", err=True)

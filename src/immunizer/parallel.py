@@ -26,6 +26,8 @@ is summed over the pieces with `all_sum`."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +68,9 @@ class DataParallel:
                                  "fsdp.yaml) or data-parallel (`--multi_gpu`)")
         from accelerate import PartialState  # imported here: a one-process run never needs it
 
-        state = PartialState(cpu=not torch.cuda.is_available())
+        # The group's timeout bounds every wait, including the others' wait while the main process alone evaluates
+        # (bench) or writes a release: torch's default (10 to 30 minutes) is shorter than one evaluation of a large model.
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=process_group_timeout())
         if launch_flag("ACCELERATE_USE_FSDP"):
             return cls(state.process_index, state.num_processes, state.device, "FSDP", state, sharded=True,
                        offload=launch_flag("FSDP_OFFLOAD_PARAMS"))
@@ -222,6 +226,25 @@ class DataParallel:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def on_main(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` run by the main process alone (an evaluation, a scan, a file written), its result on
+        every process. An error there is raised on every process, so that none waits for a result that never comes
+        (the others get an ImmunizerError naming it: an exception need not pickle)."""
+        if not self.active:
+            return fn(*args, **kwargs)
+        outcome, error = None, None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn(*args, **kwargs))
+            except Exception as exc:  # noqa: BLE001 (re-raised below, on every process)
+                error, outcome = exc, ("error", f"{type(exc).__name__}: {exc}")
+        kind, value = self.broadcast(outcome)
+        if error is not None:
+            raise error
+        if kind == "error":
+            raise ImmunizerError(f"the main process stopped: {value}")
+        return value
+
     def total(self, count: int) -> int:
         """`count` summed over the processes (e.g. the tokens of a whole batch)."""
         if not self.active:
@@ -257,6 +280,19 @@ class DataParallel:
         parts: list = [None] * self.world_size
         dist.all_gather_object(parts, {k: v.cpu() for k, v in slices.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in slices}
+
+
+def process_group_timeout():
+    """How long a process waits for the others: $IMMUNIZER_PROCESS_GROUP_TIMEOUT minutes, 180 by default."""
+    text = os.environ.get("IMMUNIZER_PROCESS_GROUP_TIMEOUT", "180")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if minutes <= 0:
+        raise ImmunizerError(f"IMMUNIZER_PROCESS_GROUP_TIMEOUT={text!r} is not a positive number of minutes; "
+                             "set it to e.g. 180, or unset it")
+    return datetime.timedelta(minutes=minutes)
 
 
 def end_process_group() -> None:

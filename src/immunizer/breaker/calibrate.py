@@ -30,6 +30,7 @@ from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.json_hash import json_sha256
 from immunizer.manifest import check_reseal, file_sha256, update_manifest
 from immunizer.models.loading import load_model
+from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets" / "calibration"
@@ -326,20 +327,28 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     rows}: reviewed incidents from the feedback loop) join the simulated runs on their side."""
     directory = Path(model_dir)
     config = config or CalibrationConfig()
-    manifest, reference, data = ensure_direction(directory, config, teacher, hmac_key)
+    # Launched (`accelerate launch --multi_gpu`), every process takes its share of each fine-tune's batches; the
+    # main process alone writes the direction, the runs, the plot and the manifest.
+    dp = DataParallel.from_environment()
+    if dp.sharded:
+        raise ImmunizerError("calibration reads the weights at every checkpoint of its fine-tunes and does not run under "
+                             "FSDP; launch it data-parallel (`accelerate launch --multi_gpu ...`) or in one process")
+    with dp.main_first():  # the main process writes the direction and fills the teachers' caches first
+        manifest, reference, data = ensure_direction(directory, config, teacher, hmac_key)
+        data.probe_rows()
     check_reseal(manifest.meta, directory, hmac_key)  # refuse now, not after every fine-tune has run
     teacher = data.teacher.spec
     released = directory / manifest.meta.get("model_dir", "model")
     cases_path = directory / CASES_FILE
     cases_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _done(cases_path)
+    done = dp.broadcast(_done(cases_path) if dp.is_main else None)
     records = []
     cases = plan_cases(config)
     given_rows = {}
     for extra in extra_cases:
         cases.append(incident_case(extra["name"], bool(extra["harmful"]), extra["rows"], config))
         given_rows[extra["name"]] = extra["rows"]
-    bar = tqdm(cases, desc="calibrating", unit="run", disable=not progress)
+    bar = tqdm(cases, desc="calibrating", unit="run", disable=not (progress and dp.is_main))
     for case in bar:
         key = _case_key(case, config, manifest.meta["reference"]["sha256"])
         cached = done.get(key) or done.get(_case_key(case, config, manifest.meta["reference"]["sha256"], legacy=True))
@@ -347,16 +356,25 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
             records.append({**cached, **asdict(case), "key": key})
             continue
         bar.set_postfix_str(case.name)
-        rows = given_rows.get(case.name) or data.rows(case)
+        with dp.main_first():
+            rows = given_rows.get(case.name) or data.rows(case)
         model, tokenizer = load_model(released)
         recorder = DriftRecorder(reference, config.checkpoints)
         spec = FinetuneSpec(lr=case.lr, steps=config.checkpoints[-1], batch_size=config.batch_size,
                             lora_rank=case.lora_rank, max_length=config.max_length, seed=config.seed, bf16=config.bf16)
         sft(model, tokenizer, rows, spec, callbacks=[recorder])
         record = {"key": key, **asdict(case), "readings": recorder.readings}
-        with open(cases_path, "a") as f:  # one line per finished run; a torn last line is re-run
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if dp.is_main:  # every process read the same weights, so the same readings
+            with open(cases_path, "a") as f:  # one line per finished run; a torn last line is re-run
+                f.write(json.dumps(record, sort_keys=True) + "\n")
         records.append(record)
+    return dp.on_main(_seal_calibration, directory, config, records, cases_path, teacher, data.teacher.sha256,
+                      extra_cases, hmac_key, dp.describe())
+
+
+def _seal_calibration(directory: Path, config: CalibrationConfig, records: list[dict], cases_path: Path, teacher: str,
+                      teacher_sha256: str, extra_cases: list[dict], hmac_key: bytes | str | None, parallel: dict) -> dict:
+    """The bounds from the runs' readings, the ROC plot, the runs file and the manifest's `breaker` entry."""
     # Four bounds (each statistic, both sides) share the target FPR; the primary one is `threshold`.
     bounds = choose_bounds([r for rec in records if not rec["harmful"] for r in rec["readings"]], config.statistic,
                            config.target_fpr)
@@ -375,7 +393,7 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
              "primary": {k: figures[k] for k in ("threshold", "target_fpr", "tpr", "tpr_ci95", "fpr", "fpr_ci95")},
              "bounds": [b.to_json() for b in bounds], "config": config.to_dict(),
              "other_statistics": {n: {k: f[k] for k in brief} for n, f in every.items() if n != config.statistic},
-             "teacher": teacher, "teacher_sha256": data.teacher.sha256,
+             "teacher": teacher, "teacher_sha256": teacher_sha256, "parallel": parallel,
              "cases_file": CASES_FILE, "cases_sha256": file_sha256(cases_path),
              "incident_cases": [c["name"] for c in extra_cases],
              "roc_plot": ROC_FILE, "roc_plot_sha256": file_sha256(directory / ROC_FILE)}

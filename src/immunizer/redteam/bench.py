@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from immunizer.config import PRESETS, load_config, load_layers, merge
 from immunizer.errors import ImmunizerError
+from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path, write_json_atomic
 from immunizer.redteam.evaluate import SHARES, read_samples, wilson95
 
@@ -199,62 +200,88 @@ def _prebuilt(name: str, path: Path) -> Method:
 
 
 def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
-           prebuilt: dict[str, Path] | None = None) -> Method:
-    from immunizer.baselines import BaselineConfig, build_method, extrapolation_parent, method_config
+           prebuilt: dict[str, Path] | None = None, dp: DataParallel | None = None) -> Method:
+    """The method's model and release: read back when built, else trained (in a launched job every process trains,
+    and the main process alone reads, deletes and extrapolates)."""
+    from immunizer.baselines import BaselineConfig, build_method, extrapolation_parent
+
+    dp = dp or DataParallel.single()
+    prebuilt = prebuilt or {}
+    directory = out / "methods" / name / f"seed{seed}"
+    parent = None if name in prebuilt else extrapolation_parent(name)
+    if parent is not None and not dp.on_main((directory / "manifest.json").is_file):
+        # `lox`: the same seed's build of its parent, extrapolated (no second training)
+        source = _build(parent, config, seed, out, progress, prebuilt, dp)
+        return dp.on_main(_extrapolated, name, source, config, seed, out, directory)
+    found = dp.on_main(_built_or_resume, name, config, directory, prebuilt)
+    if isinstance(found, Method):
+        return found
+    immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
+    immunize_config.seed = seed
+    built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline),
+                         progress and dp.is_main, resume=found)
+    return Method(name, built.model_dir, built.release_dir, built.cost_seconds)
+
+
+def _built_or_resume(name: str, config: BenchConfig, directory: Path, prebuilt: dict[str, Path]) -> Method | bool:
+    """The method when it needs no training (prebuilt, `none`, or trained before), else whether its training
+    resumes from a checkpoint (one killed before its first checkpoint is cleared, to start again)."""
+    from immunizer.baselines import extrapolation_parent
     from immunizer.checkpoint import STATE_FILE
-    from immunizer.extrapolate import extrapolate_release
     from immunizer.manifest import load_manifest
     from immunizer.models.loading import resolve_model
 
-    prebuilt = prebuilt or {}
     if name in prebuilt:
         return _prebuilt(name, prebuilt[name])
-    directory = out / "methods" / name / f"seed{seed}"
     if name == "none":
         return Method(name, resolve_model(config.model), None, 0.0)
-    parent = extrapolation_parent(name)
     if (directory / "manifest.json").is_file():
         method = _prebuilt(name, directory)
-        if parent is not None:  # cost: the parent's training (recorded when derived) plus the extrapolation
+        if extrapolation_parent(name) is not None:  # cost: the parent's training (recorded when derived) plus the extrapolation
             stage = load_manifest(directory).meta.get("extrapolation", {})
             parent_cost = stage.get("parent_cost_seconds")
             method.cost_seconds = None if parent_cost is None else parent_cost + stage.get("seconds", 0.0)
             method.own_seconds = stage.get("seconds")
         return method
-    immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
-    immunize_config.seed = seed
-    if parent is not None:  # `lox`: the same seed's build of its parent, extrapolated (no second training)
-        source = _build(parent, config, seed, out, progress, prebuilt)
-        _check_same_build(source, out / "runs" / parent / f"seed{seed}" / "pre_attack.json")  # lox derives from what was measured
-        if source.release_dir is None:
-            raise ImmunizerError(f"{name} extrapolates {parent}'s release, but {parent} has none (a bare model)")
-        meta = extrapolate_release(source.release_dir, directory, method_config(name, immunize_config).extrapolate,
-                                   record={"parent": parent, "parent_cost_seconds": source.cost_seconds})
-        seconds = meta["extrapolation"]["seconds"]
-        return Method(name, directory / "model", directory,
-                      None if source.cost_seconds is None else source.cost_seconds + seconds, own_seconds=seconds)
     resume = (directory / "checkpoint" / STATE_FILE).is_file()  # an interrupted training continues
     if directory.exists() and not resume:  # killed before its first checkpoint: start it again
         shutil.rmtree(directory)
-    built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline), progress,
-                         resume=resume)
-    return Method(name, built.model_dir, built.release_dir, built.cost_seconds)
+    return resume
 
 
-def _prepare_breaker(method: Method, config: BenchConfig, progress: bool) -> None:
+def _extrapolated(name: str, source: Method, config: BenchConfig, seed: int, out: Path, directory: Path) -> Method:
+    from immunizer.baselines import extrapolation_parent, method_config
+    from immunizer.extrapolate import extrapolate_release
+
+    parent = extrapolation_parent(name)
+    _check_same_build(source, out / "runs" / parent / f"seed{seed}" / "pre_attack.json")  # lox derives from what was measured
+    if source.release_dir is None:
+        raise ImmunizerError(f"{name} extrapolates {parent}'s release, but {parent} has none (a bare model)")
+    immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
+    meta = extrapolate_release(source.release_dir, directory, method_config(name, immunize_config).extrapolate,
+                               record={"parent": parent, "parent_cost_seconds": source.cost_seconds})
+    seconds = meta["extrapolation"]["seconds"]
+    return Method(name, directory / "model", directory,
+                  None if source.cost_seconds is None else source.cost_seconds + seconds, own_seconds=seconds)
+
+
+def _prepare_breaker(method: Method, config: BenchConfig, progress: bool, dp: DataParallel | None = None) -> None:
+    """The method's breaker bounds: its manifest's, calibrated now if the preset asks (a launched job's processes
+    share the calibration's fine-tunes), borrowed from a calibration file, or the preset's threshold."""
     from immunizer.breaker.calibrate import CalibrationConfig, calibrate, ensure_direction, load_calibration_config
     from immunizer.manifest import load_manifest
 
+    dp = dp or DataParallel.single()
     if method.release_dir is None:
         return
     calibration_config = load_calibration_config(config.calibration) if config.calibration else CalibrationConfig()
-    manifest, _, _ = ensure_direction(method.release_dir, calibration_config, teacher=config.model)
-    entry = manifest.meta.get("breaker")
+    entry = dp.on_main(lambda: ensure_direction(method.release_dir, calibration_config, teacher=config.model)[0]
+                       .meta.get("breaker"))
     if entry is None and config.calibration:
         started = time.perf_counter()
-        entry = calibrate(method.release_dir, calibration_config, teacher=config.model, progress=progress)
+        entry = calibrate(method.release_dir, calibration_config, teacher=config.model, progress=progress and dp.is_main)
         entry = {**entry, "seconds": time.perf_counter() - started}
-        load_manifest(method.release_dir)  # re-verify the re-sealed manifest
+        dp.on_main(load_manifest, method.release_dir)  # re-verify the re-sealed manifest
     source = "calibrated"
     if entry is None and config.breaker_calibration:
         entry, source = borrowed_calibration(config.breaker_calibration), f"calibration file {config.breaker_calibration}"
@@ -431,22 +458,38 @@ def _curve_point(step: int, evaluation: dict, scan: dict | None, before: dict[tu
 
 
 def _run(method: Method, spec: RunSpec, seed: int, run_dir: Path, config: BenchConfig, progress: bool,
-         pre_attack: dict) -> dict:
-    """Run one attack or fine-tune (once), evaluate its curve snapshots and its result, scan each with the breaker."""
+         pre_attack: dict, dp: DataParallel | None = None) -> dict:
+    """Run one attack or fine-tune (once), evaluate its curve snapshots and its result, scan each with the breaker.
+    In a launched job every process trains; the main process alone evaluates and scans."""
     from immunizer.redteam.attacks import AttackConfig, FinetuneConfig, run_attack, run_finetune
 
+    dp = dp or DataParallel.single()
+    if dp.on_main(_needs_training, spec, run_dir):
+        if spec.kind == "attack":
+            run_attack(method.model_dir, run_dir, AttackConfig(**{"teacher": config.model, **spec.config, "seed": seed}),
+                       progress and dp.is_main)
+        else:
+            run_finetune(method.model_dir, run_dir, FinetuneConfig(**{"teacher": config.model, **spec.config, "seed": seed}),
+                         progress and dp.is_main)
+    return dp.on_main(_read_run, method, spec, run_dir, config, pre_attack)
+
+
+def _needs_training(spec: RunSpec, run_dir: Path) -> bool:
+    """Whether the run must train (again); what a killed or unfinishable run left is cleared first."""
     record_path = run_dir / "run.json"
     if record_path.is_file() and _unfinishable(spec, run_dir):
         _forget_run(run_dir)
-    if not record_path.is_file():
-        shutil.rmtree(run_dir / "steps", ignore_errors=True)  # snapshots of a run killed before it finished
-        for leftover in [*run_dir.glob(".model*"), *run_dir.glob(".adapter*")]:  # atomic writes it never finished
-            shutil.rmtree(leftover, ignore_errors=True)
-        if spec.kind == "attack":
-            run_attack(method.model_dir, run_dir, AttackConfig(**{"teacher": config.model, **spec.config, "seed": seed}), progress)
-        else:
-            run_finetune(method.model_dir, run_dir, FinetuneConfig(**{"teacher": config.model, **spec.config, "seed": seed}), progress)
-    run = json.loads(record_path.read_text())
+    if record_path.is_file():
+        return False
+    shutil.rmtree(run_dir / "steps", ignore_errors=True)  # snapshots of a run killed before it finished
+    for leftover in [*run_dir.glob(".model*"), *run_dir.glob(".adapter*")]:  # atomic writes it never finished
+        shutil.rmtree(leftover, ignore_errors=True)
+    return True
+
+
+def _read_run(method: Method, spec: RunSpec, run_dir: Path, config: BenchConfig, pre_attack: dict) -> dict:
+    """A trained run's figures: each curve snapshot and the result evaluated and scanned (or read back)."""
+    run = json.loads((run_dir / "run.json").read_text())
     final_step = run.get("steps")
     unreached = [step for step in spec.curve_steps if final_step is not None and step > final_step]
     if unreached:
@@ -644,71 +687,118 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
         raise ImmunizerError("--seeds must be at least 1")
     out = Path(out_dir)
     specs = config.runs()
+    dp = DataParallel.from_environment()
+    if dp.active:
+        _check_launchable(config, specs, prebuilt, dp)
     # Methods are left out: each has its own directories, so a later call may add or drop some.
-    _check_out_dir(out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"}, "seeds": seeds,
-                         "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
-    _pin_borrowed_calibration(out, config)
+    dp.on_main(_check_out_dir, out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"},
+                                     "seeds": seeds, "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
+    dp.on_main(_pin_borrowed_calibration, out, config)
     started, clock_started = time.perf_counter(), _clock()
     stopped = None
 
     def out_of_time() -> bool:
         nonlocal stopped
-        if time_limit is not None and _clock() - clock_started >= time_limit:
+        # the main process's clock decides, so that every process of a launched job stops at the same piece
+        if dp.broadcast(time_limit is not None and _clock() - clock_started >= time_limit):
             stopped = {"reason": "time limit", "time_limit_seconds": time_limit}
         return stopped is not None
 
     seeds_of = {name: config.method_seeds.get(name, seeds) for name in config.methods}
     results: dict[str, list[dict]] = {name: [] for name in config.methods}
-    bar = tqdm(total=sum(seeds_of.values()) * (1 + len(specs)), desc="bench", unit="run", disable=not progress)
+    bar = tqdm(total=sum(seeds_of.values()) * (1 + len(specs)), desc="bench", unit="run",
+               disable=not (progress and dp.is_main))
     report = None
     for seed in range(max(seeds_of.values())):
         for name in [m for m in config.methods if seed < seeds_of[m]]:
             bar.set_postfix_str(f"{name} (seed {seed}): training")
             runs_dir = out / "runs" / name / f"seed{seed}"
             pre_path, method_path = runs_dir / "pre_attack.json", runs_dir / "method.json"
-            if method_path.is_file() and pieces_done(runs_dir, specs):
-                # every result is on disk (e.g. committed from an earlier machine): the model is not needed again
-                method = Method.from_json(json.loads(method_path.read_text()))
-            elif out_of_time():
+            # Every decision that reads the results on disk is the main process's (it alone writes them).
+            method = dp.on_main(_measured_method, runs_dir, specs)
+            if method is None:
+                if out_of_time():
+                    break
+                method = _build(name, config, seed, out, progress, prebuilt, dp)
+                dp.on_main(_check_same_build, method, pre_path)
+                _prepare_breaker(method, config, progress, dp)
+                method = dp.on_main(_record_method, method, method_path)
+            if dp.on_main(_needs_pre_attack, method, seed, pre_path) and out_of_time():
                 break
-            else:
-                method = _build(name, config, seed, out, progress, prebuilt)
-                _check_same_build(method, pre_path)
-                _prepare_breaker(method, config, progress)
-                method.machine = _machine()
-                write_json_atomic(method_path, method.to_json())  # committed with the first results it explains
-            if method.release_dir is None and seed > 0 and not pre_path.is_file():
-                # an untrained model answers greedily the same way whatever the seed: evaluate it once
-                pre_path.parent.mkdir(parents=True, exist_ok=True)
-                seed0 = out / "runs" / name / "seed0"
-                for piece in (*seed0.glob("pre_attack.samples.jsonl*"), seed0 / "pre_attack.json"):  # the JSON last
-                    with atomic_path(pre_path.with_name(piece.name)) as tmp:
-                        shutil.copyfile(piece, tmp)
-            if not pre_path.is_file() and out_of_time():
-                break
-            pre = _evaluate(method.model_dir, pre_path, config)
+            pre = dp.on_main(_evaluate, method.model_dir, pre_path, config)
             bar.update(1)
             record = {"method": method, "pre_attack": pre, "runs": {}}
             for spec in specs:
-                if not (runs_dir / spec.name / "run.json").is_file() and out_of_time():
+                if not dp.on_main((runs_dir / spec.name / "run.json").is_file) and out_of_time():
                     break
                 bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
-                record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre)
+                record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre, dp)
                 bar.update(1)
             if stopped:
                 break
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
-            report = _report(results, specs, config, preset, seeds_of, command, time.perf_counter() - started)
-            _write_reports(out, report)
+            report = dp.on_main(_report_and_write, out, results, specs, config, preset, seeds_of, command,
+                                time.perf_counter() - started)
         if stopped:
             break
     bar.close()
     if stopped:
-        report = _report(results, specs, config, preset, seeds_of, command, time.perf_counter() - started)
+        report = dp.on_main(_report_and_write, out, results, specs, config, preset, seeds_of, command,
+                            time.perf_counter() - started, stopped)
+    dp.on_main(_write_samples, out, results, specs)
+    return report
+
+
+def _check_launchable(config: BenchConfig, specs: list[RunSpec], prebuilt: dict, dp: DataParallel) -> None:
+    """What a launched bench cannot train, refused before anything runs."""
+    from immunizer.baselines import PUBLISHED, extrapolation_parent
+
+    one_process = [m for m in config.methods if m not in prebuilt and (extrapolation_parent(m) or m) in PUBLISHED]
+    if one_process:
+        raise ImmunizerError(f"{', '.join(one_process)} train in one process (baselines/train.py), so a launched bench "
+                             f"cannot build them; run `immunizer bench` without the launcher for them, pass "
+                             f"--prebuilt METHOD=DIR, or leave them out of --methods")
+    lora = [s.name for s in specs if s.config.get("lora_rank")]
+    if dp.sharded and lora:
+        raise ImmunizerError(f"the bench's LoRA runs ({', '.join(lora)}) do not run under FSDP; launch the bench "
+                             "data-parallel (`accelerate launch --multi_gpu ...`) or drop them from the preset")
+
+
+def _measured_method(runs_dir: Path, specs: list[RunSpec]) -> Method | None:
+    """The method and seed when every result is on disk (e.g. committed from an earlier machine): its model is not
+    needed again."""
+    method_path = runs_dir / "method.json"
+    if method_path.is_file() and pieces_done(runs_dir, specs):
+        return Method.from_json(json.loads(method_path.read_text()))
+    return None
+
+
+def _record_method(method: Method, method_path: Path) -> Method:
+    method.machine = _machine()
+    write_json_atomic(method_path, method.to_json())  # committed with the first results it explains
+    return method
+
+
+def _needs_pre_attack(method: Method, seed: int, pre_path: Path) -> bool:
+    """Whether the evaluation before any attack is still to run. An untrained model answers greedily the same way
+    whatever the seed: seed 0's evaluation is copied for the others."""
+    if method.release_dir is None and seed > 0 and not pre_path.is_file():
+        pre_path.parent.mkdir(parents=True, exist_ok=True)
+        seed0 = pre_path.parent.parent / "seed0"
+        for piece in (*seed0.glob("pre_attack.samples.jsonl*"), seed0 / "pre_attack.json"):  # the JSON last
+            with atomic_path(pre_path.with_name(piece.name)) as tmp:
+                shutil.copyfile(piece, tmp)
+    return not pre_path.is_file()
+
+
+def _report_and_write(out: Path, results: dict[str, list[dict]], specs: list[RunSpec], config: BenchConfig,
+                      preset: str | None, seeds_of: dict, command: str | None, seconds: float,
+                      stopped: dict | None = None) -> dict:
+    report = _report(results, specs, config, preset, seeds_of, command, seconds)
+    if stopped:
         report["stopped"] = stopped
-        _write_reports(out, report)
-    _write_samples(out, results, specs)
+    _write_reports(out, report)
     return report
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from immunizer.errors import ImmunizerError
-from immunizer.launch import launched_distributed, main_process
+from immunizer.launch import launched_distributed, main_process, pin_device
 from immunizer.options import option, release_option
 from immunizer.settings import AttackConfig, EvalConfig, FinetuneConfig, RepairConfig
 
@@ -38,10 +38,14 @@ def _quiet_transformers() -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="immunizer")
+@click.option("--device", metavar="cpu|cuda|cuda:N", help="Where the command trains, generates and evaluates (default: "
+              "the first GPU if there is one, else the CPU; $IMMUNIZER_DEVICE). Not under `accelerate launch`.")
 @click.pass_context
-def cli(ctx) -> None:
+def cli(ctx, device) -> None:
     """Make open LLMs resistant to harmful fine-tuning, and make such fine-tuning visible."""
     _quiet_transformers()
+    if device:
+        pin_device(device)
     if launched_distributed() and ctx.invoked_subcommand not in DATA_PARALLEL_COMMANDS:
         raise ImmunizerError(f"`immunizer {ctx.invoked_subcommand}` runs in one process; only "
                              f"{', '.join(sorted(DATA_PARALLEL_COMMANDS))} run data-parallel under `accelerate launch`. "

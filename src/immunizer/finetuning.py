@@ -15,6 +15,7 @@ import torch
 
 from immunizer.errors import ImmunizerError
 from immunizer.launch import launched_sharded, launched_world_size, main_process, split_evenly
+from immunizer.models.loading import runtime_device
 from immunizer.paths import atomic_path
 from immunizer.precision import use_bf16
 from immunizer.sharding import full_state, is_sharded, trainer_settings
@@ -127,7 +128,7 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
         if spec.lora_rank:
             raise ImmunizerError("freezing canaries applies to full fine-tuning; a LoRA update B·A cannot skip single weights")
         freeze_entries(model, spec.frozen)
-    cuda = torch.cuda.is_available()
+    cuda = runtime_device().type == "cuda"  # IMMUNIZER_DEVICE=cpu keeps TRL's trainer off a GPU too
     with tempfile.TemporaryDirectory(prefix="immunizer-sft-") as out:
         args = SFTConfig(
             output_dir=out, learning_rate=spec.lr, num_train_epochs=spec.epochs, max_steps=spec.steps or -1,

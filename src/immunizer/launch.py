@@ -4,6 +4,7 @@ process group itself)."""
 from __future__ import annotations
 
 import os
+import re
 
 from immunizer.errors import ImmunizerError
 
@@ -39,3 +40,28 @@ def launched_sharded() -> bool:
 def main_process() -> bool:
     """True in a one-process run and in the first process of a launched job (before any process group exists)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def pin_device(spec: str) -> None:
+    """`immunizer --device SPEC`: where a one-process command trains, generates and evaluates. Pinned through
+    the environment before torch starts, so that TRL's trainer (which takes the first visible GPU) runs there too:
+    `cpu` hides every GPU, `cuda:N` makes the N-th visible GPU the only one, `cuda` is the first."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", spec.strip().lower())
+    if not m or (m[1] == "cpu" and m[2] is not None):
+        raise ImmunizerError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N")
+    if launched_distributed():
+        raise ImmunizerError("--device does not apply under `accelerate launch`, which gives each process its own GPU; "
+                             "leave it out (or choose the GPUs with CUDA_VISIBLE_DEVICES / --gpu_ids)")
+    if m[1] == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["IMMUNIZER_DEVICE"] = "cpu"
+        return
+    index = int(m[2] or 0)
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if "CUDA_VISIBLE_DEVICES" in os.environ and not visible:
+        raise ImmunizerError(f"--device {spec}: CUDA_VISIBLE_DEVICES='' hides every GPU; unset it, or choose --device cpu")
+    if "CUDA_VISIBLE_DEVICES" in os.environ and index >= len(visible):
+        raise ImmunizerError(f"--device {spec}: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} shows "
+                             f"{len(visible)} GPU(s); choose cuda:0 to cuda:{len(visible) - 1} or change it")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    os.environ["IMMUNIZER_DEVICE"] = "cuda"

@@ -251,3 +251,7 @@ def test_a_launched_bench_refuses_methods_that_train_in_one_process(tmp_path):
     assert proc.returncode != 0
     assert "vaccine train in one process" in proc.stderr and "--prebuilt METHOD=DIR" in proc.stderr
     assert not (tmp_path / "bench").exists()
+    sharded = launch("bench", "--preset", "tiny", "--methods", "none,immunizer", "--out", str(tmp_path / "bench"),
+                     check=False, fsdp=True)
+    assert sharded.returncode != 0 and "(harmful-sft-lora) do not run under FSDP" in sharded.stderr
+    assert not (tmp_path / "bench").exists()

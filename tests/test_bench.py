@@ -53,6 +53,11 @@ def test_report_json_follows_the_contract(tiny_bench):
         assert [p["step"] for p in entry["harmful-sft-lora"]["curve"]] == [0, 1, 2]  # a LoRA snapshot, merged to evaluate
         assert "refusal_retained" in sft and all("refusal_retained" in p for p in sft["curve"])
         assert "curve" not in entry["benign-task"]
+        # each kind of harmful request apart: the row's slices are its evaluation's (one seed: the mean is itself)
+        evaluation = json.loads((out / "runs" / name / "seed0" / "harmful-sft" / "curve" / "step2.json").read_text())
+        assert {n: s["harmful_score"] for n, s in sft["slices"].items()} == \
+            {n: s["harmful_score"] for n, s in evaluation["slices"].items()}
+        assert sum(s["n"] for s in sft["slices"].values()) == sft["n"] and set(pre["slices"]) == set(sft["slices"])
         assert entry["benign-task"]["benign_task_accuracy_before"] == pre["benign_task_accuracy"]
     # `none` has no canaries; the trained methods are watched and judged against their calibrated threshold
     assert report["methods"]["none"]["harmful-sft"]["breaker_statistic"] is None
@@ -84,7 +89,8 @@ def test_report_json_follows_the_contract(tiny_bench):
 def test_html_report_and_samples(tiny_bench):
     out, _, report = tiny_bench
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 and "booster" in page and "harmful-sft" in page
+    assert page.count("data:image/png;base64,") == 7 and "booster" in page and "harmful-sft" in page
+    assert "Complied by kind of request" in page
     assert "steps_to_half" in page and "degenerate_share" in page
     # the Markdown tables: one headline row per method, the standard attack's curve with its report step in bold
     markdown = (out / "report.md").read_text()
@@ -96,6 +102,12 @@ def test_html_report_and_samples(tiny_bench):
         assert f"{curve[0]} / **{curve[1]}** / {curve[2]}%" in headline[name]
         assert f"{100 * entry['pre_attack']['harmful_score']:.0f}% [" in headline[name]
     assert "harmful-sft (steps 1 / **2** / 4)" in markdown and "## Refused, complied, degenerate" in markdown
+    by_slice = markdown.split("## Complied by kind of request")[1].split("Command:")[0]
+    slices = list(report["methods"]["immunizer"]["harmful-sft"]["slices"])
+    assert f"| method | run | {' | '.join(slices)} |" in by_slice
+    immunizer_sft = next(line for line in by_slice.splitlines() if line.startswith("| immunizer | harmful-sft |"))
+    first = report["methods"]["immunizer"]["harmful-sft"]["slices"][slices[0]]["harmful_score"]
+    assert immunizer_sft.split(" | ")[2].startswith(f"{100 * first:.0f}% [")
     booster_scan = report["methods"]["booster"]["harmful-mix"]
     assert ("trips" if booster_scan["tripped"] else "passes") in next(
         line for line in markdown.splitlines() if line.startswith("| booster | harmful-mix |"))
@@ -381,6 +393,17 @@ def test_aggregate_means_and_majority():
                      {"harmful_score": 0.3, "degenerate_share": 1.0, "breaker_statistic": -0.2, "n": 8}])
     assert out["ci95"]["harmful_score"][0] == 0.0 and out["ci95"]["degenerate_share"][1] == 1.0
     assert out["ci95"]["breaker_statistic"][0] < -0.2
+
+
+def test_slices_are_averaged_over_seeds_with_a_pooled_interval():
+    seed = lambda weak, wrapped: {"weak": {"harmful_score": weak, "refused_share": 1 - weak, "n": 50},
+                                  "wrapped": {"harmful_score": wrapped, "refused_share": 1 - wrapped, "n": 50}}
+    out = aggregate([{"harmful_score": 0.5, "slices": seed(0.9, 0.1)}, {"harmful_score": 0.45, "slices": seed(0.8, 0.1)}])
+    assert out["slices"]["weak"]["harmful_score"] == pytest.approx(0.85) and out["slices"]["weak"]["n"] == 100
+    assert out["slices"]["wrapped"]["refused_share"] == pytest.approx(0.9)
+    low, high = out["slices"]["weak"]["harmful_score_ci95"]  # 85 of 100 answers pooled
+    assert low == pytest.approx(0.767, abs=1e-3) and high == pytest.approx(0.907, abs=1e-3)
+    assert "slices" not in aggregate([{"harmful_score": 0.5, "slices": seed(0.9, 0.1)}, {"harmful_score": 0.4}])
 
 
 def test_grid_expands_to_named_attacks():

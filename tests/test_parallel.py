@@ -255,3 +255,8 @@ def test_a_launched_bench_refuses_methods_that_train_in_one_process(tmp_path):
                      check=False, fsdp=True)
     assert sharded.returncode != 0 and "(harmful-sft-lora) do not run under FSDP" in sharded.stderr
     assert not (tmp_path / "bench").exists()
+    uneven = launch("bench", "--preset", "tiny", "--methods", "none,immunizer", "--out", str(tmp_path / "bench"),
+                    "--set", "attacks.harmful-mix.batch_size=3", check=False)
+    assert uneven.returncode != 0
+    assert "harmful-mix's batch_size 3 (--set attacks.harmful-mix.batch_size=N); use multiples of 2" in uneven.stderr
+    assert not (tmp_path / "bench").exists()

@@ -128,7 +128,8 @@ def sft(model: torch.nn.Module, tokenizer, rows: list[dict], spec: FinetuneSpec,
         if spec.lora_rank:
             raise ImmunizerError("freezing canaries applies to full fine-tuning; a LoRA update B·A cannot skip single weights")
         freeze_entries(model, spec.frozen)
-    cuda = runtime_device().type == "cuda"  # IMMUNIZER_DEVICE=cpu keeps TRL's trainer off a GPU too
+    # IMMUNIZER_DEVICE=cpu keeps TRL's trainer off a GPU too; a launched job's device is the launcher's
+    cuda = torch.cuda.is_available() if launched_world_size() > 1 else runtime_device().type == "cuda"
     with tempfile.TemporaryDirectory(prefix="immunizer-sft-") as out:
         args = SFTConfig(
             output_dir=out, learning_rate=spec.lr, num_train_epochs=spec.epochs, max_steps=spec.steps or -1,

@@ -57,7 +57,7 @@ def pin_device(spec: str) -> None:
         os.environ["IMMUNIZER_DEVICE"] = "cpu"
         return
     index = int(m[2] or 0)
-    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if "CUDA_VISIBLE_DEVICES" in os.environ and not visible:
         raise ImmunizerError(f"--device {spec}: CUDA_VISIBLE_DEVICES='' hides every GPU; unset it, or choose --device cpu")
     if "CUDA_VISIBLE_DEVICES" in os.environ and index >= len(visible):

@@ -289,7 +289,7 @@ def process_group_timeout():
         minutes = float(text)
     except ValueError:
         minutes = -1.0
-    if minutes <= 0:
+    if not 0 < minutes < float("inf"):
         raise ImmunizerError(f"IMMUNIZER_PROCESS_GROUP_TIMEOUT={text!r} is not a positive number of minutes; "
                              "set it to e.g. 180, or unset it")
     return datetime.timedelta(minutes=minutes)

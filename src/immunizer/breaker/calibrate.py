@@ -333,15 +333,14 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
     if dp.sharded:
         raise ImmunizerError("calibration reads the weights at every checkpoint of its fine-tunes and does not run under "
                              "FSDP; launch it data-parallel (`accelerate launch --multi_gpu ...`) or in one process")
-    with dp.main_first():  # the main process writes the direction and fills the teachers' caches first
-        manifest, reference, data = ensure_direction(directory, config, teacher, hmac_key)
-        data.probe_rows()
+    if dp.active:  # the main process writes the direction (its errors reach every process); then all read it
+        dp.on_main(lambda: ensure_direction(directory, config, teacher, hmac_key) and None)
+    manifest, reference, data = ensure_direction(directory, config, teacher, hmac_key)
     check_reseal(manifest.meta, directory, hmac_key)  # refuse now, not after every fine-tune has run
     teacher = data.teacher.spec
     released = directory / manifest.meta.get("model_dir", "model")
     cases_path = directory / CASES_FILE
-    cases_path.parent.mkdir(parents=True, exist_ok=True)
-    done = dp.broadcast(_done(cases_path) if dp.is_main else None)
+    done = dp.on_main(_done, cases_path)
     records = []
     cases = plan_cases(config)
     given_rows = {}
@@ -356,20 +355,24 @@ def calibrate(model_dir: str | Path, config: CalibrationConfig | None = None, te
             records.append({**cached, **asdict(case), "key": key})
             continue
         bar.set_postfix_str(case.name)
-        with dp.main_first():
-            rows = given_rows.get(case.name) or data.rows(case)
+        rows = dp.on_main(lambda: given_rows.get(case.name) or data.rows(case))  # the teacher answers once
         model, tokenizer = load_model(released)
         recorder = DriftRecorder(reference, config.checkpoints)
         spec = FinetuneSpec(lr=case.lr, steps=config.checkpoints[-1], batch_size=config.batch_size,
                             lora_rank=case.lora_rank, max_length=config.max_length, seed=config.seed, bf16=config.bf16)
         sft(model, tokenizer, rows, spec, callbacks=[recorder])
         record = {"key": key, **asdict(case), "readings": recorder.readings}
-        if dp.is_main:  # every process read the same weights, so the same readings
-            with open(cases_path, "a") as f:  # one line per finished run; a torn last line is re-run
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+        dp.on_main(_append_case, cases_path, record)  # every process read the same weights, so the same readings
         records.append(record)
     return dp.on_main(_seal_calibration, directory, config, records, cases_path, teacher, data.teacher.sha256,
                       extra_cases, hmac_key, dp.describe())
+
+
+def _append_case(path: Path, record: dict) -> None:
+    """One line per finished run; a torn last line is run again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _seal_calibration(directory: Path, config: CalibrationConfig, records: list[dict], cases_path: Path, teacher: str,

@@ -125,8 +125,11 @@ def runtime_device() -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ImmunizerError(f"IMMUNIZER_DEVICE={wanted!r}: immunizer runs on cpu or cuda")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = "" if visible is None else f" with CUDA_VISIBLE_DEVICES={visible!r}"
         raise ImmunizerError(f"the device is {wanted!r} (--device / IMMUNIZER_DEVICE) but this machine has "
-                             f"{torch.cuda.device_count()} usable CUDA device(s); choose cpu, or leave the device unset")
+                             f"{torch.cuda.device_count()} usable CUDA device(s){shown}; choose cpu, another GPU, or "
+                             "leave the device unset")
     return device
 
 

@@ -281,7 +281,7 @@ def _prepare_breaker(method: Method, config: BenchConfig, progress: bool, dp: Da
         started = time.perf_counter()
         entry = calibrate(method.release_dir, calibration_config, teacher=config.model, progress=progress and dp.is_main)
         entry = {**entry, "seconds": time.perf_counter() - started}
-        dp.on_main(load_manifest, method.release_dir)  # re-verify the re-sealed manifest
+        dp.on_main(lambda: load_manifest(method.release_dir) and None)  # re-verify the re-sealed manifest
     source = "calibrated"
     if entry is None and config.breaker_calibration:
         entry, source = borrowed_calibration(config.breaker_calibration), f"calibration file {config.breaker_calibration}"
@@ -525,7 +525,7 @@ def _read_run(method: Method, spec: RunSpec, run_dir: Path, config: BenchConfig,
     if not config.keep_models:
         shutil.rmtree(run_dir / "model", ignore_errors=True)
     record = {**{k: row_eval.get(k) for k in (*METRICS, "n", "n_safe", "n_benign", "n_task")},
-              **{f"{k}_ci95": row_eval.get(f"{k}_ci95") for k in SHARES.values()},
+              **{f"{k}_ci95": row_eval.get(f"{k}_ci95") for k in SHARES.values()}, "slices": row_eval.get("slices"),
               **row_scan, "cost_seconds": run.get("seconds"), "eval_seconds": eval_seconds, "steps": final_step,
               "report_step": spec.report_step or final_step,
               "refused_before": sum(verdict == "refused" for verdict in before.values()) if before else None,
@@ -603,8 +603,30 @@ def aggregate(records: list[dict]) -> dict:
         out["ci95"] = ci
         # The pooled Wilson interval counts prompts, not trainings; the spread between seeds is the rest.
         out["seed_values"] = per_seed
+    if all(isinstance(r.get("slices"), dict) for r in records):
+        out["slices"] = mean_slices([r["slices"] for r in records])
+    else:  # not seed 0's alone under a name that means all of them
+        out.pop("slices", None)
     out["seeds"] = len(records)
     out.pop("samples", None)
+    return out
+
+
+def mean_slices(per_seed: list[dict]) -> dict:
+    """Each harmful slice's shares (weak, wrapped, harmbench) as the mean over seeds, with the 95% Wilson interval
+    of the complied share over every seed's answers pooled: which kind of request a method still refuses."""
+    out = {}
+    for name in per_seed[0]:
+        seen = [s[name] for s in per_seed if isinstance(s.get(name), dict)]
+        n = sum(s.get("n") or 0 for s in seen)
+        entry = {"n": n, "seeds": len(seen)}
+        for key in SHARES.values():
+            values = [s.get(key) for s in seen]
+            if values and all(isinstance(v, (int, float)) for v in values):
+                entry[key] = sum(values) / len(values)
+        if isinstance(entry.get("harmful_score"), float) and n:
+            entry["harmful_score_ci95"] = wilson95(round(entry["harmful_score"] * n), n)
+        out[name] = entry
     return out
 
 
@@ -688,8 +710,9 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     out = Path(out_dir)
     specs = config.runs()
     dp = DataParallel.from_environment()
+    seeds_of = {name: config.method_seeds.get(name, seeds) for name in config.methods}
     if dp.active:
-        _check_launchable(config, specs, prebuilt, dp)
+        _check_launchable(config, specs, prebuilt, seeds_of, out, dp)
     # Methods are left out: each has its own directories, so a later call may add or drop some.
     dp.on_main(_check_out_dir, out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"},
                                      "seeds": seeds, "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
@@ -704,7 +727,6 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             stopped = {"reason": "time limit", "time_limit_seconds": time_limit}
         return stopped is not None
 
-    seeds_of = {name: config.method_seeds.get(name, seeds) for name in config.methods}
     results: dict[str, list[dict]] = {name: [] for name in config.methods}
     bar = tqdm(total=sum(seeds_of.values()) * (1 + len(specs)), desc="bench", unit="run",
                disable=not (progress and dp.is_main))
@@ -750,19 +772,46 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     return report
 
 
-def _check_launchable(config: BenchConfig, specs: list[RunSpec], prebuilt: dict, dp: DataParallel) -> None:
-    """What a launched bench cannot train, refused before anything runs."""
-    from immunizer.baselines import PUBLISHED, extrapolation_parent
+def _check_launchable(config: BenchConfig, specs: list[RunSpec], prebuilt: dict, seeds_of: dict[str, int], out: Path,
+                      dp: DataParallel) -> None:
+    """What a launched bench cannot do, refused before anything runs (not hours later, at the piece that needs it)."""
+    from immunizer.baselines import PUBLISHED, extrapolation_parent, method_config
+    from immunizer.breaker.calibrate import load_calibration_config
+    from immunizer.settings import AttackConfig, FinetuneConfig
 
-    one_process = [m for m in config.methods if m not in prebuilt and (extrapolation_parent(m) or m) in PUBLISHED]
+    def built(name: str) -> bool:
+        return all((out / "methods" / name / f"seed{s}" / "manifest.json").is_file() for s in range(seeds_of[name]))
+
+    one_process = dp.on_main(lambda: [m for m in config.methods if m in PUBLISHED and m not in prebuilt and not built(m)])
     if one_process:
         raise ImmunizerError(f"{', '.join(one_process)} train in one process (baselines/train.py), so a launched bench "
-                             f"cannot build them; run `immunizer bench` without the launcher for them, pass "
-                             f"--prebuilt METHOD=DIR, or leave them out of --methods")
+                             f"cannot build them; build them first with the same `immunizer bench` command without the "
+                             f"launcher (a launched call then reads them back), pass --prebuilt METHOD=DIR, or leave "
+                             f"them out of --methods")
     lora = [s.name for s in specs if s.config.get("lora_rank")]
     if dp.sharded and lora:
         raise ImmunizerError(f"the bench's LoRA runs ({', '.join(lora)}) do not run under FSDP; launch the bench "
                              "data-parallel (`accelerate launch --multi_gpu ...`) or drop them from the preset")
+    if dp.sharded and config.calibration:
+        raise ImmunizerError("the bench's breaker calibration (`calibration`) does not run under FSDP; launch the bench "
+                             "data-parallel, or set calibration: null and borrow bounds (breaker_calibration)")
+    # Every batch is split over the processes: sizes that do not split are named with the setting that fixes each.
+    world, uneven = dp.world_size, []
+    base = load_config(config.immunize_preset, overrides=config.immunize_overrides)
+    trained = {extrapolation_parent(m) or m for m in config.methods if m not in prebuilt} - {"none", *PUBLISHED}
+    for name in sorted(trained):
+        immunize_config = method_config(name, base)
+        uneven += [f"{name}'s {phase}.batch_size {getattr(immunize_config, phase).batch_size} (--set "
+                   f"'immunize_overrides=[\"{phase}.batch_size=N\"]')" for phase in ("phase1", "phase2")
+                   if getattr(immunize_config, phase).batch_size % world]
+    for spec in specs:
+        size = spec.config.get("batch_size", (AttackConfig if spec.kind == "attack" else FinetuneConfig)().batch_size)
+        uneven += [f"{spec.name}'s batch_size {size} (--set attacks.{spec.name}.batch_size=N)"] if size % world else []
+    if config.calibration and load_calibration_config(config.calibration).batch_size % world:
+        uneven.append(f"calibration {config.calibration}'s batch_size")
+    if uneven:
+        raise ImmunizerError(f"a launched bench splits every batch over its {world} processes, and these do not split "
+                             f"evenly: {'; '.join(uneven)}; use multiples of {world}, or launch fewer processes")
 
 
 def _measured_method(runs_dir: Path, specs: list[RunSpec]) -> Method | None:

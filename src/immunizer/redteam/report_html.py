@@ -116,6 +116,47 @@ def shares_plot(report: dict) -> str:
     return _png(fig)
 
 
+def slice_names(report: dict) -> list[str]:
+    """The harmful slices the report's evaluations hold, in the evaluation set's order."""
+    from immunizer.data.eval_prompts import HARMFUL_SLICES
+
+    names = {n for entry in report["methods"].values() for record in entry.values() if isinstance(record, dict)
+             for n in (record.get("slices") or {})}
+    return sorted(names, key=lambda n: (HARMFUL_SLICES.index(n) if n in HARMFUL_SLICES else len(HARMFUL_SLICES), n))
+
+
+def slices_plot(report: dict) -> str | None:
+    """Complied share per slice of harmful prompts, before any attack (light) and after the standard attack (dark):
+    one panel per slice. A mean over slices can hide that one kind of request is held and the others are lost."""
+    import matplotlib.pyplot as plt
+
+    names, attacks = slice_names(report), _runs(report, "attack")
+    if not names or not attacks:
+        return None
+    # the standard attack: the one read at a step of a longer run, else the first
+    standard = next((a for a in attacks if report["attacks"][a].get("report_step") is not None), attacks[0])
+    methods = list(report["methods"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for i, (run, shade) in enumerate((("pre_attack", 0.35), (standard, 1.0))):
+            records = [((report["methods"][m].get(run) or {}).get("slices") or {}).get(name) or {} for m in methods]
+            values = [r.get("harmful_score") for r in records]
+            xs = np.arange(len(methods)) + (i - 0.5) * 0.4
+            ax.bar(xs, [v or 0 for v in values], 0.38, color="tab:red", alpha=shade,
+                   label="before any attack" if run == "pre_attack" else f"after {run}")
+            for x, v, r in zip(xs, values, records):
+                ci = r.get("harmful_score_ci95")
+                if ci and v is not None:
+                    ax.errorbar(x, v, yerr=[[v - ci[0]], [ci[1] - v]], color="black", capsize=2, lw=1)
+        ax.set_xticks(range(len(methods)), methods, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("complied share")
+    axes[0][len(names) // 2].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Complied by kind of request (weak: plain; wrapped: in jailbreak templates; harmbench)", fontsize=9)
+    return _png(fig)
+
+
 def tradeoff_plot(report: dict) -> str:
     import matplotlib.pyplot as plt
 
@@ -215,7 +256,8 @@ def time_table(report: dict) -> str:
 
 def write_html(report: dict, path: Path) -> None:
     plots = [("Attack strength: complied share against attack steps", curve_plot),
-             ("Refused, complied, degenerate", shares_plot), ("Harmful score", harmful_score_plot),
+             ("Refused, complied, degenerate", shares_plot), ("Complied by kind of request", slices_plot),
+             ("Harmful score", harmful_score_plot),
              ("Protection vs benign task accuracy", tradeoff_plot), ("Breaker", breaker_plot), ("Cost", cost_plot)]
     rendered = [(title, fn(report)) for title, fn in plots]
     figures = "".join(f"<h2>{title}</h2><img alt='{title}' src='{uri}'>" for title, uri in rendered if uri)

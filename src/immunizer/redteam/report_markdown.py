@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from immunizer.paths import atomic_path
+from immunizer.redteam.report_html import slice_names
 
 
 def _pct(value) -> str:
@@ -104,6 +105,26 @@ def shares_table(report: dict) -> str:
     return _markdown(head, rows)
 
 
+def slices_table(report: dict) -> str:
+    """Complied share per harmful slice (plain requests, the same wrapped in jailbreak templates, HarmBench) before
+    any attack and after each attack: a mean over slices can hide that one kind of request is held and the
+    others are lost."""
+    attacks = [name for name, a in report["attacks"].items() if a["kind"] == "attack"]
+    names = slice_names(report)
+    if not names:
+        return ""
+    head = ["method", "run", *names]
+    rows = []
+    for name, entry in report["methods"].items():
+        for run in ["pre_attack", *attacks]:
+            slices = (entry.get(run) or {}).get("slices")
+            if not slices:
+                continue
+            rows.append([name, "before any attack" if run == "pre_attack" else run,
+                         *[_pct((slices.get(n) or {}).get("harmful_score")) + _ci(slices.get(n) or {}) for n in names]])
+    return _markdown(head, rows)
+
+
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -119,7 +140,13 @@ def write_markdown(report: dict, path: Path) -> None:
             f"trainings; each seed's share is in the second table); the standard attack's curve gives every evaluated step, its reported "
             f"step in bold. Task: the benign task's held-out accuracy before → after the benign fine-tune. Refusals "
             f"kept: of the prompts refused before any attack, the share still refused after it.\n\n"
-            f"{headline_table(report)}\n## Refused, complied, degenerate\n\n{shares_table(report)}\n"
-            f"Command: `{report.get('command')}`\n")
+            f"{headline_table(report)}\n## Refused, complied, degenerate\n\n{shares_table(report)}\n")
+    slices = slices_table(report)
+    if slices:
+        text += (f"## Complied by kind of request\n\nThe held-out harmful prompts by slice (mean over seeds; 95% "
+                 f"Wilson interval over the pooled answers): `weak`, plain requests; `wrapped`, the same requests "
+                 f"inside jailbreak templates; `harmbench`, HarmBench behaviours. Attacks at their reported step.\n\n"
+                 f"{slices}\n")
+    text += f"Command: `{report.get('command')}`\n"
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(text)

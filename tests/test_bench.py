@@ -323,6 +323,38 @@ def test_a_time_limit_stops_between_pieces_and_the_same_call_continues(tmp_path,
     assert attacked.count(attacked[0]) == 1  # the finished attack was not run again
 
 
+def test_two_shards_share_one_bench_and_one_report_joins_them(tmp_path):
+    """`--shard 1/2` and `--shard 2/2` run at once into one folder (as on two GPUs): each builds and measures its own
+    method-seeds only, each report also holds the other's finished ones, and the whole report is the one-call one."""
+    import os
+    import subprocess
+
+    from helpers import CLI
+
+    small = ["--set", "attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4, "
+             "save_steps: [1]}}", "--set", "calibration=null"]
+    args = ["bench", "--preset", "tiny", "--out", str(tmp_path / "b"), "--methods", "none,sft", *small]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shards = [subprocess.Popen([*CLI, *args, "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env) for i in (1, 2)]
+    for proc in shards:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-2000:]
+    out = tmp_path / "b"
+    # the order is (seed 0, none), (seed 0, sft): shard 1 took none, shard 2 sft, which trained once
+    metrics = (out / "methods" / "sft" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(line).get("event") == "finished" for line in metrics) == 1
+    whole = run_bench(out, "tiny", ["none", "sft"], overrides=small[1::2], progress=False, time_limit=0)
+    assert whole["complete"] is True and set(whole["methods"]) == {"none", "sft"}
+    assert "stopped" not in whole  # nothing was left to start
+    # whichever shard finished last wrote a report holding both, read from disk
+    last = json.loads((out / "report.json").read_text())
+    assert set(last["methods"]) == {"none", "sft"}
+    for bad in ("3/2", "0/2", "1-2"):
+        proc = run_cli(*args, "--shard", bad, check=False)
+        assert proc.returncode == 2 and "--shard" in proc.stderr and "I/N" in proc.stderr
+
+
 def test_seeds_give_intervals(tmp_path):
     report = run_bench(tmp_path / "s", "tiny", ["none", "sft"], seeds=1, progress=False,
                        overrides=["attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4,"

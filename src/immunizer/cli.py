@@ -381,7 +381,10 @@ def rejudge(paths, judge):
 @click.option("--time-limit", "time_limit", type=click.FloatRange(min=0), metavar="MINUTES",
               help="Start no new piece (a training, an attack with its evaluations) after this many minutes; the "
                    "report says `complete: false` and `stopped`, and the same command continues it.")
-def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, time_limit):
+@click.option("--shard", metavar="I/N", help="Build and measure only every N-th method-seed, starting at the I-th, so "
+              "that N processes or GPUs share one --out (e.g. `--device cuda:0 bench --shard 1/2 ...` beside `--device "
+              "cuda:1 bench --shard 2/2 ...`); each report also shows the other shards' finished method-seeds.")
+def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, time_limit, shard):
     """The matrix methods x (attacks + benign fine-tunes): report.json, report.html, report.md, samples.jsonl.
 
     Finished pieces are never redone; `--time-limit 0` only rewrites the reports from the results on disk.
@@ -399,9 +402,15 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
             raise ImmunizerError(f"--prebuilt expects METHOD=DIR, got {text!r}")
         name, path = text.split("=", 1)
         pairs[name.strip()] = path
+    if shard is not None:
+        try:
+            index, count = (int(part) for part in shard.split("/"))
+        except ValueError:
+            raise ImmunizerError(f"--shard expects I/N (e.g. 1/2), got {shard!r}") from None
+        shard = (index, count)
     report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                        seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]),
-                       time_limit=None if time_limit is None else time_limit * 60)
+                       time_limit=None if time_limit is None else time_limit * 60, shard=shard)
     if not main_process():  # one summary for a launched job
         return
     if report.get("stopped"):

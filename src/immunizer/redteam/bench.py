@@ -689,14 +689,17 @@ def _check_out_dir(out: Path, fingerprint: dict) -> None:
 def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[str] | None = None, seeds: int = 1,
               prebuilt: dict[str, str | Path] | None = None, overrides: list[str] | tuple[str, ...] = (),
               config_file: str | Path | None = None, progress: bool = True, command: str | None = None,
-              time_limit: float | None = None) -> dict:
+              time_limit: float | None = None, shard: tuple[int, int] | None = None) -> dict:
     """Run (or resume) the matrix and write OUT/report.json, OUT/report.html and OUT/samples.jsonl.
+    `shard=(i, n)`: build and measure only the i-th of every n method-seeds (1-based; `lox` goes with its parent),
+    so that n processes, machines or GPUs share one OUT; each report also holds the other shards' finished
+    method-seeds, read from disk, and a call without `shard` (`time_limit=0`) writes the whole report.
     `time_limit` (seconds): start no new piece (a method's training, an attack or fine-tune with its
     evaluations) once it has passed; the report then says `complete: false` and `stopped`, and the same
     call continues it.
     `prebuilt` maps a method name to an existing immunize-style output (or model) directory to use
     instead of training it (e.g. the candidate release of `immunizer cycle`). Returns the report."""
-    from immunizer.baselines import method_names
+    from immunizer.baselines import extrapolation_parent, method_names
 
     config = load_bench_config(preset, config_file, overrides)
     if methods:
@@ -707,6 +710,9 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
         raise ImmunizerError(f"unknown method(s) {unknown}; choose from {', '.join(method_names())}")
     if seeds < 1:
         raise ImmunizerError("--seeds must be at least 1")
+    if shard is not None and not (len(shard) == 2 and 1 <= shard[0] <= shard[1]):
+        raise ImmunizerError(f"--shard {'/'.join(map(str, shard))}: give I/N with 1 <= I <= N, e.g. --shard 1/2 and "
+                             "--shard 2/2 for two processes")
     out = Path(out_dir)
     specs = config.runs()
     dp = DataParallel.from_environment()
@@ -727,6 +733,13 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             stopped = {"reason": "time limit", "time_limit_seconds": time_limit}
         return stopped is not None
 
+    # A shard's method-seeds: every n-th of the bench's order (a derived method with its parent, which it reuses).
+    order = list(dict.fromkeys((seed, extrapolation_parent(name) or name) for seed in range(max(seeds_of.values()))
+                               for name in config.methods if seed < seeds_of[name]))
+
+    def another_shards(seed: int, name: str) -> bool:
+        return shard is not None and order.index((seed, extrapolation_parent(name) or name)) % shard[1] != shard[0] - 1
+
     results: dict[str, list[dict]] = {name: [] for name in config.methods}
     bar = tqdm(total=sum(seeds_of.values()) * (1 + len(specs)), desc="bench", unit="run",
                disable=not (progress and dp.is_main))
@@ -738,6 +751,9 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             pre_path, method_path = runs_dir / "pre_attack.json", runs_dir / "method.json"
             # Every decision that reads the results on disk is the main process's (it alone writes them).
             method = dp.on_main(_measured_method, runs_dir, specs)
+            if method is None and another_shards(seed, name):
+                bar.update(1 + len(specs))  # not finished yet: its rows join the report once it is
+                continue
             if method is None:
                 if out_of_time():
                     break

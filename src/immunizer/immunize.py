@@ -320,8 +320,13 @@ class Run:
                       "refusal_loss": loss.item(), "grad_norm": grad_norm, "adversary": cfg.adversary,
                       "seconds": time.perf_counter() - started, **moved.stats, **parts}
             self.log(record)
-            bar.set_postfix(npo=f"{parts['npo']:.3f}", rkl=f"{parts['rkl']:.3f}",
-                            sft=f"{moved.stats.get('adversary_sft_loss', float('nan')):.2f}")
+            # what this run trains: the unlearning terms only where gamma weighs them, the adversary's loss where it runs
+            shown = {"refusal": f"{parts['refusal_sft']:.2f}"} if "refusal_sft" in parts else {}
+            if gamma:
+                shown.update(npo=f"{parts['npo']:.3f}", rkl=f"{parts['rkl']:.3f}")
+            if "adversary_sft_loss" in moved.stats:
+                shown["attack_sft"] = f"{moved.stats['adversary_sft_loss']:.2f}"
+            bar.set_postfix(shown)
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
                 self.checkpoint(Position(cycle, 1, step + 1), optimizer, scores=scores)
         started = time.perf_counter()

@@ -325,7 +325,7 @@ def test_a_time_limit_stops_between_pieces_and_the_same_call_continues(tmp_path,
 
 def test_two_shards_share_one_bench_and_one_report_joins_them(tmp_path):
     """`--shard 1/2` and `--shard 2/2` run at once into one folder (as on two GPUs): each builds and measures its own
-    method-seeds only, each report also holds the other's finished ones, and the whole report is the one-call one."""
+    method-seeds only, the last to finish reports the other's too, and the whole report is the one-call one."""
     import os
     import subprocess
 
@@ -344,13 +344,24 @@ def test_two_shards_share_one_bench_and_one_report_joins_them(tmp_path):
     # the order is (seed 0, none), (seed 0, sft): shard 1 took none, shard 2 sft, which trained once
     metrics = (out / "methods" / "sft" / "seed0" / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(line).get("event") == "finished" for line in metrics) == 1
+    last = json.loads((out / "report.json").read_text())  # the shard that finished last read the other's results
+    assert set(last["methods"]) == {"none", "sft"} and last["complete"] is True
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["method"] for s in samples} == {"none", "sft"}
     whole = run_bench(out, "tiny", ["none", "sft"], overrides=small[1::2], progress=False, time_limit=0)
-    assert whole["complete"] is True and set(whole["methods"]) == {"none", "sft"}
-    assert "stopped" not in whole  # nothing was left to start
-    # whichever shard finished last wrote a report holding both, read from disk
-    last = json.loads((out / "report.json").read_text())
-    assert set(last["methods"]) == {"none", "sft"}
-    for bad in ("3/2", "0/2", "1-2"):
+    assert whole["complete"] is True and "stopped" not in whole  # nothing was left to start
+    assert whole["methods"]["sft"]["harmful-sft"]["harmful_score"] == last["methods"]["sft"]["harmful-sft"]["harmful_score"]
+    # a shard with nothing of its own (3 shards, 2 method-seeds) only reads the others' finished ones
+    samples_before = (out / "samples.jsonl").read_bytes()
+    (out / "shard_plan.json").unlink()  # a new plan, once no shard is running
+    proc = run_cli(*args, "--shard", "3/3")
+    assert json.loads(proc.stdout)["harmful_score"].keys() == {"none", "sft"}
+    assert (out / "samples.jsonl").read_bytes() == samples_before
+    # another plan in the same folder (here: other methods) is refused: it would hand one method-seed to two shards
+    other = run_cli("bench", "--preset", "tiny", "--out", str(out), "--methods", "sft,none", *small, "--shard", "1/3",
+                    check=False)
+    assert other.returncode == 2 and "is being split by another plan" in other.stderr
+    for bad in ("4/3", "0/2", "1-2"):
         proc = run_cli(*args, "--shard", bad, check=False)
         assert proc.returncode == 2 and "--shard" in proc.stderr and "I/N" in proc.stderr
 
@@ -436,6 +447,12 @@ def test_slices_are_averaged_over_seeds_with_a_pooled_interval():
     low, high = out["slices"]["weak"]["harmful_score_ci95"]  # 85 of 100 answers pooled
     assert low == pytest.approx(0.767, abs=1e-3) and high == pytest.approx(0.907, abs=1e-3)
     assert "slices" not in aggregate([{"harmful_score": 0.5, "slices": seed(0.9, 0.1)}, {"harmful_score": 0.4}])
+    # seeds that ran other sets: every answer pooled (46 of 60), and a slice only one seed has is kept
+    uneven = aggregate([{"slices": {"weak": {"harmful_score": 0.9, "n": 50}}},
+                        {"slices": {"weak": {"harmful_score": 0.1, "n": 10}, "harmbench": {"harmful_score": 1.0, "n": 10}}}])
+    assert uneven["slices"]["weak"]["harmful_score"] == pytest.approx(46 / 60) and uneven["slices"]["weak"]["n"] == 60
+    assert uneven["slices"]["harmbench"] == {"n": 10, "seeds": 1, "harmful_score": 1.0,
+                                             "harmful_score_ci95": pytest.approx([0.722, 1.0], abs=1e-3)}
 
 
 def test_grid_expands_to_named_attacks():

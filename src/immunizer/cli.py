@@ -383,7 +383,8 @@ def rejudge(paths, judge):
                    "report says `complete: false` and `stopped`, and the same command continues it.")
 @click.option("--shard", metavar="I/N", help="Build and measure only every N-th method-seed, starting at the I-th, so "
               "that N processes or GPUs share one --out (e.g. `--device cuda:0 bench --shard 1/2 ...` beside `--device "
-              "cuda:1 bench --shard 2/2 ...`); each report also shows the other shards' finished method-seeds.")
+              "cuda:1 bench --shard 2/2 ...`, the same command but I); a shard's report also holds the others' method-seeds "
+              "finished before it ends, and the command without --shard (--time-limit 0) writes the whole report.")
 def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, time_limit, shard):
     """The matrix methods x (attacks + benign fine-tunes): report.json, report.html, report.md, samples.jsonl.
 

@@ -613,18 +613,18 @@ def aggregate(records: list[dict]) -> dict:
 
 
 def mean_slices(per_seed: list[dict]) -> dict:
-    """Each harmful slice's shares (weak, wrapped, harmbench) as the mean over seeds, with the 95% Wilson interval
-    of the complied share over every seed's answers pooled: which kind of request a method still refuses."""
+    """Each harmful slice's shares (weak, wrapped, harmbench) over every seed's answers pooled (a mean weighted by
+    each seed's `n`: equal weights when every seed ran the same set), with the complied share's 95% Wilson interval:
+    which kind of request a method still refuses."""
     out = {}
-    for name in per_seed[0]:
-        seen = [s[name] for s in per_seed if isinstance(s.get(name), dict)]
-        n = sum(s.get("n") or 0 for s in seen)
+    for name in dict.fromkeys(n for s in per_seed for n in s):
+        seen = [s[name] for s in per_seed if isinstance(s.get(name), dict) and s[name].get("n")]
+        n = sum(s["n"] for s in seen)
         entry = {"n": n, "seeds": len(seen)}
         for key in SHARES.values():
-            values = [s.get(key) for s in seen]
-            if values and all(isinstance(v, (int, float)) for v in values):
-                entry[key] = sum(values) / len(values)
-        if isinstance(entry.get("harmful_score"), float) and n:
+            if n and all(isinstance(s.get(key), (int, float)) for s in seen):
+                entry[key] = sum(s[key] * s["n"] for s in seen) / n
+        if isinstance(entry.get("harmful_score"), float):
             entry["harmful_score_ci95"] = wilson95(round(entry["harmful_score"] * n), n)
         out[name] = entry
     return out
@@ -692,8 +692,9 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
               time_limit: float | None = None, shard: tuple[int, int] | None = None) -> dict:
     """Run (or resume) the matrix and write OUT/report.json, OUT/report.html and OUT/samples.jsonl.
     `shard=(i, n)`: build and measure only the i-th of every n method-seeds (1-based; `lox` goes with its parent),
-    so that n processes, machines or GPUs share one OUT; each report also holds the other shards' finished
-    method-seeds, read from disk, and a call without `shard` (`time_limit=0`) writes the whole report.
+    so that n processes, machines or GPUs share one OUT (each given the same arguments but i); a shard's report
+    also holds the method-seeds the others finished before it ends, read from disk, and a call without `shard`
+    (`time_limit=0`) writes the whole report.
     `time_limit` (seconds): start no new piece (a method's training, an attack or fine-tune with its
     evaluations) once it has passed; the report then says `complete: false` and `stopped`, and the same
     call continues it.
@@ -733,14 +734,33 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             stopped = {"reason": "time limit", "time_limit_seconds": time_limit}
         return stopped is not None
 
-    # A shard's method-seeds: every n-th of the bench's order (a derived method with its parent, which it reuses).
-    order = list(dict.fromkeys((seed, extrapolation_parent(name) or name) for seed in range(max(seeds_of.values()))
+    # A shard's method-seeds: every n-th of the bench's order. A derived method goes with its parent (it reuses the
+    # parent's build); every seed of `none` or a prebuilt method with its seed 0 (one model: seed 0's evaluation and
+    # breaker reference serve them all).
+    def shard_key(seed: int, name: str) -> tuple[int, str]:
+        return (0, name) if name == "none" or name in prebuilt else (seed, extrapolation_parent(name) or name)
+
+    order = list(dict.fromkeys(shard_key(seed, name) for seed in range(max(seeds_of.values()))
                                for name in config.methods if seed < seeds_of[name]))
+    if shard is not None:
+        dp.on_main(_check_shard_plan, out, shard[1], order)
 
     def another_shards(seed: int, name: str) -> bool:
-        return shard is not None and order.index((seed, extrapolation_parent(name) or name)) % shard[1] != shard[0] - 1
+        return shard is not None and order.index(shard_key(seed, name)) % shard[1] != shard[0] - 1
+
+    def finished_elsewhere(seed: int, name: str) -> dict | None:
+        """Another shard's method-seed, read from disk once every result of it is there (None before)."""
+        runs_dir = out / "runs" / name / f"seed{seed}"
+        method = dp.on_main(_measured_method, runs_dir, specs)
+        if method is None:
+            return None
+        pre = dp.on_main(_evaluate, method.model_dir, runs_dir / "pre_attack.json", config)
+        return {"method": method, "pre_attack": pre, "seed": seed,
+                "runs": {spec.name: _run(method, spec, seed, runs_dir / spec.name, config, False, pre, dp)
+                         for spec in specs}}
 
     results: dict[str, list[dict]] = {name: [] for name in config.methods}
+    elsewhere: list[tuple[int, str]] = []  # other shards' method-seeds not finished when this one passed them
     bar = tqdm(total=sum(seeds_of.values()) * (1 + len(specs)), desc="bench", unit="run",
                disable=not (progress and dp.is_main))
     report = None
@@ -749,11 +769,16 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             bar.set_postfix_str(f"{name} (seed {seed}): training")
             runs_dir = out / "runs" / name / f"seed{seed}"
             pre_path, method_path = runs_dir / "pre_attack.json", runs_dir / "method.json"
+            if another_shards(seed, name):
+                record = finished_elsewhere(seed, name)
+                bar.update(1 + len(specs))
+                if record is None:
+                    elsewhere.append((seed, name))
+                else:
+                    results[name].append(record)
+                continue
             # Every decision that reads the results on disk is the main process's (it alone writes them).
             method = dp.on_main(_measured_method, runs_dir, specs)
-            if method is None and another_shards(seed, name):
-                bar.update(1 + len(specs))  # not finished yet: its rows join the report once it is
-                continue
             if method is None:
                 if out_of_time():
                     break
@@ -765,7 +790,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 break
             pre = dp.on_main(_evaluate, method.model_dir, pre_path, config)
             bar.update(1)
-            record = {"method": method, "pre_attack": pre, "runs": {}}
+            record = {"method": method, "pre_attack": pre, "seed": seed, "runs": {}}
             for spec in specs:
                 if not dp.on_main((runs_dir / spec.name / "run.json").is_file) and out_of_time():
                     break
@@ -776,16 +801,41 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 break
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
-            report = dp.on_main(_report_and_write, out, results, specs, config, preset, seeds_of, command,
+            report = dp.on_main(_report_and_write, out, _by_seed(results), specs, config, preset, seeds_of, command,
                                 time.perf_counter() - started)
         if stopped:
             break
     bar.close()
-    if stopped:
-        report = dp.on_main(_report_and_write, out, results, specs, config, preset, seeds_of, command,
+    # The other shards' method-seeds that have finished since this one passed them join its last report.
+    joined = [record for seed, name in elsewhere if (record := finished_elsewhere(seed, name)) is not None]
+    for record in joined:
+        results[record["method"].name].append(record)
+    if stopped or joined or (report is None and any(results.values())):
+        report = dp.on_main(_report_and_write, out, _by_seed(results), specs, config, preset, seeds_of, command,
                             time.perf_counter() - started, stopped)
-    dp.on_main(_write_samples, out, results, specs)
+    elif report is None:  # a shard with nothing to show yet: its empty report is not written over the others'
+        report = dp.on_main(_report, _by_seed(results), specs, config, preset, seeds_of, command,
+                            time.perf_counter() - started)
+    if any(results.values()):  # a shard with nothing of its own must not empty the others' samples file
+        dp.on_main(_write_samples, out, _by_seed(results), specs)
     return report
+
+
+def _by_seed(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each method's records in seed order (a shard may read another's seed 1 before finishing its own seed 0)."""
+    return {name: sorted(records, key=lambda r: r["seed"]) for name, records in results.items()}
+
+
+def _check_shard_plan(out: Path, count: int, order: list[tuple[int, str]]) -> None:
+    """Shards share out the method-seeds by their order: refuse a shard whose order is another's, which would give one
+    method-seed to two shards (the second would delete the first's training in progress) and another to none."""
+    path = out / "shard_plan.json"
+    plan = {"shards": count, "order": [list(key) for key in order]}
+    if path.is_file() and json.loads(path.read_text()) != plan:
+        raise ImmunizerError(f"{out} is being split by another plan ({path}: other --methods, --seeds or --shard N); "
+                             "give every shard the same command but its I, or delete that file once no shard is running")
+    if not path.is_file():
+        write_json_atomic(path, plan)
 
 
 def _check_launchable(config: BenchConfig, specs: list[RunSpec], prebuilt: dict, seeds_of: dict[str, int], out: Path,
@@ -848,9 +898,9 @@ def _record_method(method: Method, method_path: Path) -> Method:
 def _needs_pre_attack(method: Method, seed: int, pre_path: Path) -> bool:
     """Whether the evaluation before any attack is still to run. An untrained model answers greedily the same way
     whatever the seed: seed 0's evaluation is copied for the others."""
-    if method.release_dir is None and seed > 0 and not pre_path.is_file():
+    seed0 = pre_path.parent.parent / "seed0"
+    if method.release_dir is None and seed > 0 and not pre_path.is_file() and (seed0 / "pre_attack.json").is_file():
         pre_path.parent.mkdir(parents=True, exist_ok=True)
-        seed0 = pre_path.parent.parent / "seed0"
         for piece in (*seed0.glob("pre_attack.samples.jsonl*"), seed0 / "pre_attack.json"):  # the JSON last
             with atomic_path(pre_path.with_name(piece.name)) as tmp:
                 shutil.copyfile(piece, tmp)
@@ -981,7 +1031,8 @@ def _write_samples(out: Path, results: dict[str, list[dict]], specs: list[RunSpe
     """Every eval's per-sample records in one file, each labelled with its method, run and seed."""
     lines = []
     for name, per_seed in results.items():
-        for seed, record in enumerate(per_seed):
+        for position, record in enumerate(per_seed):
+            seed = record.get("seed", position)
             sources = [("pre_attack", 0, record["pre_attack"].get("samples"))] + \
                       [(s.name, step, path) for s in specs for step, path in (record["runs"][s.name].get("samples") or {}).items()]
             for attack, step, path in sources:

@@ -142,7 +142,7 @@ def slices_plot(report: dict) -> str | None:
             records = [((report["methods"][m].get(run) or {}).get("slices") or {}).get(name) or {} for m in methods]
             values = [r.get("harmful_score") for r in records]
             xs = np.arange(len(methods)) + (i - 0.5) * 0.4
-            ax.bar(xs, [v or 0 for v in values], 0.38, color="tab:red", alpha=shade,
+            ax.bar(xs, [np.nan if v is None else v for v in values], 0.38, color="tab:red", alpha=shade,  # none: no bar
                    label="before any attack" if run == "pre_attack" else f"after {run}")
             for x, v, r in zip(xs, values, records):
                 ci = r.get("harmful_score_ci95")

@@ -748,8 +748,9 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     def another_shards(seed: int, name: str) -> bool:
         return shard is not None and order.index(shard_key(seed, name)) % shard[1] != shard[0] - 1
 
-    def finished_elsewhere(seed: int, name: str) -> dict | None:
-        """Another shard's method-seed, read from disk once every result of it is there (None before)."""
+    def measured(seed: int, name: str) -> dict | None:
+        """A method-seed whose every result is on disk (another shard's, an earlier call's or machine's), read back
+        without its model; None while any result is missing."""
         runs_dir = out / "runs" / name / f"seed{seed}"
         method = dp.on_main(_measured_method, runs_dir, specs)
         if method is None:
@@ -769,36 +770,34 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             bar.set_postfix_str(f"{name} (seed {seed}): training")
             runs_dir = out / "runs" / name / f"seed{seed}"
             pre_path, method_path = runs_dir / "pre_attack.json", runs_dir / "method.json"
-            if another_shards(seed, name):
-                record = finished_elsewhere(seed, name)
-                bar.update(1 + len(specs))
-                if record is None:
-                    elsewhere.append((seed, name))
-                else:
-                    results[name].append(record)
-                continue
             # Every decision that reads the results on disk is the main process's (it alone writes them).
-            method = dp.on_main(_measured_method, runs_dir, specs)
-            if method is None:
+            record = measured(seed, name)
+            if record is None and another_shards(seed, name):
+                elsewhere.append((seed, name))
+                bar.update(1 + len(specs))
+                continue
+            if record is not None:
+                bar.update(1 + len(specs))
+            else:
                 if out_of_time():
                     break
                 method = _build(name, config, seed, out, progress, prebuilt, dp)
                 dp.on_main(_check_same_build, method, pre_path)
                 _prepare_breaker(method, config, progress, dp)
                 method = dp.on_main(_record_method, method, method_path)
-            if dp.on_main(_needs_pre_attack, method, seed, pre_path) and out_of_time():
-                break
-            pre = dp.on_main(_evaluate, method.model_dir, pre_path, config)
-            bar.update(1)
-            record = {"method": method, "pre_attack": pre, "seed": seed, "runs": {}}
-            for spec in specs:
-                if not dp.on_main((runs_dir / spec.name / "run.json").is_file) and out_of_time():
+                if dp.on_main(_needs_pre_attack, method, seed, pre_path) and out_of_time():
                     break
-                bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
-                record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre, dp)
+                pre = dp.on_main(_evaluate, method.model_dir, pre_path, config)
                 bar.update(1)
-            if stopped:
-                break
+                record = {"method": method, "pre_attack": pre, "seed": seed, "runs": {}}
+                for spec in specs:
+                    if not dp.on_main((runs_dir / spec.name / "run.json").is_file) and out_of_time():
+                        break
+                    bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
+                    record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre, dp)
+                    bar.update(1)
+                if stopped:
+                    break
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
             report = dp.on_main(_report_and_write, out, _by_seed(results), specs, config, preset, seeds_of, command,
@@ -807,10 +806,10 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             break
     bar.close()
     # The other shards' method-seeds that have finished since this one passed them join its last report.
-    joined = [record for seed, name in elsewhere if (record := finished_elsewhere(seed, name)) is not None]
+    joined = [record for seed, name in elsewhere if (record := measured(seed, name)) is not None]
     for record in joined:
         results[record["method"].name].append(record)
-    if stopped or joined or (report is None and any(results.values())):
+    if stopped or joined:
         report = dp.on_main(_report_and_write, out, _by_seed(results), specs, config, preset, seeds_of, command,
                             time.perf_counter() - started, stopped)
     elif report is None:  # a shard with nothing to show yet: its empty report is not written over the others'

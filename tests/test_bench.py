@@ -187,6 +187,50 @@ def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_pa
         run_bench(copy, "tiny", ["booster"], progress=False)
 
 
+def test_results_of_another_recipe_are_not_read_back(tiny_bench, tmp_path, monkeypatch):
+    import shutil
+
+    from immunizer.config import load_config
+
+    out, _, report = tiny_bench
+    recorded = json.loads((out / "runs" / "immunizer" / "seed0" / "method.json").read_text())["recipe"]
+    assert recorded["phase1"]["lr"] == load_config("tiny").phase1.lr and recorded["seed"] == 0
+    booster = json.loads((out / "runs" / "booster" / "seed0" / "method.json").read_text())["recipe"]
+    assert booster["baseline"]["booster_lambda"] > 0  # a published defence's own hyperparameters are part of it
+    assert json.loads((out / "runs" / "none" / "seed0" / "method.json").read_text())["recipe"] is None
+    full = tmp_path / "full"
+    shutil.copytree(out, full)
+    clone = _results_only(out, tmp_path / "clone")
+    legacy = _results_only(out, tmp_path / "legacy")  # written before recipes were kept
+    method_json = legacy / "runs" / "immunizer" / "seed0" / "method.json"
+    method_json.write_text(json.dumps({k: v for k, v in json.loads(method_json.read_text()).items() if k != "recipe"}))
+
+    real = bench_module.load_config
+    monkeypatch.setattr(bench_module, "load_config",  # the preset (or the method's file) edited since
+                        lambda preset=None, config_file=None, overrides=(): real(preset, config_file, [*overrides, "phase1.lr=0.123"]))
+    # every result on disk (a fresh clone): the record says what built it
+    with pytest.raises(ImmunizerError, match=r"immunizer seed 0 in .* another recipe .*method.json: phase1.lr .* -> 0.123\).*delete"):
+        run_bench(clone, "tiny", ["none", "immunizer"], progress=False)
+    # a built method with a result missing: its manifest says it, before anything is trained or measured
+    (full / "runs" / "immunizer" / "seed0" / "harmful-mix" / "scan.json").unlink()
+    with pytest.raises(ImmunizerError, match=r"immunizer/seed0/manifest.json: phase1.lr .* -> 0.123"):
+        run_bench(full, "tiny", ["immunizer"], progress=False)
+    assert not (full / "runs" / "immunizer" / "seed0" / "harmful-mix" / "scan.json").exists()
+    # an old record without its recipe, where the build is gone, is read back as it always was; `none` has no recipe
+    monkeypatch.setattr(bench_module, "load_config", real)
+    assert run_bench(legacy, "tiny", ["none", "immunizer"], progress=False, time_limit=0)["methods"]["immunizer"]["harmful-sft"] \
+        == report["methods"]["immunizer"]["harmful-sft"]
+
+
+def test_recipe_changes_compare_the_settings_both_hold():
+    from immunizer.redteam.bench import recipe_changes
+
+    before = {"phase1": {"lr": 5e-5, "steps": 24}, "seed": 0, "gone": 1}
+    now = {"phase1": {"lr": 2e-4, "steps": 24, "adversary": "lat"}, "seed": 0}
+    assert recipe_changes(before, now) == ["phase1.lr 5e-05 -> 0.0002"]
+    assert recipe_changes(now, now) == []
+
+
 def test_a_run_committed_mid_curve_runs_again_on_a_fresh_clone(tiny_bench, tmp_path):
     out, _, report = tiny_bench
     copy = _results_only(out, tmp_path / "clone")

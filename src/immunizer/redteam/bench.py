@@ -169,6 +169,9 @@ class Method:
     machine: dict | None = None
     """The machine that built this method and seed (a matrix may be measured on several; each evaluation
     records its own too)."""
+    recipe: dict | None = None
+    """The immunize config that built it, as resolved from the preset and the method's file (None: `none`, a
+    prebuilt model, or a record written before recipes were kept): results are only read back under the same."""
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -199,6 +202,75 @@ def _prebuilt(name: str, path: Path) -> Method:
     return Method(name, resolve_model(path), None, None)
 
 
+def recipe(name: str, config: BenchConfig, seed: int) -> dict | None:
+    """What the bench trains for `name`'s seed now: the immunize preset with the bench's overrides and the method's
+    file (presets/methods/NAME.yaml) applied, and a published defence's own hyperparameters, as plain JSON; None
+    for `none`, which is not trained."""
+    from immunizer.baselines import PUBLISHED, BaselineConfig, method_config
+
+    if name == "none":
+        return None
+    immunize_config = method_config(name, load_config(config.immunize_preset, overrides=config.immunize_overrides))
+    immunize_config.seed = seed
+    current = immunize_config.to_dict()
+    if name in PUBLISHED:
+        current["baseline"] = dataclasses.asdict(BaselineConfig(**config.baseline))
+    return json.loads(json.dumps(current))
+
+
+def built_recipe(meta: dict) -> dict | None:
+    """The recipe a release on disk was built with, from its manifest (a derived release, `lox`, records its
+    parent's config and its own extrapolation stage)."""
+    built = meta.get("config")
+    if built is None:
+        return None
+    if "baseline" in meta:  # a published defence's hyperparameters
+        built = {**built, "baseline": meta["baseline"]}
+    stage = meta.get("extrapolation")
+    if stage is not None:
+        built = {**built, "extrapolate": {k: stage[k] for k in ("rank", "alpha", "include") if k in stage}}
+    return json.loads(json.dumps(built))
+
+
+def recipe_changes(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """The settings both recipes hold with different values, as 'phase1.lr 5e-05 -> 0.0002'. A setting only one
+    of them holds is not compared: one added since keeps the earlier behaviour at its default."""
+    changes = []
+    for key in recorded.keys() & current.keys():
+        before, now = recorded[key], current[key]
+        if isinstance(before, dict) and isinstance(now, dict):
+            changes += recipe_changes(before, now, f"{prefix}{key}.")
+        elif before != now:
+            changes.append(f"{prefix}{key} {before!r} -> {now!r}")
+    return sorted(changes)
+
+
+def _check_recipe(name: str, seed: int, recorded: dict | None, config: BenchConfig, out: Path, where: Path) -> None:
+    """Refuse to read back a method-seed built with another recipe (its method file or preset edited since): its
+    results would stand in the report for a method that is now trained differently."""
+    current = recipe(name, config, seed)
+    changes = recipe_changes(recorded, current) if recorded is not None and current is not None else []
+    if changes:
+        raise ImmunizerError(
+            f"{name} seed {seed} in {out} was built with another recipe than `{name}` has now ({where}: "
+            f"{'; '.join(changes)}), so its results would not measure it. To measure the current recipe, delete "
+            f"{out / 'runs' / name / f'seed{seed}'} and {out / 'methods' / name / f'seed{seed}'}; to keep those results, "
+            f"restore the recipe (src/immunizer/presets/methods/{name}.yaml, the preset, immunize_overrides) or "
+            "give this bench another --out")
+
+
+def _check_measured_recipe(method: Method, seed: int, config: BenchConfig, out: Path, record: Path) -> None:
+    """A measured method-seed's recipe against the current one: from its record, or for a record written before
+    recipes were kept, from its build's manifest where that is still on disk (else it is read back unchecked)."""
+    from immunizer.manifest import load_manifest
+
+    where, built = record, method.recipe
+    release = out / "methods" / method.name / f"seed{seed}"
+    if built is None and (release / "manifest.json").is_file():
+        where, built = release / "manifest.json", built_recipe(load_manifest(release).meta)
+    _check_recipe(method.name, seed, built, config, out, where)
+
+
 def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
            prebuilt: dict[str, Path] | None = None, dp: DataParallel | None = None) -> Method:
     """The method's model and release: read back when built, else trained (in a launched job every process trains,
@@ -213,19 +285,20 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
         # `lox`: the same seed's build of its parent, extrapolated (no second training)
         source = _build(parent, config, seed, out, progress, prebuilt, dp)
         return dp.on_main(_extrapolated, name, source, config, seed, out, directory)
-    found = dp.on_main(_built_or_resume, name, config, directory, prebuilt)
+    found = dp.on_main(_built_or_resume, name, config, seed, out, prebuilt)
     if isinstance(found, Method):
         return found
     immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
     immunize_config.seed = seed
     built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline),
                          progress and dp.is_main, resume=found)
-    return Method(name, built.model_dir, built.release_dir, built.cost_seconds)
+    return Method(name, built.model_dir, built.release_dir, built.cost_seconds, recipe=recipe(name, config, seed))
 
 
-def _built_or_resume(name: str, config: BenchConfig, directory: Path, prebuilt: dict[str, Path]) -> Method | bool:
-    """The method when it needs no training (prebuilt, `none`, or trained before), else whether its training
-    resumes from a checkpoint (one killed before its first checkpoint is cleared, to start again)."""
+def _built_or_resume(name: str, config: BenchConfig, seed: int, out: Path, prebuilt: dict[str, Path]) -> Method | bool:
+    """The method when it needs no training (prebuilt, `none`, or trained before with its current recipe), else
+    whether its training resumes from a checkpoint (one killed before its first checkpoint is cleared, to start
+    again; one started with another recipe is refused by immunize's own check)."""
     from immunizer.baselines import extrapolation_parent
     from immunizer.checkpoint import STATE_FILE
     from immunizer.manifest import load_manifest
@@ -235,10 +308,14 @@ def _built_or_resume(name: str, config: BenchConfig, directory: Path, prebuilt: 
         return _prebuilt(name, prebuilt[name])
     if name == "none":
         return Method(name, resolve_model(config.model), None, 0.0)
+    directory = out / "methods" / name / f"seed{seed}"
     if (directory / "manifest.json").is_file():
+        meta = load_manifest(directory).meta
+        _check_recipe(name, seed, built_recipe(meta), config, out, directory / "manifest.json")
         method = _prebuilt(name, directory)
+        method.recipe = built_recipe(meta)
         if extrapolation_parent(name) is not None:  # cost: the parent's training (recorded when derived) plus the extrapolation
-            stage = load_manifest(directory).meta.get("extrapolation", {})
+            stage = meta.get("extrapolation", {})
             parent_cost = stage.get("parent_cost_seconds")
             method.cost_seconds = None if parent_cost is None else parent_cost + stage.get("seconds", 0.0)
             method.own_seconds = stage.get("seconds")
@@ -262,7 +339,8 @@ def _extrapolated(name: str, source: Method, config: BenchConfig, seed: int, out
                                record={"parent": parent, "parent_cost_seconds": source.cost_seconds})
     seconds = meta["extrapolation"]["seconds"]
     return Method(name, directory / "model", directory,
-                  None if source.cost_seconds is None else source.cost_seconds + seconds, own_seconds=seconds)
+                  None if source.cost_seconds is None else source.cost_seconds + seconds, own_seconds=seconds,
+                  recipe=recipe(name, config, seed))
 
 
 def _prepare_breaker(method: Method, config: BenchConfig, progress: bool, dp: DataParallel | None = None) -> None:
@@ -755,6 +833,8 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
         method = dp.on_main(_measured_method, runs_dir, specs)
         if method is None:
             return None
+        if name not in prebuilt:
+            dp.on_main(_check_measured_recipe, method, seed, config, out, runs_dir / "method.json")
         pre = dp.on_main(_evaluate, method.model_dir, runs_dir / "pre_attack.json", config)
         return {"method": method, "pre_attack": pre, "seed": seed,
                 "runs": {spec.name: _run(method, spec, seed, runs_dir / spec.name, config, False, pre, dp)

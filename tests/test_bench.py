@@ -367,6 +367,46 @@ def test_a_time_limit_stops_between_pieces_and_the_same_call_continues(tmp_path,
     assert attacked.count(attacked[0]) == 1  # the finished attack was not run again
 
 
+def test_a_stop_asked_for_ends_the_bench_after_the_piece_in_progress(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import immunizer.redteam.attacks as attacks
+
+    real_attack, attacked = attacks.run_attack, []
+
+    def attack_interrupted(*args, **kwargs):  # Ctrl-C in the middle of the first attack
+        attacked.append(args[1])
+        if len(attacked) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_attack(*args, **kwargs)
+    monkeypatch.setattr(attacks, "run_attack", attack_interrupted)
+    out = tmp_path / "s"
+    proc = run_cli("bench", "--preset", "tiny", "--out", str(out), "--methods", "none")
+    report = json.loads((out / "report.json").read_text())
+    assert len(attacked) == 1 and "stopped as asked (SIGINT)" in proc.stderr
+    assert report["stopped"] == {"reason": "stop requested", "by": "SIGINT"} and report["complete"] is False
+    assert (out / "runs" / "none" / "seed0" / "harmful-sft" / "eval.json").is_file()  # the piece in progress finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI leaves Ctrl-C as it found it
+
+    # OUT/STOP, created while a call runs, stops it (and every shard of OUT); an older one is ignored
+    monkeypatch.setattr(attacks, "run_attack", real_attack)
+    stop_file = out / bench_module.STOP_FILE
+    real_evaluate = bench_module._evaluate
+
+    def evaluate_then_stop(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        stop_file.touch()
+        return result
+    monkeypatch.setattr(bench_module, "_evaluate", evaluate_then_stop)
+    again = run_bench(out, "tiny", ["none"], progress=False)
+    assert again["stopped"] == {"reason": "stop requested", "by": str(stop_file)} and again["complete"] is False
+    monkeypatch.setattr(bench_module, "_evaluate", real_evaluate)
+    os.utime(stop_file, (time.time() - 60, time.time() - 60))  # from before the next call
+    assert run_bench(out, "tiny", ["none"], progress=False)["complete"] is True
+
+
 def test_two_shards_share_one_bench_and_one_report_joins_them(tmp_path):
     """`--shard 1/2` and `--shard 2/2` run at once into one folder (as on two GPUs): each builds and measures its own
     method-seeds only, the last to finish reports the other's too, and the whole report is the one-call one."""

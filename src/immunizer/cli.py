@@ -380,7 +380,8 @@ def rejudge(paths, judge):
               help="Use an existing immunize-style output (or model) directory for METHOD instead of training it.")
 @click.option("--time-limit", "time_limit", type=click.FloatRange(min=0), metavar="MINUTES",
               help="Start no new piece (a training, an attack with its evaluations) after this many minutes; the "
-                   "report says `complete: false` and `stopped`, and the same command continues it.")
+                   "report says `complete: false` and `stopped`, and the same command continues it. A first Ctrl-C "
+                   "(or SIGTERM), or `touch OUT/STOP` (every shard), stops the same way at the next piece.")
 @click.option("--shard", metavar="I/N", help="Build and measure only every N-th method-seed, starting at the I-th, so "
               "that N processes or GPUs share one --out (e.g. `--device cuda:0 bench --shard 1/2 ...` beside `--device "
               "cuda:1 bench --shard 2/2 ...`, the same command but I); a shard's report also holds the others' method-seeds "
@@ -396,6 +397,7 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
       immunizer bench --preset quick --out runs/ablate --methods immunizer,immunizer-no-lat,immunizer-no-stab
     """
     from immunizer.redteam.bench import run_bench
+    from immunizer.stopping import GracefulStop
 
     pairs = {}
     for text in prebuilt:
@@ -409,13 +411,17 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
         except ValueError:
             raise ImmunizerError(f"--shard expects I/N (e.g. 1/2), got {shard!r}") from None
         shard = (index, count)
-    report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-                       seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]),
-                       time_limit=None if time_limit is None else time_limit * 60, shard=shard)
+    with GracefulStop("the piece in progress (a training, or an attack with its evaluations)") as stop:
+        report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                           seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]),
+                           time_limit=None if time_limit is None else time_limit * 60, shard=shard, stop=stop)
     if not main_process():  # one summary for a launched job
         return
-    if report.get("stopped"):
-        click.echo(f"bench: stopped at the {time_limit:g}-minute limit with {report['method_seeds']} method-seeds done; "
+    stopped = report.get("stopped")
+    if stopped:
+        why = (f"at the {time_limit:g}-minute limit" if stopped["reason"] == "time limit"
+               else f"as asked ({stopped['by']})")
+        click.echo(f"bench: stopped {why} with {report['method_seeds']} method-seeds done; "
                    "run the same command again to continue", err=True)
     def shares(record):
         return {k: record.get(k) for k in ("harmful_score", "refused_share", "degenerate_share", "refusal_retained",

@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -149,6 +150,9 @@ def load_bench_config(preset: str | None = "quick", config_file: str | Path | No
         raise ImmunizerError("invalid bench config: " + "; ".join(problems))
     return config
 
+
+STOP_FILE = "STOP"
+"""OUT/STOP, created while a bench runs (`touch OUT/STOP`), stops it after the piece in progress."""
 
 # ---------------------------------------------------------------- the pieces, each resumable
 
@@ -767,7 +771,8 @@ def _check_out_dir(out: Path, fingerprint: dict) -> None:
 def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[str] | None = None, seeds: int = 1,
               prebuilt: dict[str, str | Path] | None = None, overrides: list[str] | tuple[str, ...] = (),
               config_file: str | Path | None = None, progress: bool = True, command: str | None = None,
-              time_limit: float | None = None, shard: tuple[int, int] | None = None) -> dict:
+              time_limit: float | None = None, shard: tuple[int, int] | None = None,
+              stop: Callable[[], str | None] | None = None) -> dict:
     """Run (or resume) the matrix and write OUT/report.json, OUT/report.html and OUT/samples.jsonl.
     `shard=(i, n)`: build and measure only the i-th of every n method-seeds (1-based; `lox` goes with its parent),
     so that n processes, machines or GPUs share one OUT (each given the same arguments but i); a shard's report
@@ -777,7 +782,10 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     evaluations) once it has passed; the report then says `complete: false` and `stopped`, and the same
     call continues it.
     `prebuilt` maps a method name to an existing immunize-style output (or model) directory to use
-    instead of training it (e.g. the candidate release of `immunizer cycle`). Returns the report."""
+    instead of training it (e.g. the candidate release of `immunizer cycle`).
+    A stop is also asked for, between pieces as for the time limit, by a file OUT/STOP created after the call
+    started (every shard sharing OUT stops; later calls ignore it), or by `stop()` returning a reason (the CLI's
+    first Ctrl-C). Returns the report."""
     from immunizer.baselines import extrapolation_parent, method_names
 
     config = load_bench_config(preset, config_file, overrides)
@@ -802,14 +810,22 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     dp.on_main(_check_out_dir, out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"},
                                      "seeds": seeds, "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
     dp.on_main(_pin_borrowed_calibration, out, config)
-    started, clock_started = time.perf_counter(), _clock()
+    started, clock_started, wall_started = time.perf_counter(), _clock(), time.time()
     stopped = None
+
+    def stop_asked() -> dict | None:
+        if time_limit is not None and _clock() - clock_started >= time_limit:
+            return {"reason": "time limit", "time_limit_seconds": time_limit}
+        stop_file = out / STOP_FILE
+        if stop_file.is_file() and stop_file.stat().st_mtime >= wall_started:
+            return {"reason": "stop requested", "by": str(stop_file)}
+        asked = stop() if stop is not None else None
+        return {"reason": "stop requested", "by": asked} if asked else None
 
     def out_of_time() -> bool:
         nonlocal stopped
-        # the main process's clock decides, so that every process of a launched job stops at the same piece
-        if dp.broadcast(time_limit is not None and _clock() - clock_started >= time_limit):
-            stopped = {"reason": "time limit", "time_limit_seconds": time_limit}
+        # the main process decides, so that every process of a launched job stops at the same piece
+        stopped = stopped or dp.on_main(stop_asked)
         return stopped is not None
 
     # A shard's method-seeds: every n-th of the bench's order. A derived method goes with its parent (it reuses the

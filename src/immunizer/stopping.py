@@ -1,0 +1,47 @@
+"""Stopping a long command at its next safe point instead of in the middle of a piece of work.
+
+`GracefulStop` turns a first Ctrl-C (SIGINT) or SIGTERM into a request that the command reads between pieces
+(`stop()` returns the signal's name); a second one acts as it would have without it (Ctrl-C raises
+KeyboardInterrupt, SIGTERM ends the process). Nothing is lost either way, since every result is written
+atomically; the first signal only saves the piece in progress (an attack and its evaluations can take an hour
+on a CPU)."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop:
+    def __init__(self, what: str = "the current piece"):
+        self.what = what
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __call__(self) -> str | None:
+        return self.received
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number: int, frame) -> None:
+        name = signal.Signals(number).name
+        if self.received is not None:  # the second one: what it would have done without us
+            self._restore()
+            signal.raise_signal(number)
+            return
+        self.received = name
+        print(f"\n{name}: stopping after {self.what} (its results are kept; the same command continues). "
+              f"Send it again to stop now.", file=sys.stderr, flush=True)

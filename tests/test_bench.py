@@ -231,6 +231,43 @@ def test_recipe_changes_compare_the_settings_both_hold():
     assert recipe_changes(now, now) == []
 
 
+def test_status_says_what_is_measured_in_progress_and_left_from_the_files_alone(tiny_bench, tmp_path):
+    import shutil
+
+    from immunizer.redteam.bench_status import bench_status
+
+    out, _, report = tiny_bench
+    status = bench_status(out)
+    assert [(r["method"], r["state"]) for r in status["rows"]] == [("booster", "measured"), ("immunizer", "measured"),
+                                                                    ("none", "measured")]
+    assert status["seconds_left"] == 0 and status["seconds_spent"]["harmful-sft"] > 0
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "runs" / "immunizer" / "seed0" / "harmful-mix" / "scan.json").unlink()  # a piece cut short
+    shutil.rmtree(copy / "runs" / "booster")  # a method-seed whose training is under way on this machine
+    release = copy / "methods" / "booster" / "seed0"
+    (release / "manifest.json").unlink()
+    (release / "metrics.jsonl").write_text(json.dumps({"cycle": 0, "phase": 1, "step": 2, "loss": 1.0}) + "\n{cut")
+    bench_module._check_shard_plan(copy, 2, [(0, "booster"), (0, "immunizer"), (0, "none")])
+    status = bench_status(copy, ["none", "immunizer", "booster"])
+    rows = {r["method"]: r for r in status["rows"]}
+    assert rows["none"]["state"] == "measured" and rows["none"]["shard"] == 1
+    assert rows["immunizer"]["state"] == "in progress" and rows["immunizer"]["to_do"] == ["harmful-mix"]
+    assert rows["immunizer"]["shard"] == 2
+    assert rows["booster"]["state"] == "training (cycle 1, phase 1, step 3)" and not rows["booster"]["trained"]
+    # the time left: the medians of the pieces finished here, for the training and each piece still to do
+    median = status["median_seconds"]
+    expected = median["training"] + median["pre_attack"] + sum(median[s.name] for s in load_bench_config("tiny").runs()) \
+        + median["harmful-mix"]
+    assert status["seconds_left"] == pytest.approx(expected)
+    proc = run_cli("bench", "--out", str(copy), "--status", "--methods", "none,immunizer,booster")
+    assert "1 of 3 method-seeds measured (split into 2 shards)" in proc.stdout
+    assert "immunizer  seed 0  in progress [shard 2]: done pre_attack" in proc.stdout
+    assert not (copy / "runs" / "booster").exists()  # nothing was run
+    with pytest.raises(ImmunizerError, match="holds no bench"):
+        bench_status(tmp_path / "nothing")
+
+
 def test_a_run_committed_mid_curve_runs_again_on_a_fresh_clone(tiny_bench, tmp_path):
     out, _, report = tiny_bench
     copy = _results_only(out, tmp_path / "clone")

@@ -386,7 +386,10 @@ def rejudge(paths, judge):
               "that N processes or GPUs share one --out (e.g. `--device cuda:0 bench --shard 1/2 ...` beside `--device "
               "cuda:1 bench --shard 2/2 ...`, the same command but I); a shard's report also holds the others' method-seeds "
               "finished before it ends, and the command without --shard (--time-limit 0) writes the whole report.")
-def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, time_limit, shard):
+@click.option("--status", is_flag=True, help="Only say where the bench in --out stands (method-seeds measured, in "
+              "progress with their pieces, training, to do; time spent and an estimate of the time left), from its "
+              "files alone: nothing is trained or evaluated.")
+def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, time_limit, shard, status):
     """The matrix methods x (attacks + benign fine-tunes): report.json, report.html, report.md, samples.jsonl.
 
     Finished pieces are never redone; `--time-limit 0` only rewrites the reports from the results on disk.
@@ -395,10 +398,17 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
     Example:
       immunizer bench --preset quick --out runs/bench
       immunizer bench --preset quick --out runs/ablate --methods immunizer,immunizer-no-lat,immunizer-no-stab
+      immunizer bench --out runs/bench --status
     """
     from immunizer.redteam.bench import run_bench
     from immunizer.stopping import GracefulStop
 
+    if status:
+        from immunizer.redteam.bench_status import bench_status, format_status
+
+        click.echo(format_status(bench_status(out_dir, [m.strip() for m in methods.split(",") if m.strip()]
+                                              if methods else None)))
+        return
     pairs = {}
     for text in prebuilt:
         if "=" not in text:

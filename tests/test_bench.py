@@ -444,6 +444,34 @@ def test_a_stop_asked_for_ends_the_bench_after_the_piece_in_progress(tmp_path, m
     assert run_bench(out, "tiny", ["none"], progress=False)["complete"] is True
 
 
+def test_a_stop_during_a_training_checkpoints_it_and_the_same_call_continues_it(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from immunizer.immunize import Run
+
+    real_log = Run.log
+
+    def log_then_interrupt(self, record):
+        real_log(self, record)
+        if record.get("cycle") == 0 and record.get("phase") == 2 and record.get("step") == 0 and "event" not in record:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(Run, "log", log_then_interrupt)
+    out, overrides = tmp_path / "t", ["attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4}}",
+                                      "calibration=null"]
+    proc = run_cli("bench", "--preset", "tiny", "--out", str(out), "--methods", "sft", *[f"--set={o}" for o in overrides])
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped"] == {"reason": "stop requested", "by": "SIGINT", "in": "sft seed 0's training"}
+    assert "stopped as asked (SIGINT)" in proc.stderr
+    release = out / "methods" / "sft" / "seed0"
+    assert (release / "checkpoint" / "state.pt").is_file() and not (release / "manifest.json").exists()
+    monkeypatch.setattr(Run, "log", real_log)
+    again = run_bench(out, "tiny", ["sft"], progress=False, overrides=overrides)
+    assert again["complete"] is True
+    events = [json.loads(line).get("event") for line in (release / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("stopped") == 1 and events.count("resumed") == 1 and events[-1] == "finished"
+
+
 def test_two_shards_share_one_bench_and_one_report_joins_them(tmp_path):
     """`--shard 1/2` and `--shard 2/2` run at once into one folder (as on two GPUs): each builds and measures its own
     method-seeds only, the last to finish reports the other's too, and the whole report is the one-call one."""

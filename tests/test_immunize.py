@@ -247,3 +247,54 @@ def test_a_checkpoint_never_runs_code(tmp_path):
     expected = np.random.random()
     set_rng_state(state["rng"])
     assert np.random.random() == expected  # numpy's generator comes back exactly
+
+
+def test_a_stop_asked_for_writes_a_checkpoint_at_once_and_resume_gives_the_same_model(tmp_path):
+    from immunizer.stopping import Stopped
+
+    config = load_config("tiny", None, ["checkpoint_every=1000", "phase1.steps=4"])  # no periodic checkpoint to rely on
+    asked = []
+
+    def stop():  # asked after phase 1's second step
+        asked.append(1)
+        return "test" if len(asked) == 2 else None
+    with pytest.raises(Stopped, match=r"test: immunization stopped before cycle 1, phase 1, step 3, whose checkpoint "
+                                      r"is in .*run; the same command with --resume continues it"):
+        immunize("tiny", tmp_path / "run", config, progress=False, stop=stop)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {**records[-1], "event": "stopped", "by": "test", "cycle": 0, "phase": 1, "step": 2}
+    assert (tmp_path / "run" / "checkpoint" / "state.pt").is_file() and not (tmp_path / "run" / "manifest.json").exists()
+
+    # asked at a phase's end: the phase boundary's checkpoint is the one kept
+    boundary = []
+
+    def stop_after_phase_1():
+        boundary.append(1)
+        return "again" if len(boundary) == 2 else None  # resumed at step 3 of 4: it asks once, then at the boundary
+    with pytest.raises(Stopped, match="before cycle 1, phase 2, step 1"):
+        immunize("tiny", tmp_path / "run", config, resume=True, progress=False, stop=stop_after_phase_1)
+    resumed = immunize("tiny", tmp_path / "run", config, resume=True, progress=False)
+    straight = immunize("tiny", tmp_path / "straight", config, progress=False)
+    assert resumed.manifest["model_sha256"] == straight.manifest["model_sha256"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["cycle"], r["phase"], r["step"]) for r in records if "step" in r and "event" not in r]
+    assert len(steps) == len(set(steps)) == 2 * (4 + 3)  # nothing lost, nothing done twice
+
+
+def test_ctrl_c_stops_immunize_with_a_checkpoint_and_exit_130(tmp_path, monkeypatch):
+    from immunizer.immunize import Run
+
+    logged, real_log = [], Run.log
+
+    def log_then_interrupt(self, record):
+        real_log(self, record)
+        logged.append(record)
+        if record.get("phase") == 1 and record.get("step") == 1 and "event" not in record:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(Run, "log", log_then_interrupt)
+    proc = run_cli("immunize", "--model", "tiny", "--preset", "tiny", "--out", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 130 and "stopped: SIGINT: immunization stopped before cycle 1, phase 1, step 3" in proc.stderr
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(Run, "log", real_log)
+    done = run_cli("immunize", "--model", "tiny", "--preset", "tiny", "--out", str(tmp_path / "run"), "--resume")
+    assert json.loads(done.stdout)["num_canaries"] > 0

@@ -12,6 +12,7 @@ from immunizer.errors import ImmunizerError
 from immunizer.launch import launched_distributed, main_process, pin_device
 from immunizer.options import option, release_option
 from immunizer.settings import AttackConfig, EvalConfig, FinetuneConfig, RepairConfig
+from immunizer.stopping import Stopped
 
 DATA_PARALLEL_COMMANDS = {"immunize", "attack", "finetune", "bench", "calibrate"}
 """The commands that split their batches over the processes of `accelerate launch` (parallel.py; `bench` and
@@ -58,7 +59,8 @@ def cli(ctx, device) -> None:
 @click.option("--preset", type=click.Choice(["tiny", "quick", "standard"]), help="Start from a preset (presets/*.yaml).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config applied after the preset.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config value, e.g. phase1.lr=2e-5 (repeatable).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint (a first "
+              "Ctrl-C or SIGTERM writes one at once and stops).")
 @click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False),
               help="Sign the manifest with this key (default: $IMMUNIZER_MANIFEST_KEY if set).")
 def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_file):
@@ -71,10 +73,12 @@ def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_fi
     """
     from immunizer.config import load_config
     from immunizer.immunize import immunize as run
+    from immunizer.stopping import GracefulStop
 
     config = load_config(preset, config_file, overrides)
     key = Path(hmac_key_file).read_bytes().strip() if hmac_key_file else None
-    result = run(model, out_dir, config, resume=resume, hmac_key=key)
+    with GracefulStop("the current step (a checkpoint is written then)") as stop:
+        result = run(model, out_dir, config, resume=resume, hmac_key=key, stop=stop)
     if not main_process():  # one summary for an `accelerate launch` job
         return
     m = result.manifest
@@ -421,7 +425,8 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
         except ValueError:
             raise ImmunizerError(f"--shard expects I/N (e.g. 1/2), got {shard!r}") from None
         shard = (index, count)
-    with GracefulStop("the piece in progress (a training, or an attack with its evaluations)") as stop:
+    with GracefulStop("the piece in progress (an attack with its evaluations; a training at its next step, "
+                      "checkpointed)") as stop:
         report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                            seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]),
                            time_limit=None if time_limit is None else time_limit * 60, shard=shard, stop=stop)
@@ -516,6 +521,9 @@ def main() -> None:
 
             end_process_group()
     except click.exceptions.Abort:
+        sys.exit(130)
+    except Stopped as exc:  # a stop asked for (Ctrl-C): the work so far is saved
+        click.echo(f"stopped: {exc}", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()

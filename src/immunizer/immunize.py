@@ -29,6 +29,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from immunizer.models import load_model, model_dir_sha256, resolve_model, runtim
 from immunizer.launch import split_evenly
 from immunizer.parallel import DataParallel
 from immunizer.sharding import LocalRange, local
+from immunizer.stopping import Stopped
 from immunizer.training_state import Position, TrainingState
 
 
@@ -171,8 +173,9 @@ def check_batch_sizes(config: ImmunizeConfig, world_size: int) -> None:
 class Run:
     """Holds the models, data and output files of one immunization run."""
 
-    def __init__(self, model_spec: str, out_dir: Path, config: ImmunizeConfig, resume: bool, progress: bool):
-        self.config, self.out_dir = config, Path(out_dir)
+    def __init__(self, model_spec: str, out_dir: Path, config: ImmunizeConfig, resume: bool, progress: bool,
+                 stop: Callable[[], str | None] | None = None):
+        self.config, self.out_dir, self.stop = config, Path(out_dir), stop
         # One process, or this one's place in an `accelerate launch` job (parallel.py).
         self.dp = DataParallel.from_environment(runtime_device())
         self.device = self.dp.device
@@ -266,6 +269,19 @@ class Run:
                         base_model_sha256=self.base_sha256, **resume_with)
         self.dp.barrier()
 
+    def checkpoint_or_stop(self, position: Position, optimizer, always: bool = False, **resume_with) -> None:
+        """A checkpoint every `checkpoint_every` steps (at a phase's end `always`), and one at once when a stop was
+        asked for, which then ends the run (Stopped). The stop is logged first, so that the checkpoint keeps it."""
+        asked = None if self.stop is None else self.dp.broadcast(self.stop())  # the main process's answer
+        if asked:
+            self.log({"event": "stopped", "by": asked, **asdict(position)})
+        if asked or always or position.step % self.config.checkpoint_every == 0:
+            self.checkpoint(position, optimizer, **resume_with)
+        if asked:
+            raise Stopped(f"{asked}: immunization stopped before cycle {position.cycle + 1}, phase {position.phase}, "
+                          f"step {position.step + 1}, whose checkpoint is in {self.out_dir}; the same command with "
+                          "--resume continues it")
+
     def _batch(self, prompts, responses) -> Batch:
         dc = self.config.data
         return pair_batch(self.tokenizer, prompts, responses, dc.max_prompt_tokens, dc.max_response_tokens).to(self.device)
@@ -327,8 +343,8 @@ class Run:
             if "adversary_sft_loss" in moved.stats:
                 shown["attack_sft"] = f"{moved.stats['adversary_sft_loss']:.2f}"
             bar.set_postfix(shown)
-            if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
-                self.checkpoint(Position(cycle, 1, step + 1), optimizer, scores=scores)
+            if step + 1 < len(plan):  # the phase's end has a checkpoint of its own
+                self.checkpoint_or_stop(Position(cycle, 1, step + 1), optimizer, scores=scores)
         started = time.perf_counter()
         # Exact top-K% over every process's slice of the scores, then every process gets the whole selection.
         canaries = gather_selection(select_top_percent(scores.shards(), cfg.k_percent))
@@ -421,8 +437,8 @@ class Run:
                       "grad_norm": grad_norm,
                       "seconds": time.perf_counter() - started, **parts})
             bar.set_postfix(dpo=f"{parts['dpo']:.3f}", kl=f"{parts['kl']:.3f}", drift=f"{drift:.2e}")
-            if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < len(plan):
-                self.checkpoint(Position(cycle, 2, step + 1), optimizer, canaries=whole, anchor=whole_anchor)
+            if step + 1 < len(plan):
+                self.checkpoint_or_stop(Position(cycle, 2, step + 1), optimizer, canaries=whole, anchor=whole_anchor)
 
     @torch.no_grad()
     def add_stabilization_grad(self, canaries: dict[str, torch.Tensor], anchor: list[torch.Tensor],
@@ -473,11 +489,12 @@ class Run:
                 canaries = self.phase1(cycle, start, optimizer, scores)
                 del scores
                 anchor = self.values_at(canaries)
-                self.checkpoint(Position(cycle, 2, 0), self.optimizer(cfg.phase2.lr), canaries=canaries, anchor=anchor)
+                self.checkpoint_or_stop(Position(cycle, 2, 0), self.optimizer(cfg.phase2.lr), always=True,
+                                        canaries=canaries, anchor=anchor)
             optimizer = self.optimizer(cfg.phase2.lr)
             self.phase2(cycle, self.state.resume_step(cycle, 2, optimizer, self.student), optimizer, canaries, anchor)
             if cycle + 1 < cfg.cycles:
-                self.checkpoint(Position(cycle + 1, 1, 0), self.optimizer(cfg.phase1.lr))
+                self.checkpoint_or_stop(Position(cycle + 1, 1, 0), self.optimizer(cfg.phase1.lr), always=True)
         return canaries
 
     def trained_model(self) -> torch.nn.Module | None:
@@ -546,11 +563,14 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def immunize(model: str | Path, out_dir: str | Path, config: ImmunizeConfig | None = None, *,
-             resume: bool = False, progress: bool = True, hmac_key: bytes | str | None = None) -> ImmunizeResult:
+             resume: bool = False, progress: bool = True, hmac_key: bytes | str | None = None,
+             stop: Callable[[], str | None] | None = None) -> ImmunizeResult:
     """Run cyclical immunization on `model` and write `out_dir/{model/, canaries.safetensors,
-    manifest.json, metrics.jsonl}`. With `resume=True`, continue an interrupted run from its checkpoint."""
+    manifest.json, metrics.jsonl}`. With `resume=True`, continue an interrupted run from its checkpoint.
+    `stop`, called after every step (the CLI's first Ctrl-C): a reason to stop writes a checkpoint at once and
+    raises `immunizer.stopping.Stopped`; `resume=True` continues from it."""
     started = time.perf_counter()
-    run = Run(str(model), Path(out_dir), config or ImmunizeConfig(), resume, progress)
+    run = Run(str(model), Path(out_dir), config or ImmunizeConfig(), resume, progress, stop)
     canaries = run.train()
     model = run.trained_model()
     run.extrapolate(model)

@@ -14,6 +14,11 @@ import threading
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Stopped(Exception):
+    """A long run stopped at a safe point because a stop was asked for; what it had done is saved, and its
+    message says which command continues it."""
+
+
 class GracefulStop:
     def __init__(self, what: str = "the current piece"):
         self.what = what

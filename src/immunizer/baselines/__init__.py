@@ -59,9 +59,11 @@ def extrapolation_parent(name: str) -> str | None:
 
 
 def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeConfig,
-                 baseline: BaselineConfig | None = None, progress: bool = True, resume: bool = False) -> BuiltMethod:
+                 baseline: BaselineConfig | None = None, progress: bool = True, resume: bool = False,
+                 stop=None) -> BuiltMethod:
     """Train `name` from `model` into `out_dir` (an immunize-style directory), or return the base for `none`.
-    `resume=True` continues an interrupted training from the checkpoint in `out_dir`."""
+    `resume=True` continues an interrupted training from the checkpoint in `out_dir`; `stop` (immunize's) lets
+    an immunize-style training stop at its next step with a checkpoint (the published defences train on)."""
     if name not in method_names():
         raise ImmunizerError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
     if name == "none":
@@ -69,7 +71,7 @@ def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeCo
     if name in PUBLISHED:
         result = train_baseline(name, model, out_dir, config, baseline, progress=progress, resume=resume)
     else:
-        result = immunize(model, out_dir, method_config(name, config), progress=progress, resume=resume)
+        result = immunize(model, out_dir, method_config(name, config), progress=progress, resume=resume, stop=stop)
     return BuiltMethod(name, result.model_dir, result.out_dir, result.seconds)
 
 

@@ -38,6 +38,7 @@ from immunizer.errors import ImmunizerError
 from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path, write_json_atomic
 from immunizer.redteam.evaluate import SHARES, read_samples, wilson95
+from immunizer.stopping import Stopped
 
 BENCH_PRESETS = PRESETS / "bench"
 SCHEMA_VERSION = 2
@@ -276,9 +277,10 @@ def _check_measured_recipe(method: Method, seed: int, config: BenchConfig, out: 
 
 
 def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
-           prebuilt: dict[str, Path] | None = None, dp: DataParallel | None = None) -> Method:
+           prebuilt: dict[str, Path] | None = None, dp: DataParallel | None = None,
+           stop: Callable[[], str | None] | None = None) -> Method:
     """The method's model and release: read back when built, else trained (in a launched job every process trains,
-    and the main process alone reads, deletes and extrapolates)."""
+    and the main process alone reads, deletes and extrapolates). `stop`: immunize's (a checkpoint, then Stopped)."""
     from immunizer.baselines import BaselineConfig, build_method, extrapolation_parent
 
     dp = dp or DataParallel.single()
@@ -287,7 +289,7 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
     parent = None if name in prebuilt else extrapolation_parent(name)
     if parent is not None and not dp.on_main((directory / "manifest.json").is_file):
         # `lox`: the same seed's build of its parent, extrapolated (no second training)
-        source = _build(parent, config, seed, out, progress, prebuilt, dp)
+        source = _build(parent, config, seed, out, progress, prebuilt, dp, stop)
         return dp.on_main(_extrapolated, name, source, config, seed, out, directory)
     found = dp.on_main(_built_or_resume, name, config, seed, out, prebuilt)
     if isinstance(found, Method):
@@ -295,7 +297,7 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
     immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
     immunize_config.seed = seed
     built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline),
-                         progress and dp.is_main, resume=found)
+                         progress and dp.is_main, resume=found, stop=stop)
     return Method(name, built.model_dir, built.release_dir, built.cost_seconds, recipe=recipe(name, config, seed))
 
 
@@ -783,9 +785,9 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     call continues it.
     `prebuilt` maps a method name to an existing immunize-style output (or model) directory to use
     instead of training it (e.g. the candidate release of `immunizer cycle`).
-    A stop is also asked for, between pieces as for the time limit, by a file OUT/STOP created after the call
-    started (every shard sharing OUT stops; later calls ignore it), or by `stop()` returning a reason (the CLI's
-    first Ctrl-C). Returns the report."""
+    A stop is also asked for by a file OUT/STOP created after the call started (every shard sharing OUT stops;
+    later calls ignore it), or by `stop()` returning a reason (the CLI's first Ctrl-C): a method's training in
+    progress stops at its next step with a checkpoint, any other piece finishes first. Returns the report."""
     from immunizer.baselines import extrapolation_parent, method_names
 
     config = load_bench_config(preset, config_file, overrides)
@@ -813,14 +815,19 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     started, clock_started, wall_started = time.perf_counter(), _clock(), time.time()
     stopped = None
 
+    def requested() -> str | None:
+        """Who asked this call to stop since it started (OUT/STOP, or `stop()`'s reason), else None. A training in
+        progress stops at its next step (checkpointed); any other piece finishes first."""
+        stop_file = out / STOP_FILE
+        if stop_file.is_file() and stop_file.stat().st_mtime >= wall_started:
+            return str(stop_file)
+        return stop() if stop is not None else None
+
     def stop_asked() -> dict | None:
         if time_limit is not None and _clock() - clock_started >= time_limit:
             return {"reason": "time limit", "time_limit_seconds": time_limit}
-        stop_file = out / STOP_FILE
-        if stop_file.is_file() and stop_file.stat().st_mtime >= wall_started:
-            return {"reason": "stop requested", "by": str(stop_file)}
-        asked = stop() if stop is not None else None
-        return {"reason": "stop requested", "by": asked} if asked else None
+        by = requested()
+        return {"reason": "stop requested", "by": by} if by else None
 
     def out_of_time() -> bool:
         nonlocal stopped
@@ -877,7 +884,11 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             else:
                 if out_of_time():
                     break
-                method = _build(name, config, seed, out, progress, prebuilt, dp)
+                try:
+                    method = _build(name, config, seed, out, progress, prebuilt, dp, stop=requested)
+                except Stopped:  # the training wrote a checkpoint at its last step: the same call continues it
+                    stopped = {"reason": "stop requested", "by": dp.on_main(requested), "in": f"{name} seed {seed}'s training"}
+                    break
                 dp.on_main(_check_same_build, method, pre_path)
                 _prepare_breaker(method, config, progress, dp)
                 method = dp.on_main(_record_method, method, method_path)

@@ -153,7 +153,8 @@ def load_bench_config(preset: str | None = "quick", config_file: str | Path | No
 
 
 STOP_FILE = "STOP"
-"""OUT/STOP, created while a bench runs (`touch OUT/STOP`), stops it after the piece in progress."""
+"""OUT/STOP, created while a bench runs (`touch OUT/STOP`), stops it: after the attack in progress, or a method's
+training after its current step, checkpointed."""
 
 # ---------------------------------------------------------------- the pieces, each resumable
 

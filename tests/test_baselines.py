@@ -117,3 +117,24 @@ def test_an_interrupted_baseline_resumes_from_its_checkpoint_to_the_same_weights
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "step" in r] == list(range(config.cycles * (config.phase1.steps + config.phase2.steps)))
+
+
+def test_a_stop_asked_for_checkpoints_a_baseline_at_once_and_it_resumes_to_the_same_weights(tmp_path):
+    from immunizer.stopping import Stopped
+
+    config = load_config("tiny", None, ["checkpoint_every=1000"])  # the stop's checkpoint is the only one
+    whole = build_method("repnoise", "tiny", tmp_path / "whole", config, progress=False)
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return "test" if len(asked) == 3 else None
+    with pytest.raises(Stopped, match=r"test: repnoise stopped before step 4, whose checkpoint is in .*cut"):
+        build_method("repnoise", "tiny", tmp_path / "cut", config, progress=False, stop=stop)
+    assert (tmp_path / "cut" / "checkpoint").is_dir()
+    resumed = build_method("repnoise", "tiny", tmp_path / "cut", config, progress=False, resume=True)
+    a = load_file(str(whole.model_dir / "model.safetensors"))
+    b = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "stopped", "by": "test", "next_step": 3}.items() <= next(r for r in records if r.get("event") == "stopped").items()

@@ -211,8 +211,19 @@ def test_results_of_another_recipe_are_not_read_back(tiny_bench, tmp_path, monke
     # every result on disk (a fresh clone): the record says what built it
     with pytest.raises(ImmunizerError, match=r"immunizer seed 0 in .* another recipe .*method.json: phase1.lr .* -> 0.123\).*delete"):
         run_bench(clone, "tiny", ["none", "immunizer"], progress=False)
-    # a built method with a result missing: its manifest says it, before anything is trained or measured
+    # a result missing: the record says it before anything is trained or measured again (its build may be gone)
     (full / "runs" / "immunizer" / "seed0" / "harmful-mix" / "scan.json").unlink()
+    (clone / "runs" / "immunizer" / "seed0" / "harmful-mix" / "scan.json").unlink()
+    import immunizer.baselines as baselines
+
+    def boom(*args, **kwargs):
+        raise AssertionError("trained before the recipe was checked")
+    monkeypatch.setattr(baselines, "build_method", boom)
+    with pytest.raises(ImmunizerError, match=r"immunizer seed 0 .*method.json: phase1.lr .* -> 0.123"):
+        run_bench(clone, "tiny", ["immunizer"], progress=False)
+    # ... and for a record from before recipes were kept, the build's manifest where it is still on disk
+    method_json = full / "runs" / "immunizer" / "seed0" / "method.json"
+    method_json.write_text(json.dumps({k: v for k, v in json.loads(method_json.read_text()).items() if k != "recipe"}))
     with pytest.raises(ImmunizerError, match=r"immunizer/seed0/manifest.json: phase1.lr .* -> 0.123"):
         run_bench(full, "tiny", ["immunizer"], progress=False)
     assert not (full / "runs" / "immunizer" / "seed0" / "harmful-mix" / "scan.json").exists()
@@ -247,7 +258,8 @@ def test_status_says_what_is_measured_in_progress_and_left_from_the_files_alone(
     shutil.rmtree(copy / "runs" / "booster")  # a method-seed whose training is under way on this machine
     release = copy / "methods" / "booster" / "seed0"
     (release / "manifest.json").unlink()
-    (release / "metrics.jsonl").write_text(json.dumps({"cycle": 0, "phase": 1, "step": 2, "loss": 1.0}) + "\n{cut")
+    (release / "metrics.jsonl").write_text(json.dumps({"cycle": 0, "phase": 1, "step": 2, "loss": 1.0}) + "\n"  # stopped
+                                           + json.dumps({"event": "stopped", "cycle": 0, "phase": 1, "step": 3}) + "\n{cut")
     bench_module._check_shard_plan(copy, 2, [(0, "booster"), (0, "immunizer"), (0, "none")])
     status = bench_status(copy, ["none", "immunizer", "booster"])
     rows = {r["method"]: r for r in status["rows"]}
@@ -420,9 +432,10 @@ def test_a_stop_asked_for_ends_the_bench_after_the_piece_in_progress(tmp_path, m
         return real_attack(*args, **kwargs)
     monkeypatch.setattr(attacks, "run_attack", attack_interrupted)
     out = tmp_path / "s"
-    proc = run_cli("bench", "--preset", "tiny", "--out", str(out), "--methods", "none")
+    proc = run_cli("bench", "--preset", "tiny", "--out", str(out), "--methods", "none", check=False)
     report = json.loads((out / "report.json").read_text())
     assert len(attacked) == 1 and "stopped as asked (SIGINT)" in proc.stderr
+    assert proc.returncode == 130  # interrupted, not done: `bench && next` does not go on
     assert report["stopped"] == {"reason": "stop requested", "by": "SIGINT"} and report["complete"] is False
     assert (out / "runs" / "none" / "seed0" / "harmful-sft" / "eval.json").is_file()  # the piece in progress finished
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI leaves Ctrl-C as it found it
@@ -459,7 +472,9 @@ def test_a_stop_during_a_training_checkpoints_it_and_the_same_call_continues_it(
     monkeypatch.setattr(Run, "log", log_then_interrupt)
     out, overrides = tmp_path / "t", ["attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4}}",
                                       "calibration=null"]
-    proc = run_cli("bench", "--preset", "tiny", "--out", str(out), "--methods", "sft", *[f"--set={o}" for o in overrides])
+    proc = run_cli("bench", "--preset", "tiny", "--out", str(out), "--methods", "sft", *[f"--set={o}" for o in overrides],
+                   check=False)
+    assert proc.returncode == 130
     report = json.loads((out / "report.json").read_text())
     assert report["stopped"] == {"reason": "stop requested", "by": "SIGINT", "in": "sft seed 0's training"}
     assert "stopped as asked (SIGINT)" in proc.stderr

@@ -298,3 +298,23 @@ def test_ctrl_c_stops_immunize_with_a_checkpoint_and_exit_130(tmp_path, monkeypa
     monkeypatch.setattr(Run, "log", real_log)
     done = run_cli("immunize", "--model", "tiny", "--preset", "tiny", "--out", str(tmp_path / "run"), "--resume")
     assert json.loads(done.stdout)["num_canaries"] > 0
+
+
+def test_a_stop_file_stops_immunize_like_ctrl_c(tmp_path, monkeypatch):
+    from immunizer.immunize import Run
+
+    out, real_log = tmp_path / "run", Run.log
+    out.mkdir()
+    (out / "STOP").touch()
+    os.utime(out / "STOP", (time.time() - 60, time.time() - 60))  # a finished job's: ignored
+
+    def log_then_touch(self, record):
+        real_log(self, record)
+        if record.get("phase") == 2 and record.get("step") == 0 and "event" not in record:
+            (out / "STOP").touch()  # `touch OUT/STOP` from another shell
+    monkeypatch.setattr(Run, "log", log_then_touch)
+    proc = run_cli("immunize", "--model", "tiny", "--preset", "tiny", "--out", str(out), check=False)
+    assert proc.returncode == 130 and f"stopped: {out / 'STOP'}: immunization stopped before cycle 1, phase 2, step 2" in proc.stderr
+    monkeypatch.setattr(Run, "log", real_log)
+    run_cli("immunize", "--model", "tiny", "--preset", "tiny", "--out", str(out), "--resume")  # the older file is ignored
+    assert (out / "manifest.json").is_file() and not (out / "STOP").exists()  # and not left in the release

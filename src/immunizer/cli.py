@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -73,14 +74,17 @@ def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_fi
     """
     from immunizer.config import load_config
     from immunizer.immunize import immunize as run
-    from immunizer.stopping import GracefulStop
+    from immunizer.stopping import STOP_FILE, GracefulStop, stop_file_asked
 
     config = load_config(preset, config_file, overrides)
     key = Path(hmac_key_file).read_bytes().strip() if hmac_key_file else None
-    with GracefulStop("the current step (a checkpoint is written then)") as stop:
-        result = run(model, out_dir, config, resume=resume, hmac_key=key, stop=stop)
+    started = time.time()
+    with GracefulStop("the current step (a checkpoint is written then)") as signals:
+        result = run(model, out_dir, config, resume=resume, hmac_key=key,
+                     stop=lambda: signals() or stop_file_asked(out_dir, started))
     if not main_process():  # one summary for an `accelerate launch` job
         return
+    (Path(out_dir) / STOP_FILE).unlink(missing_ok=True)  # a stop asked for earlier is not part of the release
     m = result.manifest
     click.echo(json.dumps({"out": str(result.out_dir), "model": str(result.model_dir), "seconds": round(result.seconds, 1),
                            "num_canaries": m["num_canaries"], "num_parameters": m["num_parameters"],
@@ -438,6 +442,7 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
                else f"as asked ({stopped['by']})")
         click.echo(f"bench: stopped {why} with {report['method_seeds']} method-seeds done; "
                    "run the same command again to continue", err=True)
+
     def shares(record):
         return {k: record.get(k) for k in ("harmful_score", "refused_share", "degenerate_share", "refusal_retained",
                                            "steps_to_half", "steps_to_75", "steps_to_90") if k in record}
@@ -455,6 +460,8 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
                for name, entry in report["methods"].items()}
     click.echo(json.dumps({"report": str(Path(out_dir) / "report.json"), "html": str(Path(out_dir) / "report.html"),
                            "harmful_score": summary, "verdicts": verdicts}, indent=2))
+    if stopped and stopped["reason"] != "time limit":  # interrupted, not done as planned: `bench && next` must not go on
+        sys.exit(130)
 
 
 @cli.command()
@@ -522,8 +529,9 @@ def main() -> None:
             end_process_group()
     except click.exceptions.Abort:
         sys.exit(130)
-    except Stopped as exc:  # a stop asked for (Ctrl-C): the work so far is saved
-        click.echo(f"stopped: {exc}", err=True)
+    except Stopped as exc:  # a stop asked for (Ctrl-C, OUT/STOP): the work so far is saved
+        if main_process():
+            click.echo(f"stopped: {exc}", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()

@@ -568,7 +568,8 @@ def immunize(model: str | Path, out_dir: str | Path, config: ImmunizeConfig | No
     """Run cyclical immunization on `model` and write `out_dir/{model/, canaries.safetensors,
     manifest.json, metrics.jsonl}`. With `resume=True`, continue an interrupted run from its checkpoint.
     `stop`, called after every step (the CLI's first Ctrl-C): a reason to stop writes a checkpoint at once and
-    raises `immunizer.stopping.Stopped`; `resume=True` continues from it."""
+    raises `immunizer.stopping.Stopped`; `resume=True` continues from it. In a launched job every process must
+    pass one (the main process's answer is broadcast at each step)."""
     started = time.perf_counter()
     run = Run(str(model), Path(out_dir), config or ImmunizeConfig(), resume, progress, stop)
     canaries = run.train()

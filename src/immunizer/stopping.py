@@ -10,8 +10,24 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_FILE = "STOP"
+"""OUT/STOP (`touch OUT/STOP`) asks the `bench` or `immunize` writing to OUT to stop, as a first Ctrl-C does: the
+way to reach a job started elsewhere (nohup, another shell, shards on several machines, `accelerate launch`,
+whose launcher kills its processes soon after passing them a Ctrl-C)."""
+
+
+def stop_file_asked(out: str | Path, since: float) -> str | None:
+    """OUT/STOP's path when it was created or touched at or after `since` (`time.time()` when the job started),
+    else None: an older file is a finished job's. Its time is the file system's, compared with this machine's
+    clock: shards on several machines sharing OUT need their clocks in step."""
+    path = Path(out) / STOP_FILE
+    try:
+        return str(path) if path.stat().st_mtime >= since else None
+    except FileNotFoundError:
+        return None
 
 
 class Stopped(Exception):

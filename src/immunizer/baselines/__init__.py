@@ -62,14 +62,14 @@ def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeCo
                  baseline: BaselineConfig | None = None, progress: bool = True, resume: bool = False,
                  stop=None) -> BuiltMethod:
     """Train `name` from `model` into `out_dir` (an immunize-style directory), or return the base for `none`.
-    `resume=True` continues an interrupted training from the checkpoint in `out_dir`; `stop` (immunize's) lets
-    an immunize-style training stop at its next step with a checkpoint (the published defences train on)."""
+    `resume=True` continues an interrupted training from the checkpoint in `out_dir`; `stop` (a reason to stop,
+    or None) stops the training after its current step with a checkpoint (`immunizer.stopping.Stopped`)."""
     if name not in method_names():
         raise ImmunizerError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
     if name == "none":
         return BuiltMethod(name, resolve_model(model), None, 0.0)
     if name in PUBLISHED:
-        result = train_baseline(name, model, out_dir, config, baseline, progress=progress, resume=resume)
+        result = train_baseline(name, model, out_dir, config, baseline, progress=progress, resume=resume, stop=stop)
     else:
         result = immunize(model, out_dir, method_config(name, config), progress=progress, resume=resume, stop=stop)
     return BuiltMethod(name, result.model_dir, result.out_dir, result.seconds)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from immunizer.immunize import ImmunizeResult, batches_for, harmful_set_for_cycl
 from immunizer.losses import IGNORE, sft_loss
 from immunizer.manifest import write_release
 from immunizer.models import load_model, model_dir_sha256, resolve_model, runtime_device
+from immunizer.stopping import Stopped
 from immunizer.training_state import TrainingState
 
 METHODS = ("vaccine", "repnoise", "booster")
@@ -176,10 +178,12 @@ def _resume_state(out_dir: Path, method: str, fingerprint: str, resume: bool) ->
 
 
 def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: ImmunizeConfig,
-                   hp: BaselineConfig | None = None, progress: bool = True, resume: bool = False) -> ImmunizeResult:
+                   hp: BaselineConfig | None = None, progress: bool = True, resume: bool = False,
+                   stop: Callable[[], str | None] | None = None) -> ImmunizeResult:
     """Align `model` with a published defence under immunizer's budget; writes OUT/{model/,
     manifest.json, canaries.safetensors, metrics.jsonl}. Checkpoints every `config.checkpoint_every`
-    steps; `resume=True` continues an interrupted run from its last checkpoint."""
+    steps; `resume=True` continues an interrupted run from its last checkpoint. `stop` (a reason, or None),
+    asked after every step: a reason writes a checkpoint at once and raises `immunizer.stopping.Stopped`."""
     if method not in STEPS:
         raise ImmunizerError(f"unknown baseline {method!r}; choose one of {', '.join(STEPS)}")
     hp = hp or BaselineConfig()
@@ -238,9 +242,15 @@ def train_baseline(method: str, model: str | Path, out_dir: str | Path, config: 
         optimizer.step()
         state.log({"step": step, "set": set_name, "grad_norm": grad_norm, "seconds": time.perf_counter() - t0, **parts})
         bar.set_postfix(align=f"{parts['align_loss']:.3f}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < len(plan):
+        asked = stop() if stop is not None and step + 1 < len(plan) else None
+        if asked:
+            state.log({"event": "stopped", "by": asked, "next_step": step + 1})
+        if asked or (step + 1) % config.checkpoint_every == 0 and step + 1 < len(plan):
             state.save(student, optimizer, method=method, fingerprint=fingerprint, step=step + 1,
                        seconds=time.perf_counter() - started)
+        if asked:
+            raise Stopped(f"{asked}: {method} stopped before step {step + 2}, whose checkpoint is in {out_dir}; "
+                          "the same command continues it")
     last = data.harmful[plan[-1][0]]
     canaries = score_canaries(student, reference, tokenizer, last.prompts, last.responses, config, device)
     seconds = time.perf_counter() - started

@@ -38,7 +38,7 @@ from immunizer.errors import ImmunizerError
 from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path, write_json_atomic
 from immunizer.redteam.evaluate import SHARES, read_samples, wilson95
-from immunizer.stopping import Stopped
+from immunizer.stopping import STOP_FILE, Stopped, stop_file_asked  # noqa: F401 (STOP_FILE: the bench's API too)
 
 BENCH_PRESETS = PRESETS / "bench"
 SCHEMA_VERSION = 2
@@ -152,10 +152,6 @@ def load_bench_config(preset: str | None = "quick", config_file: str | Path | No
     return config
 
 
-STOP_FILE = "STOP"
-"""OUT/STOP, created while a bench runs (`touch OUT/STOP`), stops it: after the attack in progress, or a method's
-training after its current step, checkpointed."""
-
 # ---------------------------------------------------------------- the pieces, each resumable
 
 @dataclass
@@ -265,16 +261,18 @@ def _check_recipe(name: str, seed: int, recorded: dict | None, config: BenchConf
             "give this bench another --out")
 
 
-def _check_measured_recipe(method: Method, seed: int, config: BenchConfig, out: Path, record: Path) -> None:
-    """A measured method-seed's recipe against the current one: from its record, or for a record written before
+def _check_recorded_recipe(name: str, seed: int, config: BenchConfig, out: Path) -> None:
+    """The recipe of a method-seed with results on disk (all of them, or some: a half-measured one is checked
+    before anything is trained again) against the current one: from its record, or for a record written before
     recipes were kept, from its build's manifest where that is still on disk (else it is read back unchecked)."""
     from immunizer.manifest import load_manifest
 
-    where, built = record, method.recipe
-    release = out / "methods" / method.name / f"seed{seed}"
+    record_path = out / "runs" / name / f"seed{seed}" / "method.json"
+    where, built = record_path, (json.loads(record_path.read_text()) if record_path.is_file() else {}).get("recipe")
+    release = out / "methods" / name / f"seed{seed}"
     if built is None and (release / "manifest.json").is_file():
         where, built = release / "manifest.json", built_recipe(load_manifest(release).meta)
-    _check_recipe(method.name, seed, built, config, out, where)
+    _check_recipe(name, seed, built, config, out, where)
 
 
 def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
@@ -297,9 +295,10 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
         return found
     immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
     immunize_config.seed = seed
+    trained_with = recipe(name, config, seed)  # read before the hours of training, whatever is edited meanwhile
     built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline),
                          progress and dp.is_main, resume=found, stop=stop)
-    return Method(name, built.model_dir, built.release_dir, built.cost_seconds, recipe=recipe(name, config, seed))
+    return Method(name, built.model_dir, built.release_dir, built.cost_seconds, recipe=trained_with)
 
 
 def _built_or_resume(name: str, config: BenchConfig, seed: int, out: Path, prebuilt: dict[str, Path]) -> Method | bool:
@@ -819,10 +818,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     def requested() -> str | None:
         """Who asked this call to stop since it started (OUT/STOP, or `stop()`'s reason), else None. A training in
         progress stops at its next step (checkpointed); any other piece finishes first."""
-        stop_file = out / STOP_FILE
-        if stop_file.is_file() and stop_file.stat().st_mtime >= wall_started:
-            return str(stop_file)
-        return stop() if stop is not None else None
+        return stop_file_asked(out, wall_started) or (stop() if stop is not None else None)
 
     def stop_asked() -> dict | None:
         if time_limit is not None and _clock() - clock_started >= time_limit:
@@ -858,7 +854,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
         if method is None:
             return None
         if name not in prebuilt:
-            dp.on_main(_check_measured_recipe, method, seed, config, out, runs_dir / "method.json")
+            dp.on_main(_check_recorded_recipe, name, seed, config, out)
         pre = dp.on_main(_evaluate, method.model_dir, runs_dir / "pre_attack.json", config)
         return {"method": method, "pre_attack": pre, "seed": seed,
                 "runs": {spec.name: _run(method, spec, seed, runs_dir / spec.name, config, False, pre, dp)
@@ -885,6 +881,8 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             else:
                 if out_of_time():
                     break
+                if name not in prebuilt:  # results of another recipe are refused before hours of training, not after
+                    dp.on_main(_check_recorded_recipe, name, seed, config, out)
                 try:
                     method = _build(name, config, seed, out, progress, prebuilt, dp, stop=requested)
                 except Stopped:  # the training wrote a checkpoint at its last step: the same call continues it

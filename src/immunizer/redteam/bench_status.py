@@ -20,23 +20,26 @@ def _read(path: Path) -> dict | None:
         return None  # absent, or written by a run in progress: counted as not done
 
 
-def bench_config_of(out: Path) -> tuple[BenchConfig, int]:
-    """The configuration the bench in `out` was started with (OUT/bench_config.json) and its --seeds."""
+def bench_config_of(out: Path) -> tuple[BenchConfig, int, set[str]]:
+    """The configuration the bench in `out` was started with (OUT/bench_config.json), its --seeds and its
+    prebuilt methods. Its methods are not part of it (each call may name others)."""
     recorded = _read(out / "bench_config.json")
     if recorded is None or "config" not in recorded:
         raise ImmunizerError(f"{out} holds no bench (no readable bench_config.json); pass the --out of an "
                              "`immunizer bench` run")
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
-    return BenchConfig(**{k: v for k, v in recorded["config"].items() if k in fields}), int(recorded.get("seeds", 1))
+    config = BenchConfig(**{k: v for k, v in recorded["config"].items() if k in fields})
+    return config, int(recorded.get("seeds", 1)), set(recorded.get("prebuilt") or {})
 
 
-def _methods(out: Path, config: BenchConfig, methods: list[str] | None) -> list[str]:
+def _methods(out: Path, methods: list[str] | None) -> list[str]:
+    """--methods, else the methods the bench has started (its shard plan's, and those with results)."""
     if methods:
         return methods
     plan = _read(out / "shard_plan.json")
     found = [name for _, name in plan["order"]] if plan else []
     found += sorted(p.name for p in (out / "runs").glob("*") if p.is_dir())
-    return list(dict.fromkeys(found or config.methods))
+    return list(dict.fromkeys(found))
 
 
 def _run_pieces(run_dir: Path, spec: RunSpec) -> tuple[bool, float | None]:
@@ -64,7 +67,7 @@ def _training(release: Path) -> str | None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-        if "step" in record and "phase" in record:
+        if "step" in record and "phase" in record and "event" not in record:  # a step run, not where one resumes
             last = record
     if last is None:
         return "training (started)"
@@ -75,10 +78,12 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
     """Each method-seed's state (`measured`, `in progress`, `training`, `to do`), its pieces done and to do, the
     shard that owns it where the bench is split, the seconds spent so far and an estimate of the seconds left
     (medians of the pieces finished here; None where no such piece has finished yet)."""
+    from immunizer.baselines import extrapolation_parent
+
     out = Path(out_dir)
-    config, seeds = bench_config_of(out)
+    config, seeds, prebuilt = bench_config_of(out)
     specs = config.runs()
-    names = _methods(out, config, methods)
+    names = _methods(out, methods)
     plan = _read(out / "shard_plan.json")
     owner = {tuple(key): i % plan["shards"] + 1 for i, key in enumerate(plan["order"])} if plan else {}
     rows, spent = [], {"training": [], "pre_attack": [], **{s.name: [] for s in specs}}
@@ -108,10 +113,12 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
                 state = training
             else:
                 state = "to do"
-            key = (0, name) if name == "none" else (seed, name)
+            # the shard plan's key (bench.py): `lox` goes with its parent, every seed of `none` or a prebuilt with seed 0
+            key = (0, name) if name == "none" or name in prebuilt else (seed, extrapolation_parent(name) or name)
             rows.append({"method": name, "seed": seed, "state": state, "shard": owner.get(key),
                          "done": done, "to_do": [p for p in ["pre_attack", *(s.name for s in specs)] if p not in done],
-                         "trained": name == "none" or bool(method) or training == "built"})
+                         "trained": name == "none" or extrapolation_parent(name) is not None or bool(method)
+                                    or training == "built"})
     median = {piece: statistics.median(values) if values else None for piece, values in spent.items()}
     left, unknown = 0.0, set()
     for row in rows:
@@ -129,7 +136,8 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
 def format_status(status: dict) -> str:
     """The status as a table for a terminal."""
     lines = [f"{status['out']}: {status['measured']} of {status['method_seeds']} method-seeds measured"
-             + (f" (split into {status['shards']} shards)" if status["shards"] else "")]
+             + (f" (split into {status['shards']} shards)" if status["shards"] else "")
+             + ("; no method started yet: name them with --methods" if not status["rows"] else "")]
     width = max(len(r["method"]) for r in status["rows"]) if status["rows"] else 6
     for row in status["rows"]:
         shard = f" [shard {row['shard']}]" if row["shard"] else ""

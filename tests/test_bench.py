@@ -86,6 +86,15 @@ def test_report_json_follows_the_contract(tiny_bench):
     assert report["data_versions"]["harmful_eval_sha256"] and report["data_versions"]["benign_task"].startswith("extraction/test")
 
 
+def test_the_report_says_how_each_method_was_trained(tiny_bench):
+    out, _, report = tiny_bench
+    assert report["methods"]["none"]["trained_with"] == {"kind": "untrained", "changes": []}
+    assert report["methods"]["immunizer"]["trained_with"] == {"kind": "immunize", "changes": []}
+    booster = report["methods"]["booster"]["trained_with"]
+    assert booster["kind"] == "published defence" and "baseline.booster_lambda 5.0" in booster["changes"]
+    assert "| immunizer | the preset as it is |" in (out / "report.md").read_text()
+
+
 def test_html_report_and_samples(tiny_bench):
     out, _, report = tiny_bench
     page = (out / "report.html").read_text()
@@ -570,6 +579,10 @@ def test_lox_is_derived_from_the_sft_build_without_training_again(tmp_path, monk
     lox, sft = report["methods"]["lox"], report["methods"]["sft"]
     assert lox["model_sha256"] != sft["model_sha256"] and lox["cost_seconds"] >= sft["cost_seconds"]
     assert lox["harmful-sft"]["breaker_statistic"] is not None  # the breaker watches the extrapolated release
+    # the report says how each was trained: what its recipe changes from immunizer's
+    assert "phase1.adversary 'lat' -> 'none'" in sft["trained_with"]["changes"]
+    assert any(c.startswith("extrapolate.alpha 0.0 -> ") for c in lox["trained_with"]["changes"])
+    assert "| lox | `extrapolate.alpha 0.0 -> " in (tmp_path / "l" / "report.md").read_text()
     trained = []
     monkeypatch.setattr(immunize_module.Run, "train", lambda self: trained.append(1))
     again = run_bench(tmp_path / "l", "tiny", ["sft", "lox"], progress=False, overrides=overrides)

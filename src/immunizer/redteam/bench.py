@@ -295,10 +295,10 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
         return found
     immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
     immunize_config.seed = seed
-    trained_with = recipe(name, config, seed)  # read before the hours of training, whatever is edited meanwhile
+    recipe_now = recipe(name, config, seed)  # read before the hours of training, whatever is edited meanwhile
     built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline),
                          progress and dp.is_main, resume=found, stop=stop)
-    return Method(name, built.model_dir, built.release_dir, built.cost_seconds, recipe=trained_with)
+    return Method(name, built.model_dir, built.release_dir, built.cost_seconds, recipe=recipe_now)
 
 
 def _built_or_resume(name: str, config: BenchConfig, seed: int, out: Path, prebuilt: dict[str, Path]) -> Method | bool:
@@ -1110,9 +1110,27 @@ def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchC
                           "benign": "arithmetic/seed1000"},
         "config": dataclasses.asdict(config),
         "attacks": attacks,
-        "methods": {name: method_entry(per_seed, specs) for name, per_seed in done.items()},
+        "methods": {name: {**method_entry(per_seed, specs), "trained_with": trained_with(per_seed, config)}
+                    for name, per_seed in done.items()},
         "time": time_spent(done, specs),
     }
+
+
+def trained_with(per_seed: list[dict], config: BenchConfig) -> dict:
+    """How a method was trained, for a reader of the report: what its recipe changes from immunizer's (the
+    immunize preset with the bench's overrides), from its seed 0's record."""
+    from immunizer.baselines import PUBLISHED
+
+    method: Method = per_seed[0]["method"]
+    if method.name == "none":
+        return {"kind": "untrained", "changes": []}
+    if method.recipe is None:  # prebuilt, or recorded before recipes were kept
+        return {"kind": "not recorded", "changes": None}
+    reference = recipe("immunizer", config, per_seed[0]["seed"])
+    changes = [c for c in recipe_changes(reference, method.recipe) if not c.startswith("seed ")]  # "immunizer's -> its"
+    kind = "published defence" if method.name in PUBLISHED else "immunize"
+    extra = [f"baseline.{k} {v!r}" for k, v in sorted((method.recipe.get("baseline") or {}).items())]
+    return {"kind": kind, "changes": changes + extra}
 
 
 def time_spent(results: dict[str, list[dict]], specs: list[RunSpec]) -> dict:

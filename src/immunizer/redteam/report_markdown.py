@@ -125,6 +125,23 @@ def slices_table(report: dict) -> str:
     return _markdown(head, rows)
 
 
+def recipes_table(report: dict) -> str:
+    rows = []
+    for name, entry in report["methods"].items():
+        how = entry.get("trained_with")
+        if how is None:
+            continue
+        if how["kind"] == "untrained":
+            text = "the base model, untrained"
+        elif how["changes"] is None:
+            text = "not in the results (a prebuilt model, or measured before recipes were recorded)"
+        else:
+            text = "; ".join(f"`{c}`" for c in how["changes"]) or "the preset as it is"
+            text = f"{how['kind']}: {text}" if how["kind"] == "published defence" else text
+        rows.append([name, text])
+    return _markdown(["method", "trained with (changes from immunizer's recipe)"], rows) if rows else ""
+
+
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -147,6 +164,13 @@ def write_markdown(report: dict, path: Path) -> None:
                  f"Wilson interval over the pooled answers): `weak`, plain requests; `wrapped`, the same requests "
                  f"inside jailbreak templates; `harmbench`, HarmBench behaviours. Attacks at their reported step.\n\n"
                  f"{slices}\n")
+    recipes = recipes_table(report)
+    if recipes:
+        text += (f"## How each method was trained\n\nEvery trained method starts from the immunize preset "
+                 f"`{(report.get('config') or {}).get('immunize_preset')}` (immunizer's recipe, with the bench's "
+                 f"`immunize_overrides`) and changes what its row says (`presets/methods/NAME.yaml`); a published "
+                 f"defence trains its own loss (`baselines/train.py`) on the same data and budget, with its own "
+                 f"hyperparameters.\n\n{recipes}\n")
     text += f"Command: `{report.get('command')}`\n"
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(text)

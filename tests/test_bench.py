@@ -93,6 +93,7 @@ def test_the_report_says_how_each_method_was_trained(tiny_bench):
     booster = report["methods"]["booster"]["trained_with"]
     assert booster["kind"] == "published defence" and "baseline.booster_lambda 5.0" in booster["changes"]
     assert "| immunizer | the preset as it is |" in (out / "report.md").read_text()
+    assert "<td>booster</td><td>published defence: baseline." in (out / "report.html").read_text()
 
 
 def test_html_report_and_samples(tiny_bench):

@@ -254,6 +254,17 @@ def time_table(report: dict) -> str:
             f"<tr><td>total</td><td>{spent['total'] / 60:.1f}</td><td>100%</td></tr></table>")
 
 
+def recipes_html(report: dict) -> str:
+    """How each method was trained: its recipe's changes from immunizer's (report.md's section, as a table)."""
+    from immunizer.redteam.report_markdown import trained_with_text
+
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(trained_with_text(entry['trained_with']))}</td></tr>"
+                   for name, entry in report["methods"].items() if entry.get("trained_with"))
+    return (f"<h2>How each method was trained</h2><p>Changes from immunizer's recipe (the immunize preset "
+            f"{html.escape(str((report.get('config') or {}).get('immunize_preset')))} with the bench's overrides).</p>"
+            f"<table><tr><th>method</th><th>trained with</th></tr>{rows}</table>") if rows else ""
+
+
 def write_html(report: dict, path: Path) -> None:
     plots = [("Attack strength: complied share against attack steps", curve_plot),
              ("Refused, complied, degenerate", shares_plot), ("Complied by kind of request", slices_plot),
@@ -278,6 +289,6 @@ on the benign task's held-out test split (after a benign fine-tune: did the mode
 the first evaluated attack step at which half the harmful prompts are complied with (steps_to_75, steps_to_90: three
 quarters, nine tenths; 0 where the model already complied that much before any attack). breaker_statistic: the
 breaker's drift statistic of that model against the method's own canaries.</p>
-{figures}<h2>All numbers</h2>{table(report)}{time_table(report)}</body></html>"""
+{figures}<h2>All numbers</h2>{table(report)}{recipes_html(report)}{time_table(report)}</body></html>"""
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(page)

@@ -125,20 +125,19 @@ def slices_table(report: dict) -> str:
     return _markdown(head, rows)
 
 
+def trained_with_text(how: dict, code: str = "") -> str:
+    """A method's `trained_with` in words (`code`: the quote around each setting, "`" in Markdown)."""
+    if how["kind"] == "untrained":
+        return "the base model, untrained"
+    if how["changes"] is None:
+        return "not in the results (a prebuilt model, or measured before recipes were recorded)"
+    text = "; ".join(f"{code}{c}{code}" for c in how["changes"]) or "the preset as it is"
+    return f"{how['kind']}: {text}" if how["kind"] == "published defence" else text
+
+
 def recipes_table(report: dict) -> str:
-    rows = []
-    for name, entry in report["methods"].items():
-        how = entry.get("trained_with")
-        if how is None:
-            continue
-        if how["kind"] == "untrained":
-            text = "the base model, untrained"
-        elif how["changes"] is None:
-            text = "not in the results (a prebuilt model, or measured before recipes were recorded)"
-        else:
-            text = "; ".join(f"`{c}`" for c in how["changes"]) or "the preset as it is"
-            text = f"{how['kind']}: {text}" if how["kind"] == "published defence" else text
-        rows.append([name, text])
+    rows = [[name, trained_with_text(entry["trained_with"], "`")] for name, entry in report["methods"].items()
+            if entry.get("trained_with")]
     return _markdown(["method", "trained with (changes from immunizer's recipe)"], rows) if rows else ""
 
 

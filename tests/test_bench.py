@@ -290,6 +290,15 @@ def test_status_says_what_is_measured_in_progress_and_left_from_the_files_alone(
         bench_status(tmp_path / "nothing")
 
 
+def test_time_limit_0_reports_every_measured_method_seed_past_a_half_done_one(tiny_bench, tmp_path):
+    out, _, report = tiny_bench
+    copy = _results_only(out, tmp_path / "clone")
+    (copy / "runs" / "immunizer" / "seed0" / "harmful-mix" / "scan.json").unlink()  # the middle method left half done
+    again = run_bench(copy, "tiny", ["none", "immunizer", "booster"], progress=False, time_limit=0)
+    assert set(again["methods"]) == {"none", "booster"} and again["complete"] is False
+    assert again["methods"]["booster"]["harmful-sft"] == report["methods"]["booster"]["harmful-sft"]
+
+
 def test_a_run_committed_mid_curve_runs_again_on_a_fresh_clone(tiny_bench, tmp_path):
     out, _, report = tiny_bench
     copy = _results_only(out, tmp_path / "clone")

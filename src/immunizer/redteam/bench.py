@@ -872,27 +872,27 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             pre_path, method_path = runs_dir / "pre_attack.json", runs_dir / "method.json"
             # Every decision that reads the results on disk is the main process's (it alone writes them).
             record = measured(seed, name)
-            if record is None and another_shards(seed, name):
-                elsewhere.append((seed, name))
+            if record is None and (another_shards(seed, name) or out_of_time()):
+                if another_shards(seed, name):
+                    elsewhere.append((seed, name))
+                # once stopped, nothing new starts, but the later method-seeds already measured still join the report
                 bar.update(1 + len(specs))
                 continue
             if record is not None:
                 bar.update(1 + len(specs))
             else:
-                if out_of_time():
-                    break
                 if name not in prebuilt:  # results of another recipe are refused before hours of training, not after
                     dp.on_main(_check_recorded_recipe, name, seed, config, out)
                 try:
                     method = _build(name, config, seed, out, progress, prebuilt, dp, stop=requested)
                 except Stopped:  # the training wrote a checkpoint at its last step: the same call continues it
                     stopped = {"reason": "stop requested", "by": dp.on_main(requested), "in": f"{name} seed {seed}'s training"}
-                    break
+                    continue
                 dp.on_main(_check_same_build, method, pre_path)
                 _prepare_breaker(method, config, progress, dp)
                 method = dp.on_main(_record_method, method, method_path)
                 if dp.on_main(_needs_pre_attack, method, seed, pre_path) and out_of_time():
-                    break
+                    continue
                 pre = dp.on_main(_evaluate, method.model_dir, pre_path, config)
                 bar.update(1)
                 record = {"method": method, "pre_attack": pre, "seed": seed, "runs": {}}
@@ -902,14 +902,12 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                     bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
                     record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre, dp)
                     bar.update(1)
-                if stopped:
-                    break
+                if stopped:  # this method-seed is left half done
+                    continue
             results[name].append(record)
             # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
             report = dp.on_main(_report_and_write, out, _by_seed(results), specs, config, preset, seeds_of, command,
                                 time.perf_counter() - started)
-        if stopped:
-            break
     bar.close()
     # The other shards' method-seeds that have finished since this one passed them join its last report.
     joined = [record for seed, name in elsewhere if (record := measured(seed, name)) is not None]

@@ -411,11 +411,11 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
     from immunizer.redteam.bench import run_bench
     from immunizer.stopping import GracefulStop
 
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     if status:
         from immunizer.redteam.bench_status import bench_status, format_status
 
-        click.echo(format_status(bench_status(out_dir, [m.strip() for m in methods.split(",") if m.strip()]
-                                              if methods else None)))
+        click.echo(format_status(bench_status(out_dir, names)))
         return
     pairs = {}
     for text in prebuilt:
@@ -431,8 +431,8 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
         shard = (index, count)
     with GracefulStop("the piece in progress (an attack with its evaluations; a training at its next step, "
                       "checkpointed)") as stop:
-        report = run_bench(out_dir, preset, [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-                           seeds, pairs, overrides, config_file, command="immunizer " + " ".join(sys.argv[1:]),
+        report = run_bench(out_dir, preset, names, seeds, pairs, overrides, config_file,
+                           command="immunizer " + " ".join(sys.argv[1:]),
                            time_limit=None if time_limit is None else time_limit * 60, shard=shard, stop=stop)
     if not main_process():  # one summary for a launched job
         return

@@ -1049,14 +1049,15 @@ def _pin_borrowed_calibration(out: Path, config: BenchConfig) -> None:
                              f"{out} was judged with ({pinned}); restore that file, or start the bench in another --out")
 
 
+def run_files(run_dir: Path, spec: RunSpec) -> list[Path]:
+    """The result files of one finished run: its record, its result's evaluation and scan, and each curve step's."""
+    return [run_dir / "run.json", run_dir / "eval.json", run_dir / "scan.json",
+            *(run_dir / "curve" / f"step{step}{suffix}.json" for step in spec.curve_steps for suffix in ("", ".scan"))]
+
+
 def pieces_done(runs_dir: Path, specs: list[RunSpec]) -> bool:
-    """Whether one method and seed has every result file: its evaluation before any attack, and for each run
-    its record, its result's evaluation and scan, and each curve step's."""
-    files = [runs_dir / "pre_attack.json"]
-    for spec in specs:
-        run_dir = runs_dir / spec.name
-        files += [run_dir / "run.json", run_dir / "eval.json", run_dir / "scan.json"]
-        files += [run_dir / "curve" / f"step{step}{suffix}.json" for step in spec.curve_steps for suffix in ("", ".scan")]
+    """Whether one method and seed has every result file: its evaluation before any attack, and each run's."""
+    files = [runs_dir / "pre_attack.json", *(f for spec in specs for f in run_files(runs_dir / spec.name, spec))]
     return all(f.is_file() for f in files)
 
 

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from immunizer.errors import ImmunizerError
-from immunizer.redteam.bench import BenchConfig, RunSpec, pieces_done
+from immunizer.redteam.bench import BenchConfig, RunSpec, pieces_done, run_files
 
 
 def _read(path: Path) -> dict | None:
@@ -45,9 +45,7 @@ def _methods(out: Path, methods: list[str] | None) -> list[str]:
 def _run_pieces(run_dir: Path, spec: RunSpec) -> tuple[bool, float | None]:
     """Whether one attack or fine-tune is done (record, result's evaluation and scan, every curve point), and the
     seconds it took (training plus its evaluations) when it is."""
-    files = [run_dir / "run.json", run_dir / "eval.json", run_dir / "scan.json"]
-    files += [run_dir / "curve" / f"step{s}{suffix}.json" for s in spec.curve_steps for suffix in ("", ".scan")]
-    if not all(f.is_file() for f in files):
+    if not all(f.is_file() for f in run_files(run_dir, spec)):
         return False, None
     evals = [run_dir / "eval.json", *(run_dir / "curve" / f"step{s}.json" for s in spec.curve_steps)]
     seconds = [(_read(f) or {}).get("seconds") for f in [run_dir / "run.json", *evals]]

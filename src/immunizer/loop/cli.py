@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 import click
 
@@ -62,15 +64,21 @@ def cycle(store_url, release_dir, out_dir, preset, policy_ref, overrides):
     Reviewed, consented items become the next training data; the candidate immunized from the last
     release is benched and judged by the policy against the last release's report.json. PASS makes it
     a release and moves current.json to it; FAIL leaves current.json where it was (rollback).
-    Prints a JSON summary. Exit status: 0 PASS, 1 FAIL, 2 bad input.
+    Prints a JSON summary. Exit status: 0 PASS, 1 FAIL, 2 bad input, 130 stopped as asked (a first Ctrl-C or
+    SIGTERM, or `touch OUT/STOP`): the same command continues it.
 
     \b
     Example:
       immunizer cycle --store review.db --release releases --out runs/cycle-1 --preset quick
     """
     from immunizer.loop.cycle import run_cycle
+    from immunizer.stopping import STOP_FILE, GracefulStop, stop_file_asked
 
-    summary = run_cycle(store_url, release_dir, out_dir, preset, policy_ref, overrides)
+    started = time.time()
+    with GracefulStop("the current stage's next safe point (an immunize step, checkpointed; a bench piece)") as signals:
+        summary = run_cycle(store_url, release_dir, out_dir, preset, policy_ref, overrides,
+                            stop=lambda: signals() or stop_file_asked(out_dir, started))
+    (Path(out_dir) / STOP_FILE).unlink(missing_ok=True)  # a stop asked for earlier is not part of the next run
     click.echo(json.dumps(summary, indent=2))
     click.echo(summary["verdict"], err=True)
     sys.exit(0 if summary["passed"] else 1)

@@ -13,7 +13,9 @@
     promote       PASS: a new release, current.json moves to it; FAIL: nothing moves (the rollback)
 
 A stage writes its outputs, then is marked done in OUT/cycle.json; rerunning the same command skips
-finished stages and continues (immunize and the bench also resume inside their stage). Settings per
+finished stages and continues (immunize and the bench also resume inside their stage). A stop asked for
+(a first Ctrl-C or SIGTERM, or `touch OUT/STOP`) takes effect between stages, at the immunize stage's next step
+(checkpointed) or after the bench's piece in progress. Settings per
 preset live in presets/cycle/*.yaml.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -34,6 +37,7 @@ from immunizer.finetuning import FinetuneSpec
 from immunizer.loop.policy import Policy, RelativeBound, load_policy
 from immunizer.loop.select import SelectionConfig
 from immunizer.paths import write_json_atomic
+from immunizer.stopping import Stopped
 
 CYCLE_PRESETS = PRESETS / "cycle"
 STATE_FILE = "cycle.json"
@@ -99,7 +103,7 @@ class Cycle:
 
     def __init__(self, store_url: str, release: str | Path, out_dir: str | Path, preset: str = "quick",
                  policy: str | Path = "release", overrides: list[str] | tuple[str, ...] = (), progress: bool = True,
-                 bench=None):
+                 bench=None, stop: Callable[[], str | None] | None = None):
         from immunizer.loop.releases import resolve_release
         from immunizer.review.store import redact_url
 
@@ -110,6 +114,7 @@ class Cycle:
             raise ImmunizerError(f"a cycle judges its candidate as `immunizer`; policy {self.policy.name} judges "
                                  f"{self.policy.method!r}")
         self._bench = bench
+        self._stop = stop or (lambda: None)  # read between stages, and at each step of the immunize and bench stages
         inputs = {"release_argument": str(Path(release).resolve()), "store": redact_url(store_url), "preset": preset,
                   "config": dataclasses.asdict(self.config), "policy": self.policy.describe()}
         self.state = self._load_state(inputs)
@@ -199,6 +204,10 @@ class Cycle:
         for stage, step in bar:
             if stage in self.state["stages"]:
                 continue  # finished in an earlier run of this command
+            asked = self._stop()
+            if asked:
+                raise Stopped(f"{asked}: the cycle stopped before its {stage} stage; {self.out} keeps the finished "
+                              "stages and the same command continues it")
             bar.set_postfix_str(stage)
             started = time.perf_counter()
             record = step(self)
@@ -305,8 +314,11 @@ class Cycle:
         if (candidate / "manifest.json").is_file() and load_checkpoint(candidate) is None:
             meta = json.loads((candidate / "manifest.json").read_text())  # finished before the last run stopped
         else:
-            meta = immunize(start, candidate, config, resume=load_checkpoint(candidate) is not None,
-                            progress=self.progress).manifest
+            try:
+                meta = immunize(start, candidate, config, resume=load_checkpoint(candidate) is not None,
+                                progress=self.progress, stop=self._stop).manifest
+            except Stopped as exc:  # immunize's own message names its --resume; a cycle resumes by rerunning itself
+                raise Stopped(f"{str(exc).split(';')[0]}; the same cycle command continues it") from None
         return {"start_model": str(start), "start_model_sha256": model_dir_sha256(resolve_model(start)),
                 "model_sha256": meta["model_sha256"], "config_sha256": config.sha256,
                 "data_versions": meta.get("data_versions"), "num_canaries": meta["num_canaries"]}
@@ -348,7 +360,10 @@ class Cycle:
         methods = ["immunizer", *[m for m in comparison_methods(self.policy) if m not in have]]
         report = bench(self.path("bench"), preset=self.config.bench_preset, methods=methods, seeds=1,
                        prebuilt={"immunizer": self.path("candidate")}, overrides=self.config.bench_overrides,
-                       progress=self.progress)
+                       progress=self.progress, stop=self._stop)
+        if report.get("stopped"):  # its finished pieces are on disk; the rerun's bench reads them back
+            raise Stopped(f"{report['stopped'].get('by') or report['stopped'].get('reason')}: the cycle's regression "
+                          f"bench stopped after its piece in progress; the same cycle command continues it")
         judged = report["methods"]["immunizer"].get("model_sha256")
         expected = self.state["stages"]["immunize"]["model_sha256"]
         if judged != expected:
@@ -411,7 +426,9 @@ STAGES = (("select", Cycle.stage_select), ("refresh", Cycle.stage_refresh), ("sf
 
 def run_cycle(store_url: str, release: str | Path, out_dir: str | Path, preset: str = "quick",
               policy: str | Path = "release", overrides: list[str] | tuple[str, ...] = (), progress: bool = True,
-              bench=None) -> dict:
+              bench=None, stop: Callable[[], str | None] | None = None) -> dict:
     """One turn of the loop (or the rest of an interrupted one); returns the summary. `bench` replaces
-    `immunizer.redteam.bench.run_bench` in the regression stage (same signature)."""
-    return Cycle(store_url, release, out_dir, preset, policy, overrides, progress, bench).run()
+    `immunizer.redteam.bench.run_bench` in the regression stage (same signature). `stop` (a callable returning a
+    reason or None) is read between stages and passed to immunize and the bench; when it answers, the cycle
+    raises `Stopped` with its work saved."""
+    return Cycle(store_url, release, out_dir, preset, policy, overrides, progress, bench, stop).run()

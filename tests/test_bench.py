@@ -286,6 +286,15 @@ def test_status_says_what_is_measured_in_progress_and_left_from_the_files_alone(
     assert "1 of 3 method-seeds measured (split into 2 shards)" in proc.stdout
     assert "immunizer  seed 0  in progress [shard 2]: done pre_attack" in proc.stdout
     assert not (copy / "runs" / "booster").exists()  # nothing was run
+    # a fresh clone: results are committed, weights are not; the half-measured method-seed trains again first
+    assert rows["immunizer"]["rebuild"] is None and rows["immunizer"]["trained"]
+    shutil.rmtree(copy / "methods" / "immunizer")
+    again = bench_status(copy, ["none", "immunizer", "booster"])
+    row = next(r for r in again["rows"] if r["method"] == "immunizer")
+    assert row["state"] == "in progress" and row["rebuild"] == "to train" and not row["trained"]
+    assert again["seconds_left"] == pytest.approx(expected + median["training"])
+    proc = run_cli("bench", "--out", str(copy), "--status", "--methods", "none,immunizer,booster")
+    assert "done pre_attack" in proc.stdout and "its weights are not here: it trains again first" in proc.stdout
     with pytest.raises(ImmunizerError, match="holds no bench"):
         bench_status(tmp_path / "nothing")
 

@@ -74,7 +74,8 @@ def _training(release: Path) -> str | None:
 
 def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
     """Each method-seed's state (`measured`, `in progress`, `training`, `to do`), its pieces done and to do, the
-    shard that owns it where the bench is split, the seconds spent so far and an estimate of the seconds left
+    shard that owns it where the bench is split, `rebuild` where a half-measured one's weights are missing here
+    (how far their retraining has got, or "to train"), the seconds spent so far and an estimate of the seconds left
     (medians of the pieces finished here; None where no such piece has finished yet)."""
     from immunizer.baselines import extrapolation_parent
 
@@ -102,8 +103,13 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
             cost = (method or {}).get("own_seconds") or (method or {}).get("cost_seconds")
             if method and name != "none" and isinstance(cost, (int, float)) and cost > 0:
                 spent["training"].append(cost)
-            training = None if name == "none" else _training(out / "methods" / name / f"seed{seed}")
-            if pieces_done(runs_dir, specs):
+            trains = name != "none" and name not in prebuilt and extrapolation_parent(name) is None
+            training = _training(out / "methods" / name / f"seed{seed}") if trains else None
+            measured = pieces_done(runs_dir, specs)
+            # a half-measured method-seed whose weights are not on this machine (a fresh clone: builds are not
+            # committed) trains again before its next piece, and must come out as the same model
+            rebuild = trains and not measured and (done or method) and training != "built"
+            if measured:
                 state = "measured"
             elif done or method:
                 state = "in progress"
@@ -115,8 +121,8 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
             key = (0, name) if name == "none" or name in prebuilt else (seed, extrapolation_parent(name) or name)
             rows.append({"method": name, "seed": seed, "state": state, "shard": owner.get(key),
                          "done": done, "to_do": [p for p in ["pre_attack", *(s.name for s in specs)] if p not in done],
-                         "trained": name == "none" or extrapolation_parent(name) is not None or bool(method)
-                                    or training == "built"})
+                         "rebuild": (training or "to train") if rebuild else None,
+                         "trained": not trains or training == "built" or (bool(method) and not rebuild)})
     median = {piece: statistics.median(values) if values else None for piece, values in spent.items()}
     left, unknown = 0.0, set()
     for row in rows:
@@ -140,6 +146,9 @@ def format_status(status: dict) -> str:
     for row in status["rows"]:
         shard = f" [shard {row['shard']}]" if row["shard"] else ""
         detail = f": done {', '.join(row['done']) or 'nothing yet'}" if row["state"] == "in progress" else ""
+        if row["rebuild"]:
+            detail += ("; its weights are not here: it trains again first" if row["rebuild"] == "to train"
+                       else f"; its weights are not here: {row['rebuild']} again")
         lines.append(f"  {row['method']:<{width}}  seed {row['seed']}  {row['state']}{shard}{detail}")
     hours = status["seconds_spent"]
     lines.append("time spent: " + ", ".join(f"{k} {v / 3600:.1f} h" for k, v in hours.items() if v))

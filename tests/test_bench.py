@@ -197,6 +197,38 @@ def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_pa
         run_bench(copy, "tiny", ["booster"], progress=False)
 
 
+def test_a_bench_is_continued_only_at_the_precision_it_was_measured_at(tiny_bench, tmp_path, monkeypatch):
+    """fp32 on one session's CPU, bf16 autocast on the next one's: the bench refuses to mix them."""
+    import immunizer.precision as precision
+
+    out, _, _ = tiny_bench
+    pinned = json.loads((out / "precision.json").read_text())["bf16"]
+    assert pinned == precision.bf16_native()
+    assert json.loads((out / "report.json").read_text())["precision"]["measured_otherwise"] == []
+    assert f"Precision: {'bf16 autocast' if pinned else 'fp32'} for every method." in (out / "report.md").read_text()
+    copy = _results_only(out, tmp_path / "clone")
+    monkeypatch.setattr(precision, "bf16_native", lambda: not pinned)
+    with pytest.raises(ImmunizerError, match=f"measured {'with bf16' if pinned else 'in fp32'}.*IMMUNIZER_BF16={int(pinned)}"):
+        run_bench(copy, "tiny", ["none"], progress=False, time_limit=0)
+    # a bench begun before the pin was kept takes the precision most of its records were measured at, and says
+    # which were measured at the other
+    (copy / "precision.json").unlink()
+    records = sorted([*copy.glob("runs/*/seed*/pre_attack.json"), *copy.glob("runs/*/seed*/*/eval.json")])
+    for record in records:
+        data = json.loads(record.read_text())
+        data["machine"]["bf16"] = record.parent.name != "benign-task"
+        record.write_text(json.dumps(data))
+    monkeypatch.setattr(precision, "bf16_native", lambda: False)
+    with pytest.raises(ImmunizerError, match="measured with bf16 autocast, but this machine would use fp32.*IMMUNIZER_BF16=1"):
+        run_bench(copy, "tiny", ["none"], progress=False, time_limit=0)
+    pin = json.loads((copy / "precision.json").read_text())
+    assert pin["bf16"] is True and pin["measured_otherwise"] == [f"{m}/seed0/benign-task" for m in ("booster", "immunizer", "none")]
+    monkeypatch.setattr(precision, "bf16_native", lambda: True)
+    rewritten = run_bench(copy, "tiny", ["none"], progress=False, time_limit=0)
+    assert rewritten["precision"]["measured_otherwise"] == pin["measured_otherwise"]
+    assert "(3 evaluations): booster/seed0/benign-task" in (copy / "report.md").read_text()
+
+
 def test_results_of_another_recipe_are_not_read_back(tiny_bench, tmp_path, monkeypatch):
     import shutil
 

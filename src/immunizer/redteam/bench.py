@@ -754,8 +754,27 @@ def _machine() -> dict:
     from immunizer.precision import bf16_native
 
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "cpus": os.cpu_count(), "cpu": _cpu(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "bf16": bf16_native()}  # where bf16 is native, training and evaluation use it (precision.py)
+
+
+@functools.cache
+def _cpu() -> str:
+    """The processor and the vector instructions that decide which float kernels PyTorch runs: a model trained
+    on a CPU with other ones is not bit-identical (a rebuild on another machine hashes differently)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass  # not Linux: the name alone
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(isa)})" if isa else name
 
 
 def _check_out_dir(out: Path, fingerprint: dict) -> None:
@@ -812,6 +831,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     dp.on_main(_check_out_dir, out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"},
                                      "seeds": seeds, "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
     dp.on_main(_pin_borrowed_calibration, out, config)
+    dp.on_main(_pin_precision, out)
     started, clock_started, wall_started = time.perf_counter(), _clock(), time.time()
     stopped = None
 
@@ -1014,6 +1034,8 @@ def _report_and_write(out: Path, results: dict[str, list[dict]], specs: list[Run
                       preset: str | None, seeds_of: dict, command: str | None, seconds: float,
                       stopped: dict | None = None) -> dict:
     report = _report(results, specs, config, preset, seeds_of, command, seconds)
+    if (out / PRECISION_FILE).is_file():
+        report["precision"] = json.loads((out / PRECISION_FILE).read_text())
     if stopped:
         report["stopped"] = stopped
     _write_reports(out, report)
@@ -1049,6 +1071,52 @@ def _pin_borrowed_calibration(out: Path, config: BenchConfig) -> None:
                              f"{out} was judged with ({pinned}); restore that file, or start the bench in another --out")
 
 
+PRECISION_FILE = "precision.json"
+
+
+def _measured_precision(out: Path) -> dict[str, bool]:
+    """Each evaluation on disk ("method/seedS/piece") and whether it ran under bf16 autocast, from its record."""
+    found = {}
+    for path in sorted([*out.glob("runs/*/seed*/pre_attack.json"), *out.glob("runs/*/seed*/*/eval.json")]):
+        try:
+            bf16 = json.loads(path.read_text()).get("machine", {}).get("bf16")
+        except (OSError, json.JSONDecodeError):
+            continue  # being written: not measured yet
+        if bf16 is not None:  # records older than the machine field say nothing
+            where = path.relative_to(out / "runs")
+            found["/".join(where.parts[:-1] if where.name == "eval.json" else (*where.parts[:-1], "pre_attack"))] = bool(bf16)
+    return found
+
+
+def _pin_precision(out: Path) -> dict:
+    """A bench measures every method at one precision: bf16 autocast where the hardware runs it natively, fp32
+    elsewhere (precision.py). A bench continued on a machine that decides otherwise (a session on another CPU)
+    would compare fp32 results with bf16 ones, so the first call pins the precision in OUT/precision.json and a
+    call that would use the other is refused. A bench begun before the pin takes the precision most of its
+    records were measured at, and lists those measured at the other (`measured_otherwise`, also in the report)."""
+    from immunizer.precision import bf16_native
+
+    path, now = out / PRECISION_FILE, bf16_native()
+    if path.is_file():
+        pinned = json.loads(path.read_text())
+    else:
+        measured = _measured_precision(out)
+        votes = sum(measured.values())
+        bf16 = now if votes * 2 == len(measured) else votes * 2 > len(measured)
+        pinned = {"bf16": bf16, "why": "every method of this bench is trained, attacked and evaluated at this "
+                                       "precision (IMMUNIZER_BF16=0 or 1 sets it)",
+                  "measured_otherwise": sorted(k for k, v in measured.items() if v != bf16)}
+        write_json_atomic(path, pinned)
+    if bool(pinned["bf16"]) != now:
+        was = "with bf16 autocast" if pinned["bf16"] else "in fp32 (bf16 autocast off)"
+        would = "bf16 autocast (its CPU or GPU runs bf16 natively)" if now else "fp32 (it has no native bf16)"
+        fix = "IMMUNIZER_BF16=1 (emulated bf16: much slower on this machine)" if pinned["bf16"] else "IMMUNIZER_BF16=0"
+        raise ImmunizerError(f"{out} was measured {was}, but this machine would use {would}: results at two "
+                             f"precisions would be compared as one. Continue it with {fix}, or start the bench in "
+                             "another --out")
+    return pinned
+
+
 def run_files(run_dir: Path, spec: RunSpec) -> list[Path]:
     """The result files of one finished run: its record, its result's evaluation and scan, and each curve step's."""
     return [run_dir / "run.json", run_dir / "eval.json", run_dir / "scan.json",
@@ -1068,13 +1136,16 @@ def _check_same_build(method: Method, pre_path: Path) -> None:
 
     if not pre_path.is_file():
         return
-    measured = json.loads(pre_path.read_text()).get("model_sha256")
-    built = model_dir_sha256(method.model_dir)
+    record = json.loads(pre_path.read_text())
+    measured, built = record.get("model_sha256"), model_dir_sha256(method.model_dir)
     if measured and measured != built:
+        then = record.get("machine", {}).get("cpu")
+        why = (f" (it was trained on {then}, this machine is {_cpu()}: other CPU kernels round differently)"
+               if then and then != _cpu() else "")
         raise ImmunizerError(
             f"{pre_path.parent} holds results measured on another build of {method.name} (model sha256 {measured[:12]}, "
-            f"this build {built[:12]}): training did not reproduce it here. Delete {pre_path.parent} to measure this "
-            "build, or resume on the machine that kept the first build's weights")
+            f"this build {built[:12]}): training did not reproduce it here{why}. Delete {pre_path.parent} to measure "
+            "this build, or resume on the machine that kept the first build's weights")
 
 
 @functools.lru_cache(maxsize=8)

@@ -147,6 +147,20 @@ def _markdown(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def precision_line(report: dict) -> str:
+    """The precision every method was measured at, and the pieces measured at the other one (a bench begun on
+    machines that differed before the precision was pinned), or nothing for a report that does not record it."""
+    precision = report.get("precision")
+    if not precision:
+        return ""
+    text = f"Precision: {'bf16 autocast' if precision['bf16'] else 'fp32'} for every method."
+    other = precision.get("measured_otherwise") or []
+    if other:
+        text += (f" Measured at the other precision before it was pinned ({len(other)} evaluations): "
+                 f"{', '.join(other)}.")
+    return text + "\n\n"
+
+
 def write_markdown(report: dict, path: Path) -> None:
     done = ", ".join(f"{name} {n}" for name, n in (report.get("method_seeds") or {}).items())
     state = "complete" if report.get("complete") else f"partial; seeds done: {done}"
@@ -170,6 +184,7 @@ def write_markdown(report: dict, path: Path) -> None:
                  f"`immunize_overrides`) and changes what its row says (`presets/methods/NAME.yaml`); a published "
                  f"defence trains its own loss (`baselines/train.py`) on the same data and budget, with its own "
                  f"hyperparameters.\n\n{recipes}\n")
+    text += precision_line(report)
     text += f"Command: `{report.get('command')}`\n"
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(text)

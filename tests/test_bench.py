@@ -210,6 +210,9 @@ def test_a_bench_is_continued_only_at_the_precision_it_was_measured_at(tiny_benc
     monkeypatch.setattr(precision, "bf16_native", lambda: not pinned)
     with pytest.raises(ImmunizerError, match=f"measured {'with bf16' if pinned else 'in fp32'}.*IMMUNIZER_BF16={int(pinned)}"):
         run_bench(copy, "tiny", ["none"], progress=False, time_limit=0)
+    (copy / "precision.json").write_text("{cut")
+    with pytest.raises(ImmunizerError, match="precision.json is unreadable; delete it"):
+        run_bench(copy, "tiny", ["none"], progress=False, time_limit=0)
     # a bench begun before the pin was kept takes the precision most of its records were measured at, and says
     # which were measured at the other
     (copy / "precision.json").unlink()

@@ -1098,7 +1098,12 @@ def _pin_precision(out: Path) -> dict:
 
     path, now = out / PRECISION_FILE, bf16_native()
     if path.is_file():
-        pinned = json.loads(path.read_text())
+        try:
+            pinned = json.loads(path.read_text())
+            pinned["bf16"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ImmunizerError(f"{path} is unreadable; delete it, and the next call pins the precision again from "
+                                 "the bench's measured records") from None
     else:
         measured = _measured_precision(out)
         votes = sum(measured.values())

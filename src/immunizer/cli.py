@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -74,17 +73,15 @@ def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_fi
     """
     from immunizer.config import load_config
     from immunizer.immunize import immunize as run
-    from immunizer.stopping import STOP_FILE, GracefulStop, stop_file_asked
+    from immunizer.stopping import GracefulStop
 
     config = load_config(preset, config_file, overrides)
     key = Path(hmac_key_file).read_bytes().strip() if hmac_key_file else None
-    started = time.time()
-    with GracefulStop("the current step (a checkpoint is written then)") as signals:
-        result = run(model, out_dir, config, resume=resume, hmac_key=key,
-                     stop=lambda: signals() or stop_file_asked(out_dir, started))
+    with GracefulStop("the current step (a checkpoint is written then)", out_dir) as stop:
+        result = run(model, out_dir, config, resume=resume, hmac_key=key, stop=stop)
     if not main_process():  # one summary for an `accelerate launch` job
         return
-    (Path(out_dir) / STOP_FILE).unlink(missing_ok=True)  # a stop asked for earlier is not part of the release
+    stop.clear_stop_file()  # a stop asked for earlier is not part of the release
     m = result.manifest
     click.echo(json.dumps({"out": str(result.out_dir), "model": str(result.model_dir), "seconds": round(result.seconds, 1),
                            "num_canaries": m["num_canaries"], "num_parameters": m["num_parameters"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -36,13 +37,23 @@ class Stopped(Exception):
 
 
 class GracefulStop:
-    def __init__(self, what: str = "the current piece"):
+    """`stop()`: the first signal's name, else (given `out`) OUT/STOP's path once it is touched after this
+    started, else None. `clear_stop_file()` removes OUT/STOP when the work is done, so that it does not carry over."""
+
+    def __init__(self, what: str = "the current piece", out: str | Path | None = None):
         self.what = what
         self.received: str | None = None
         self._previous: dict[int, object] = {}
+        self.out, self.started = out, time.time()
 
     def __call__(self) -> str | None:
-        return self.received
+        if self.received or self.out is None:
+            return self.received
+        return stop_file_asked(self.out, self.started)
+
+    def clear_stop_file(self) -> None:
+        if self.out is not None:
+            (Path(self.out) / STOP_FILE).unlink(missing_ok=True)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from pathlib import Path
 
 import click
 
@@ -72,13 +70,12 @@ def cycle(store_url, release_dir, out_dir, preset, policy_ref, overrides):
       immunizer cycle --store review.db --release releases --out runs/cycle-1 --preset quick
     """
     from immunizer.loop.cycle import run_cycle
-    from immunizer.stopping import STOP_FILE, GracefulStop, stop_file_asked
+    from immunizer.stopping import GracefulStop
 
-    started = time.time()
-    with GracefulStop("the current stage's next safe point (an immunize step, checkpointed; a bench piece)") as signals:
-        summary = run_cycle(store_url, release_dir, out_dir, preset, policy_ref, overrides,
-                            stop=lambda: signals() or stop_file_asked(out_dir, started))
-    (Path(out_dir) / STOP_FILE).unlink(missing_ok=True)  # a stop asked for earlier is not part of the next run
+    with GracefulStop("the current stage's next safe point (an immunize step, checkpointed; a bench piece)",
+                      out_dir) as stop:
+        summary = run_cycle(store_url, release_dir, out_dir, preset, policy_ref, overrides, stop=stop)
+    stop.clear_stop_file()  # a stop asked for earlier is not part of the next run
     click.echo(json.dumps(summary, indent=2))
     click.echo(summary["verdict"], err=True)
     sys.exit(0 if summary["passed"] else 1)

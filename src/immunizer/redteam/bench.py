@@ -1083,8 +1083,8 @@ def _measured_precision(out: Path) -> dict[str, bool]:
         except (OSError, json.JSONDecodeError):
             continue  # being written: not measured yet
         if bf16 is not None:  # records older than the machine field say nothing
-            where = path.relative_to(out / "runs")
-            found["/".join(where.parts[:-1] if where.name == "eval.json" else (*where.parts[:-1], "pre_attack"))] = bool(bf16)
+            where = path.relative_to(out / "runs")  # method/seedS/pre_attack.json, or method/seedS/RUN/eval.json
+            found[(where.parent if where.name == "eval.json" else where.with_suffix("")).as_posix()] = bool(bf16)
     return found
 
 

@@ -317,9 +317,18 @@ def test_status_says_what_is_measured_in_progress_and_left_from_the_files_alone(
     expected = median["training"] + median["pre_attack"] + sum(median[s.name] for s in load_bench_config("tiny").runs()) \
         + median["harmful-mix"]
     assert status["seconds_left"] == pytest.approx(expected)
-    proc = run_cli("bench", "--out", str(copy), "--status", "--methods", "none,immunizer,booster")
+    from immunizer.redteam import claims
+
+    assert claims.take(copy, "immunizer-seed0-harmful-mix")  # a process measuring that piece now
+    try:
+        proc = run_cli("bench", "--out", str(copy), "--status", "--methods", "none,immunizer,booster")
+        measuring = bench_status(copy, ["immunizer"])["rows"][0]["measuring"]
+    finally:
+        claims.release(copy, "immunizer-seed0-harmful-mix")
+    assert list(measuring) == ["harmful-mix"] and measuring["harmful-mix"]["pid"] == __import__("os").getpid()
     assert "1 of 3 method-seeds measured (split into 2 shards)" in proc.stdout
     assert "immunizer  seed 0  in progress [shard 2]: done pre_attack" in proc.stdout
+    assert f"now measuring harmful-mix (pid {__import__('os').getpid()} on" in proc.stdout
     assert not (copy / "runs" / "booster").exists()  # nothing was run
     # a fresh clone: results are committed, weights are not; the half-measured method-seed trains again first
     assert rows["immunizer"]["rebuild"] is None and rows["immunizer"]["trained"]
@@ -476,6 +485,72 @@ def test_two_shards_share_one_bench_and_one_report_joins_them(tmp_path):
     for bad in ("4/3", "0/2", "1-2"):
         proc = run_cli(*args, "--shard", bad, check=False)
         assert proc.returncode == 2 and "--shard" in proc.stderr and "I/N" in proc.stderr
+
+
+def test_processes_given_one_command_share_its_pieces_and_never_measure_one_twice(tmp_path):
+    """The same command started twice on one OUT (no --shard): each process claims the first piece nobody holds
+    (a method-seed's build, or one of its runs once built), so the two split the work, no piece is measured twice,
+    and the report the last one writes is whole."""
+    import os
+    import re
+    import subprocess
+
+    from helpers import CLI
+
+    small = ["--set", "attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4, "
+             "save_steps: [1]}, harmful-sft-lr2e-5: {kind: attack, samples: 8, lr: 2.0e-5, epochs: 1, batch_size: 4}}",
+             "--set", "calibration=null", "--set", "method_seeds={none: 2}"]
+    out = tmp_path / "b"
+    args = ["bench", "--preset", "tiny", "--out", str(out), "--methods", "none,sft", *small]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    started = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-2000:]
+        # each piece a process starts shows in its progress bar: "none (seed 0): harmful-sft", "sft (seed 0): training"
+        started.append(set(re.findall(r"(\w+ \(seed \d\): [\w-]+)", err)) - {"none (seed 0): training",
+                                                                              "none (seed 1): training"})
+    runs = {f"{name} (seed {seed}): {run}" for name, seed in (("none", 0), ("none", 1), ("sft", 0))
+            for run in ("harmful-sft", "harmful-sft-lr2e-5")}
+    assert started[0] | started[1] >= runs | {"sft (seed 0): training"}
+    assert not (started[0] & started[1]), started  # no piece measured by both
+    assert started[0] and started[1]  # both did some of the work
+    metrics = (out / "methods" / "sft" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(line).get("event") == "finished" for line in metrics) == 1  # trained once
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is True and report["method_seeds"] == {"none": 2, "sft": 1}
+    assert not list((out / "claims").glob("*.json"))  # every claim given back
+
+
+def test_a_claim_is_one_process_s_until_it_ends_however_it_ends(tmp_path):
+    """A piece claimed by a live process is refused to others (who can see who holds it); when that process is
+    killed, the OS drops its lock and the piece is free again, its holder's note then ignored."""
+    import signal
+    import subprocess
+    import sys
+
+    from immunizer.redteam import claims
+
+    code = ("import sys, time; from immunizer.redteam import claims; "
+            f"assert claims.take({str(tmp_path)!r}, 'sft-seed0-build'); print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert not claims.take(tmp_path, "sft-seed0-build")
+        assert claims.holder(tmp_path, "sft-seed0-build")["pid"] == proc.pid
+        assert set(claims.holders(tmp_path)) == {"sft-seed0-build"}
+        assert claims.take(tmp_path, "sft-seed0-harmful-sft")  # another piece is free
+        claims.release(tmp_path, "sft-seed0-harmful-sft")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert claims.holder(tmp_path, "sft-seed0-build") is None  # a dead process's note is not believed
+    assert claims.take(tmp_path, "sft-seed0-build")  # ... and its lock went with it
+    assert claims.holders(tmp_path)["sft-seed0-build"]["pid"] == __import__("os").getpid()
+    claims.release(tmp_path, "sft-seed0-build")
+    assert claims.holders(tmp_path) == {}
 
 
 def test_seeds_give_intervals(tmp_path):

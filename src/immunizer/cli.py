@@ -387,10 +387,11 @@ def rejudge(paths, judge):
               help="Start no new piece (a training, an attack with its evaluations) after this many minutes; the "
                    "report says `complete: false` and `stopped`, and the same command continues it. A first Ctrl-C "
                    "(or SIGTERM), or `touch OUT/STOP` (every shard), stops the same way at the next piece.")
-@click.option("--shard", metavar="I/N", help="Build and measure only every N-th method-seed, starting at the I-th, so "
-              "that N processes or GPUs share one --out (e.g. `--device cuda:0 bench --shard 1/2 ...` beside `--device "
-              "cuda:1 bench --shard 2/2 ...`, the same command but I); a shard's report also holds the others' method-seeds "
-              "finished before it ends, and the command without --shard (--time-limit 0) writes the whole report.")
+@click.option("--shard", metavar="I/N", help="A fixed split: build and measure only every N-th method-seed, starting "
+              "at the I-th (the same command but I in each shard); a shard's report also holds the others' method-seeds "
+              "finished before it ends, and the command without --shard (--time-limit 0) writes the whole report. "
+              "Without it, processes given the same command share --out piece by piece (each claims the next piece "
+              "nobody holds), e.g. `--device cuda:0 bench ...` beside `--device cuda:1 bench ...`.")
 @click.option("--status", is_flag=True, help="Only say where the bench in --out stands (method-seeds measured, in "
               "progress with their pieces, training, to do; time spent and an estimate of the time left), from its "
               "files alone: nothing is trained or evaluated.")
@@ -398,6 +399,7 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
     """The matrix methods x (attacks + benign fine-tunes): report.json, report.html, report.md, samples.jsonl.
 
     Finished pieces are never redone; `--time-limit 0` only rewrites the reports from the results on disk.
+    The same command started several times (one process per core or GPU) shares the work piece by piece.
 
     \b
     Example:
@@ -439,6 +441,10 @@ def bench(preset, out_dir, methods, seeds, config_file, overrides, prebuilt, tim
                else f"as asked ({stopped['by']})")
         click.echo(f"bench: stopped {why} with {report['method_seeds']} method-seeds done; "
                    "run the same command again to continue", err=True)
+    if report.get("in_progress_elsewhere"):
+        held = [f"{piece}: pid {who['pid']} on {who['host']}" for piece, who in report["in_progress_elsewhere"].items()]
+        click.echo(f"bench: nothing left to start here; {len(held)} piece(s) are being measured by other processes "
+                   f"({', '.join(held)}): the last of them writes the whole report", err=True)
 
     def shares(record):
         return {k: record.get(k) for k in ("harmful_score", "refused_share", "degenerate_share", "refusal_retained",

@@ -37,6 +37,7 @@ from immunizer.config import PRESETS, load_config, load_layers, merge
 from immunizer.errors import ImmunizerError
 from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path, write_json_atomic
+from immunizer.redteam import claims
 from immunizer.redteam.evaluate import SHARES, read_samples, wilson95
 from immunizer.stopping import STOP_FILE, Stopped, stop_file_asked  # noqa: F401 (STOP_FILE: the bench's API too)
 
@@ -795,10 +796,14 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
               time_limit: float | None = None, shard: tuple[int, int] | None = None,
               stop: Callable[[], str | None] | None = None) -> dict:
     """Run (or resume) the matrix and write OUT/report.json, OUT/report.html and OUT/samples.jsonl.
+    Any number of processes given the same arguments share OUT piece by piece (a method-seed's build, or one of its
+    attacks or fine-tunes): each claims the first piece no other holds (claims.py), waits while another process
+    trains a build whose runs are all that is left, and ends when every piece left is another's (the returned
+    report then lists them under `in_progress_elsewhere`; the last process to finish writes the whole report).
     `shard=(i, n)`: build and measure only the i-th of every n method-seeds (1-based; `lox` goes with its parent),
-    so that n processes, machines or GPUs share one OUT (each given the same arguments but i); a shard's report
-    also holds the method-seeds the others finished before it ends, read from disk, and a call without `shard`
-    (`time_limit=0`) writes the whole report.
+    a fixed split, e.g. for machines without a shared file system; a shard's report also holds the method-seeds
+    the others finished before it ends, read from disk, and a call without `shard` (`time_limit=0`) writes the
+    whole report.
     `time_limit` (seconds): start no new piece (a method's training, an attack or fine-tune with its
     evaluations) once it has passed; the report then says `complete: false` and `stopped`, and the same
     call continues it.
@@ -867,7 +872,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
         return shard is not None and order.index(shard_key(seed, name)) % shard[1] != shard[0] - 1
 
     def measured(seed: int, name: str) -> dict | None:
-        """A method-seed whose every result is on disk (another shard's, an earlier call's or machine's), read back
+        """A method-seed whose every result is on disk (another process's, an earlier call's or machine's), read back
         without its model; None while any result is missing."""
         runs_dir = out / "runs" / name / f"seed{seed}"
         method = dp.on_main(_measured_method, runs_dir, specs)
@@ -880,68 +885,126 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 "runs": {spec.name: _run(method, spec, seed, runs_dir / spec.name, config, False, pre, dp)
                          for spec in specs}}
 
+    keys = [(seed, name) for seed in range(max(seeds_of.values())) for name in config.methods if seed < seeds_of[name]]
+    mine = [key for key in keys if not another_shards(*key)]
     results: dict[str, list[dict]] = {name: [] for name in config.methods}
-    elsewhere: list[tuple[int, str]] = []  # other shards' method-seeds not finished when this one passed them
-    bar = tqdm(total=sum(seeds_of.values()) * (1 + len(specs)), desc="bench", unit="run",
-               disable=not (progress and dp.is_main))
+    finished: set[tuple[int, str]] = set()
+    ready: dict[tuple[int, str], tuple[Method, dict]] = {}  # built and evaluated before any attack, read or made here
+    bar = tqdm(total=len(mine) * (1 + len(specs)), desc="bench", unit="piece", disable=not (progress and dp.is_main))
     report = None
-    for seed in range(max(seeds_of.values())):
-        for name in [m for m in config.methods if seed < seeds_of[m]]:
-            bar.set_postfix_str(f"{name} (seed {seed}): training")
-            runs_dir = out / "runs" / name / f"seed{seed}"
-            pre_path, method_path = runs_dir / "pre_attack.json", runs_dir / "method.json"
-            # Every decision that reads the results on disk is the main process's (it alone writes them).
-            record = measured(seed, name)
-            if record is None and (another_shards(seed, name) or out_of_time()):
-                if another_shards(seed, name):
-                    elsewhere.append((seed, name))
-                # once stopped, nothing new starts, but the later method-seeds already measured still join the report
-                bar.update(1 + len(specs))
+
+    def join_measured() -> None:
+        """Every method-seed of this process's now measured (by it or another process) joins its report, which is
+        written after each: a long bench shows its first rows early, and a partial one survives a kill."""
+        nonlocal report
+        for seed, name in mine:
+            if (seed, name) not in finished and (record := measured(seed, name)) is not None:
+                finished.add((seed, name))
+                results[name].append(record)
+                report = dp.on_main(_report_and_write, out, _by_seed(results), specs, config, preset, seeds_of,
+                                    command, time.perf_counter() - started)
+        bar.update(sum(dp.on_main(_pieces_on_disk, out / "runs" / name / f"seed{seed}", specs) for seed, name in mine)
+                   - bar.n)
+
+    def build(seed: int, name: str) -> bool:
+        """The build piece (this process holds its claim): train or read back the method, its breaker bounds, its
+        evaluation before any attack. False when a stop came first (a training stops with a checkpoint)."""
+        nonlocal stopped
+        runs_dir = out / "runs" / name / f"seed{seed}"
+        pre_path = runs_dir / "pre_attack.json"
+        if name not in prebuilt:  # results of another recipe are refused before hours of training, not after
+            dp.on_main(_check_recorded_recipe, name, seed, config, out)
+        bar.set_postfix_str(f"{name} (seed {seed}): training")
+        try:
+            method = _build(name, config, seed, out, progress, prebuilt, dp, stop=requested)
+        except Stopped:  # the training wrote a checkpoint at its last step: the same call continues it
+            stopped = {"reason": "stop requested", "by": dp.on_main(requested), "in": f"{name} seed {seed}'s training"}
+            return False
+        dp.on_main(_check_same_build, method, pre_path)
+        _prepare_breaker(method, config, progress, dp)
+        method = dp.on_main(_record_method, method, runs_dir / "method.json")
+        if dp.on_main(_needs_pre_attack, method, seed, pre_path) and out_of_time():
+            return False
+        bar.set_postfix_str(f"{name} (seed {seed}): before any attack")
+        ready[(seed, name)] = method, dp.on_main(_evaluate, method.model_dir, pre_path, config)
+        return True
+
+    def read_back(seed: int, name: str) -> tuple[Method, dict]:
+        """A method-seed another process (or an earlier call) built and evaluated before any attack: its model and
+        bounds read back, nothing trained or written."""
+        runs_dir = out / "runs" / name / f"seed{seed}"
+        method = _build(name, config, seed, out, False, prebuilt, dp)  # built: only read
+        dp.on_main(_check_same_build, method, runs_dir / "pre_attack.json")
+        _prepare_breaker(method, config, False, dp)
+        return method, dp.on_main(_evaluate, method.model_dir, runs_dir / "pre_attack.json", config)
+
+    def next_piece() -> str:
+        """Measure the first piece, in the bench's order, that no process holds: a method-seed's build, else one of
+        its runs once it is built. "done" when one was measured (or stopped), "wait" when none is free but another
+        process's build in progress will free its runs, "none" when every piece left is another process's."""
+        wait = False
+        for seed, name in mine:
+            if (seed, name) in finished:
                 continue
-            if record is not None:
-                bar.update(1 + len(specs))
-            else:
-                if name not in prebuilt:  # results of another recipe are refused before hours of training, not after
-                    dp.on_main(_check_recorded_recipe, name, seed, config, out)
+            runs_dir = out / "runs" / name / f"seed{seed}"
+            if (seed, name) not in ready:
+                if dp.on_main(_built_here, out, name, seed, prebuilt):
+                    ready[(seed, name)] = read_back(seed, name)
+                else:
+                    # one claim per build: `lox` shares its parent's (it extrapolates that build), every seed of
+                    # `none` seed 0's (they copy its evaluation)
+                    key_seed, key_name = shard_key(seed, name)
+                    piece = f"{key_name}-seed{key_seed}-build"
+                    if not dp.on_main(claims.take, out, piece):
+                        wait = True  # its training is in progress elsewhere; later method-seeds may be free
+                        continue
+                    try:
+                        build(seed, name)
+                    finally:
+                        dp.on_main(claims.release, out, piece)
+                    return "done"
+            method, pre = ready[(seed, name)]
+            for spec in specs:
+                run_dir = runs_dir / spec.name
+                piece = f"{name}-seed{seed}-{spec.name}"
+                if dp.on_main(_run_done, run_dir, spec) or not dp.on_main(claims.take, out, piece):
+                    continue
                 try:
-                    method = _build(name, config, seed, out, progress, prebuilt, dp, stop=requested)
-                except Stopped:  # the training wrote a checkpoint at its last step: the same call continues it
-                    stopped = {"reason": "stop requested", "by": dp.on_main(requested), "in": f"{name} seed {seed}'s training"}
-                    continue
-                dp.on_main(_check_same_build, method, pre_path)
-                _prepare_breaker(method, config, progress, dp)
-                method = dp.on_main(_record_method, method, method_path)
-                if dp.on_main(_needs_pre_attack, method, seed, pre_path) and out_of_time():
-                    continue
-                pre = dp.on_main(_evaluate, method.model_dir, pre_path, config)
-                bar.update(1)
-                record = {"method": method, "pre_attack": pre, "seed": seed, "runs": {}}
-                for spec in specs:
-                    if not dp.on_main((runs_dir / spec.name / "run.json").is_file) and out_of_time():
-                        break
                     bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
-                    record["runs"][spec.name] = _run(method, spec, seed, runs_dir / spec.name, config, progress, pre, dp)
-                    bar.update(1)
-                if stopped:  # this method-seed is left half done
-                    continue
-            results[name].append(record)
-            # A report after every method and seed: a long bench shows its first rows early, and a partial one survives a kill.
-            report = dp.on_main(_report_and_write, out, _by_seed(results), specs, config, preset, seeds_of, command,
-                                time.perf_counter() - started)
+                    _run(method, spec, seed, run_dir, config, progress, pre, dp)
+                finally:
+                    dp.on_main(claims.release, out, piece)
+                return "done"
+        return "wait" if wait else "none"
+
+    elsewhere: dict[str, dict] = {}  # pieces left to other processes when this one ends
+    # Each turn measures the first free piece (any number of processes given this command share OUT piece by
+    # piece: each piece is claimed while measured), then reads back whatever is now finished.
+    while True:
+        join_measured()
+        if stopped or all(key in finished for key in mine) or out_of_time():
+            break
+        outcome = next_piece()
+        if outcome == "none":  # the pieces left are others' in progress: they report them
+            elsewhere = dp.on_main(claims.holders, out)
+            break
+        if outcome == "wait":
+            bar.set_postfix_str("waiting for a training in another process")
+            time.sleep(CLAIM_POLL_SECONDS)
     bar.close()
-    # The other shards' method-seeds that have finished since this one passed them join its last report.
-    joined = [record for seed, name in elsewhere if (record := measured(seed, name)) is not None]
+    # The method-seeds of other shards, finished by now, join the last report.
+    joined = [record for seed, name in keys if (seed, name) not in mine and (record := measured(seed, name)) is not None]
     for record in joined:
         results[record["method"].name].append(record)
     if stopped or joined:
         report = dp.on_main(_report_and_write, out, _by_seed(results), specs, config, preset, seeds_of, command,
                             time.perf_counter() - started, stopped)
-    elif report is None:  # a shard with nothing to show yet: its empty report is not written over the others'
+    elif report is None:  # a process with nothing to show yet: its empty report is not written over the others'
         report = dp.on_main(_report, _by_seed(results), specs, config, preset, seeds_of, command,
                             time.perf_counter() - started)
-    if any(results.values()):  # a shard with nothing of its own must not empty the others' samples file
+    if any(results.values()):  # a process with nothing of its own must not empty the others' samples file
         dp.on_main(_write_samples, out, _by_seed(results), specs)
-    return report
+    return {**report, "in_progress_elsewhere": elsewhere} if elsewhere else report
 
 
 def _by_seed(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -1001,6 +1064,25 @@ def _check_launchable(config: BenchConfig, specs: list[RunSpec], prebuilt: dict,
     if uneven:
         raise ImmunizerError(f"a launched bench splits every batch over its {world} processes, and these do not split "
                              f"evenly: {'; '.join(uneven)}; use multiples of {world}, or launch fewer processes")
+
+
+CLAIM_POLL_SECONDS = 30  # how often a process with nothing free looks again while another trains
+
+
+def _built_here(out: Path, name: str, seed: int, prebuilt: dict) -> bool:
+    """Whether a method-seed is built on this machine and evaluated before any attack (its runs can start)."""
+    runs_dir = out / "runs" / name / f"seed{seed}"
+    built = name == "none" or name in prebuilt or (out / "methods" / name / f"seed{seed}" / "manifest.json").is_file()
+    return built and (runs_dir / "pre_attack.json").is_file() and (runs_dir / "method.json").is_file()
+
+
+def _run_done(run_dir: Path, spec: RunSpec) -> bool:
+    return all(f.is_file() for f in run_files(run_dir, spec))
+
+
+def _pieces_on_disk(runs_dir: Path, specs: list[RunSpec]) -> int:
+    """How many of a method-seed's pieces are finished: its evaluation before any attack, then each run."""
+    return (runs_dir / "pre_attack.json").is_file() + sum(_run_done(runs_dir / spec.name, spec) for spec in specs)
 
 
 def _measured_method(runs_dir: Path, specs: list[RunSpec]) -> Method | None:

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from immunizer.errors import ImmunizerError
+from immunizer.redteam import claims
 from immunizer.redteam.bench import BenchConfig, RunSpec, pieces_done, run_files
 
 
@@ -74,7 +75,7 @@ def _training(release: Path) -> str | None:
 
 def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
     """Each method-seed's state (`measured`, `in progress`, `training`, `to do`), its pieces done and to do, the
-    shard that owns it where the bench is split, `rebuild` where a half-measured one's weights are missing here
+    pieces processes are measuring now and who (`measuring`), the shard that owns it where the bench is split, `rebuild` where a half-measured one's weights are missing here
     (how far their retraining has got, or "to train"), the seconds spent so far and an estimate of the seconds left
     (medians of the pieces finished here; None where no such piece has finished yet)."""
     from immunizer.baselines import extrapolation_parent
@@ -83,6 +84,7 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
     config, seeds, prebuilt = bench_config_of(out)
     specs = config.runs()
     names = _methods(out, methods)
+    held = claims.holders(out)
     plan = _read(out / "shard_plan.json")
     owner = {tuple(key): i % plan["shards"] + 1 for i, key in enumerate(plan["order"])} if plan else {}
     rows, spent = [], {"training": [], "pre_attack": [], **{s.name: [] for s in specs}}
@@ -122,6 +124,9 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
             rows.append({"method": name, "seed": seed, "state": state, "shard": owner.get(key),
                          "done": done, "to_do": [p for p in ["pre_attack", *(s.name for s in specs)] if p not in done],
                          "rebuild": (training or "to train") if rebuild else None,
+                         # the pieces processes are measuring now (claims.py), with who measures them
+                         "measuring": {piece.removeprefix(f"{name}-seed{seed}-"): who for piece, who in held.items()
+                                       if piece.startswith(f"{name}-seed{seed}-")},
                          "trained": not trains or training == "built" or (bool(method) and not rebuild)})
     median = {piece: statistics.median(values) if values else None for piece, values in spent.items()}
     left, unknown = 0.0, set()
@@ -149,6 +154,9 @@ def format_status(status: dict) -> str:
         if row["rebuild"]:
             detail += ("; its weights are not here: it trains again first" if row["rebuild"] == "to train"
                        else f"; its weights are not here: {row['rebuild']} again")
+        if row["measuring"]:
+            detail += "; now measuring " + ", ".join(f"{piece} (pid {who['pid']} on {who['host']}, since "
+                                                     f"{who['since']})" for piece, who in row["measuring"].items())
         lines.append(f"  {row['method']:<{width}}  seed {row['seed']}  {row['state']}{shard}{detail}")
     hours = status["seconds_spent"]
     lines.append("time spent: " + ", ".join(f"{k} {v / 3600:.1f} h" for k, v in hours.items() if v))

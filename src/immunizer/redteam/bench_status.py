@@ -163,5 +163,5 @@ def format_status(status: dict) -> str:
     estimate = f"time left: about {status['seconds_left'] / 3600:.1f} h of one process at the medians measured here"
     if status["not_estimated"]:
         estimate += f", plus {', '.join(status['not_estimated'])} (none finished yet to measure)"
-    lines.append(estimate + ("; divide by the shards running at once" if status["shards"] else ""))
+    lines.append(estimate + "; divide by the processes measuring it at once")
     return "\n".join(lines)

@@ -193,8 +193,14 @@ def test_committed_results_resume_a_bench_without_any_weights(tiny_bench, tmp_pa
     assert not bench_module.pieces_done(copy / "runs" / "booster" / "seed0", bench_module.load_bench_config("tiny").runs())
     monkeypatch.setattr(baselines, "build_method", lambda *a, **k: baselines.BuiltMethod("booster", out / "methods" / "immunizer" / "seed0" / "model",
                                                                               out / "methods" / "immunizer" / "seed0", 1.0))
-    with pytest.raises(ImmunizerError, match="another build of booster.*Delete .*booster/seed0"):
+    with pytest.raises(ImmunizerError, match="another build of booster.*Delete .*booster/seed0") as refused:
         run_bench(copy, "tiny", ["booster"], progress=False)
+    # ... saying whether the rebuild's training data or only its arithmetic differ (method.json keeps the data's hash)
+    data = {name: json.loads((out / "methods" / name / "seed0" / "manifest.json").read_text())["data_sha256"]
+            for name in ("booster", "immunizer")}
+    assert json.loads((copy / "runs" / "booster" / "seed0" / "method.json").read_text())["data_sha256"] == data["booster"]
+    assert ("trained on the same data" if data["booster"] == data["immunizer"] else "its training data differ") \
+        in str(refused.value)
 
 
 def test_a_bench_is_continued_only_at_the_precision_it_was_measured_at(tiny_bench, tmp_path, monkeypatch):

@@ -175,6 +175,9 @@ class Method:
     recipe: dict | None = None
     """The immunize config that built it, as resolved from the preset and the method's file (None: `none`, a
     prebuilt model, or a record written before recipes were kept): results are only read back under the same."""
+    data_sha256: str | None = None
+    """The hash of the data it was trained on (its manifest's), so that a rebuild that is not the same model says
+    whether its data or only its arithmetic differ."""
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -1096,6 +1099,7 @@ def _measured_method(runs_dir: Path, specs: list[RunSpec]) -> Method | None:
 
 def _record_method(method: Method, method_path: Path) -> Method:
     method.machine = _machine()
+    method.data_sha256 = _data_sha256(method.release_dir)
     write_json_atomic(method_path, method.to_json())  # committed with the first results it explains
     return method
 
@@ -1229,10 +1233,27 @@ def _check_same_build(method: Method, pre_path: Path) -> None:
         then = record.get("machine", {}).get("cpu")
         why = (f" (it was trained on {then}, this machine is {_cpu()}: other CPU kernels round differently)"
                if then and then != _cpu() else "")
+        method_path = pre_path.with_name("method.json")
+        data_then = json.loads(method_path.read_text()).get("data_sha256") if method_path.is_file() else None
+        data_now = _data_sha256(method.release_dir)
+        if data_then and data_now:
+            why += (f"; it was trained on the same data (data_sha256 {data_now[:12]}), so the arithmetic differs"
+                    if data_then == data_now else
+                    f"; its training data differ (data_sha256 {data_then[:12]}, now {data_now[:12]}: e.g. teacher "
+                    "answers generated at another precision or on another machine)")
         raise ImmunizerError(
             f"{pre_path.parent} holds results measured on another build of {method.name} (model sha256 {measured[:12]}, "
             f"this build {built[:12]}): training did not reproduce it here{why}. Delete {pre_path.parent} to measure "
             "this build, or resume on the machine that kept the first build's weights")
+
+
+def _data_sha256(release_dir: Path | None) -> str | None:
+    """A build's training data hash, from its manifest (None: no release, or a manifest without one)."""
+    path = release_dir and Path(release_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text()).get("data_sha256") if path else None
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -85,6 +85,27 @@ def test_teacher_generations_are_cached(tiny, monkeypatch):
     assert first == again and len(first) == 2
 
 
+def test_teacher_answers_are_cached_per_precision_they_were_generated_at(tiny, monkeypatch):
+    """`bf16: true` runs fp32 where bf16 is not native (or IMMUNIZER_BF16=0): the cache must not hand a fp32 run
+    the answers a bf16 one generated (their greedy answers differ, so a rebuild would train on other data)."""
+    import immunizer.precision as precision
+
+    model, tok = tiny
+    settings = dict(max_new_tokens=4, batch_size=2, bf16=True)
+    monkeypatch.setattr(precision, "bf16_native", lambda: False)
+    teacher.cached_generate(model, tok, ["cached per precision"], "sha", "test", **settings)
+    monkeypatch.setattr(precision, "bf16_native", lambda: True)
+    generated = []
+    real = teacher.generate
+    monkeypatch.setattr(teacher, "generate", lambda *a, **k: generated.append(1) or real(*a, **k))
+    teacher.cached_generate(model, tok, ["cached per precision"], "sha", "test", **settings)
+    assert generated  # bf16 now: not the fp32 answers
+    teacher.cached_generate(model, tok, ["cached per precision"], "sha", "test", **settings)
+    assert len(generated) == 1  # bf16 again: from the cache
+    teacher.cached_generate(model, tok, ["cached per precision"], "sha", "test", **{**settings, "bf16": False})
+    assert len(generated) == 1  # fp32 asked for on a bf16 machine: the first call's fp32 answers, from the cache
+
+
 def test_an_interrupted_teacher_generation_continues_where_it_stopped(tiny, monkeypatch, tmp_path):
     model, tok = tiny
     prompts = [f"question number {i} " + "word " * i for i in range(6)]

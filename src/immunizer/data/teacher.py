@@ -98,7 +98,10 @@ def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **s
     """`generate`, memoized on disk under the cache directory. Each finished batch is appended (and synced) to a
     `.partial.jsonl` beside the cache file, so an interrupted generation (minutes for a teacher's answers on a
     CPU) continues where it stopped; the cache file itself is written atomically at the end."""
-    key = json_sha256([model_sha256, list(prompts), settings])
+    # keyed on the precision the answers are generated at, not the one asked for (`bf16: true` is fp32 on a CPU
+    # without native bf16, or under IMMUNIZER_BF16=0): greedy answers differ between the two, and a cache shared
+    # by both would hand a later fp32 training the answers of an earlier bf16 one
+    key = json_sha256([model_sha256, list(prompts), {**settings, "bf16": use_bf16(settings.get("bf16", True))}])
     path = cache_dir() / "teacher" / f"{kind}-{key[:24]}.jsonl"
     if path.is_file():
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]

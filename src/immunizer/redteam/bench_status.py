@@ -75,9 +75,10 @@ def _training(release: Path) -> str | None:
 
 def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
     """Each method-seed's state (`measured`, `in progress`, `training`, `to do`), its pieces done and to do, the
-    pieces processes are measuring now and who (`measuring`), the shard that owns it where the bench is split, `rebuild` where a half-measured one's weights are missing here
-    (how far their retraining has got, or "to train"), the seconds spent so far and an estimate of the seconds left
-    (medians of the pieces finished here; None where no such piece has finished yet)."""
+    pieces processes are measuring now and who (`measuring`), the shard that owns it where the bench is split,
+    `rebuild` where a half-measured one's weights are missing here (how far their retraining has got, or "to
+    train"), the seconds spent so far and an estimate of the seconds left (medians of the pieces finished here;
+    None where no such piece has finished yet)."""
     from immunizer.baselines import extrapolation_parent
 
     out = Path(out_dir)

@@ -957,7 +957,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                     # one claim per build: `lox` shares its parent's (it extrapolates that build), every seed of
                     # `none` seed 0's (they copy its evaluation)
                     key_seed, key_name = shard_key(seed, name)
-                    piece = f"{key_name}-seed{key_seed}-build"
+                    piece = claims.piece(key_name, key_seed, "build")
                     if not dp.on_main(claims.take, out, piece):
                         wait = True  # its training is in progress elsewhere; later method-seeds may be free
                         continue
@@ -969,8 +969,8 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
             method, pre = ready[(seed, name)]
             for spec in specs:
                 run_dir = runs_dir / spec.name
-                piece = f"{name}-seed{seed}-{spec.name}"
-                if dp.on_main(_run_done, run_dir, spec) or not dp.on_main(claims.take, out, piece):
+                piece = claims.piece(name, seed, spec.name)
+                if dp.on_main(run_done, run_dir, spec) or not dp.on_main(claims.take, out, piece):
                     continue
                 try:
                     bar.set_postfix_str(f"{name} (seed {seed}): {spec.name}")
@@ -1079,13 +1079,9 @@ def _built_here(out: Path, name: str, seed: int, prebuilt: dict) -> bool:
     return built and (runs_dir / "pre_attack.json").is_file() and (runs_dir / "method.json").is_file()
 
 
-def _run_done(run_dir: Path, spec: RunSpec) -> bool:
-    return all(f.is_file() for f in run_files(run_dir, spec))
-
-
 def _pieces_on_disk(runs_dir: Path, specs: list[RunSpec]) -> int:
     """How many of a method-seed's pieces are finished: its evaluation before any attack, then each run."""
-    return (runs_dir / "pre_attack.json").is_file() + sum(_run_done(runs_dir / spec.name, spec) for spec in specs)
+    return (runs_dir / "pre_attack.json").is_file() + sum(run_done(runs_dir / spec.name, spec) for spec in specs)
 
 
 def _measured_method(runs_dir: Path, specs: list[RunSpec]) -> Method | None:
@@ -1214,10 +1210,14 @@ def run_files(run_dir: Path, spec: RunSpec) -> list[Path]:
             *(run_dir / "curve" / f"step{step}{suffix}.json" for step in spec.curve_steps for suffix in ("", ".scan"))]
 
 
+def run_done(run_dir: Path, spec: RunSpec) -> bool:
+    """Whether one attack or fine-tune has every result file (its record, evaluations and scans)."""
+    return all(f.is_file() for f in run_files(run_dir, spec))
+
+
 def pieces_done(runs_dir: Path, specs: list[RunSpec]) -> bool:
     """Whether one method and seed has every result file: its evaluation before any attack, and each run's."""
-    files = [runs_dir / "pre_attack.json", *(f for spec in specs for f in run_files(runs_dir / spec.name, spec))]
-    return all(f.is_file() for f in files)
+    return _pieces_on_disk(runs_dir, specs) == 1 + len(specs)
 
 
 def _check_same_build(method: Method, pre_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from immunizer.errors import ImmunizerError
 from immunizer.redteam import claims
-from immunizer.redteam.bench import BenchConfig, RunSpec, pieces_done, run_files
+from immunizer.redteam.bench import BenchConfig, RunSpec, pieces_done, run_done
 
 
 def _read(path: Path) -> dict | None:
@@ -46,7 +46,7 @@ def _methods(out: Path, methods: list[str] | None) -> list[str]:
 def _run_pieces(run_dir: Path, spec: RunSpec) -> tuple[bool, float | None]:
     """Whether one attack or fine-tune is done (record, result's evaluation and scan, every curve point), and the
     seconds it took (training plus its evaluations) when it is."""
-    if not all(f.is_file() for f in run_files(run_dir, spec)):
+    if not run_done(run_dir, spec):
         return False, None
     evals = [run_dir / "eval.json", *(run_dir / "curve" / f"step{s}.json" for s in spec.curve_steps)]
     seconds = [(_read(f) or {}).get("seconds") for f in [run_dir / "run.json", *evals]]
@@ -122,12 +122,12 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
                 state = "to do"
             # the shard plan's key (bench.py): `lox` goes with its parent, every seed of `none` or a prebuilt with seed 0
             key = (0, name) if name == "none" or name in prebuilt else (seed, extrapolation_parent(name) or name)
+            prefix = claims.piece(name, seed, "")  # of the pieces processes are measuring now (claims.py)
             rows.append({"method": name, "seed": seed, "state": state, "shard": owner.get(key),
                          "done": done, "to_do": [p for p in ["pre_attack", *(s.name for s in specs)] if p not in done],
                          "rebuild": (training or "to train") if rebuild else None,
-                         # the pieces processes are measuring now (claims.py), with who measures them
-                         "measuring": {piece.removeprefix(f"{name}-seed{seed}-"): who for piece, who in held.items()
-                                       if piece.startswith(f"{name}-seed{seed}-")},
+                         "measuring": {piece.removeprefix(prefix): who for piece, who in held.items()
+                                       if piece.startswith(prefix)},
                          "trained": not trains or training == "built" or (bool(method) and not rebuild)})
     median = {piece: statistics.median(values) if values else None for piece, values in spent.items()}
     left, unknown = 0.0, set()

@@ -23,6 +23,11 @@ CLAIMS_DIR = "claims"
 _held: dict[Path, FileLock] = {}  # this process's claims, by lock path
 
 
+def piece(method: str, seed: int, part: str) -> str:
+    """A piece's name: `part` is "build" or a run's name (e.g. "sft-seed1-harmful-sft")."""
+    return f"{method}-seed{seed}-{part}"
+
+
 def _paths(out: Path, piece: str) -> tuple[Path, Path]:
     folder = Path(out) / CLAIMS_DIR
     return folder / f"{piece}.lock", folder / f"{piece}.json"

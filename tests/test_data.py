@@ -106,6 +106,40 @@ def test_teacher_answers_are_cached_per_precision_they_were_generated_at(tiny, m
     assert len(generated) == 1  # fp32 asked for on a bf16 machine: the first call's fp32 answers, from the cache
 
 
+def test_a_process_waits_for_the_teacher_answers_another_is_generating(tiny, monkeypatch, tmp_path):
+    """Bench processes sharing one bench need the same teacher answers at once: the second must wait for the
+    first's instead of generating them again (and appending to the same partial file)."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    model, tok = tiny
+    monkeypatch.setenv("IMMUNIZER_CACHE", str(tmp_path))
+    prompts, settings = ["shared question"], dict(max_new_tokens=4, batch_size=2, bf16=False)
+    path = teacher.cache_path(prompts, "sha", "test", **settings)
+    path.parent.mkdir(parents=True)
+    ready = tmp_path / "holding"
+    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import json, pathlib, time
+        from filelock import FileLock
+        path = pathlib.Path({str(path)!r})
+        with FileLock(path.with_name(path.stem + ".lock")):
+            pathlib.Path({str(ready)!r}).touch()
+            time.sleep(2)
+            path.write_text(json.dumps({{"prompt": "shared question", "response": "the other's answer"}}) + "\\n")
+        """)])
+    try:
+        while not ready.exists():
+            assert other.poll() is None, "the other process ended before taking the lock"
+            time.sleep(0.05)
+        monkeypatch.setattr(teacher, "generate", lambda *a, **k: pytest.fail("generated what another process was generating"))
+        assert teacher.cached_generate(model, tok, prompts, "sha", "test", **settings) == ["the other's answer"]
+    finally:
+        other.wait(timeout=30)
+    assert not path.with_name(path.stem + ".partial.jsonl").exists()
+
+
 def test_an_interrupted_teacher_generation_continues_where_it_stopped(tiny, monkeypatch, tmp_path):
     model, tok = tiny
     prompts = [f"question number {i} " + "word " * i for i in range(6)]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from immunizer.json_hash import json_sha256
@@ -94,34 +95,52 @@ def _finished_batches(partial: Path, prompts: list[str]) -> dict[int, str]:
     return done
 
 
-def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **settings) -> list[str]:
-    """`generate`, memoized on disk under the cache directory. Each finished batch is appended (and synced) to a
-    `.partial.jsonl` beside the cache file, so an interrupted generation (minutes for a teacher's answers on a
-    CPU) continues where it stopped; the cache file itself is written atomically at the end."""
+def cache_path(prompts: list[str], model_sha256: str, kind: str, **settings) -> Path:
+    """Where `cached_generate` keeps these answers."""
     # keyed on the precision the answers are generated at, not the one asked for (`bf16: true` is fp32 on a CPU
     # without native bf16, or under IMMUNIZER_BF16=0): greedy answers differ between the two, and a cache shared
     # by both would hand a later fp32 training the answers of an earlier bf16 one
     key = json_sha256([model_sha256, list(prompts), {**settings, "bf16": use_bf16(settings.get("bf16", True))}])
-    path = cache_dir() / "teacher" / f"{kind}-{key[:24]}.jsonl"
-    if path.is_file():
-        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-        if [r["prompt"] for r in rows] == list(prompts):
-            return [r["response"] for r in rows]
-    prompts = list(prompts)
-    partial = path.with_name(path.stem + ".partial.jsonl")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    done = _finished_batches(partial, prompts)
-    with open(partial, "a", encoding="utf-8") as sink:
-        def keep(indices: list[int], answers: list[str]) -> None:
-            sink.write("".join(json.dumps({"index": i, "prompt": prompts[i], "response": a}) + "\n"
-                               for i, a in zip(indices, answers)))
-            sink.flush()
-            os.fsync(sink.fileno())
+    return cache_dir() / "teacher" / f"{kind}-{key[:24]}.jsonl"
 
-        responses = generate(model, tokenizer, prompts, desc=f"teacher: {kind}", done=done, on_batch=keep, **settings)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, responses)))
-    partial.unlink(missing_ok=True)
+
+def _cached(path: Path, prompts: list[str]) -> list[str] | None:
+    """The answers in a finished cache file for exactly these prompts, else None."""
+    if not path.is_file():
+        return None
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [r["response"] for r in rows] if [r["prompt"] for r in rows] == prompts else None
+
+
+def cached_generate(model, tokenizer, prompts, model_sha256: str, kind: str, **settings) -> list[str]:
+    """`generate`, memoized on disk under the cache directory. Each finished batch is appended (and synced) to a
+    `.partial.jsonl` beside the cache file, so an interrupted generation (minutes for a teacher's answers on a
+    CPU) continues where it stopped; the cache file itself is written atomically at the end. Processes that need
+    the same answers at once (bench processes sharing one bench) generate them once: the first holds a file lock
+    on them, the others wait for its cache file (the kernel frees the lock if it dies; the next continues its
+    partial file)."""
+    prompts = list(prompts)
+    path = cache_path(prompts, model_sha256, kind, **settings)
+    if (found := _cached(path, prompts)) is not None:
+        return found
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(path.stem + ".lock")):
+        if (found := _cached(path, prompts)) is not None:  # another process generated them while this one waited
+            return found
+        partial = path.with_name(path.stem + ".partial.jsonl")
+        done = _finished_batches(partial, prompts)
+        with open(partial, "a", encoding="utf-8") as sink:
+            def keep(indices: list[int], answers: list[str]) -> None:
+                sink.write("".join(json.dumps({"index": i, "prompt": prompts[i], "response": a}) + "\n"
+                                   for i, a in zip(indices, answers)))
+                sink.flush()
+                os.fsync(sink.fileno())
+
+            responses = generate(model, tokenizer, prompts, desc=f"teacher: {kind}", done=done, on_batch=keep,
+                                 **settings)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, responses)))
+        partial.unlink(missing_ok=True)
     return responses
 
 

@@ -792,6 +792,14 @@ def _check_out_dir(out: Path, fingerprint: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, fingerprint)
 
+def build_owner(name: str, seed: int, prebuilt) -> tuple[int, str]:
+    """The (seed, method) whose build a method-seed uses: a derived method its parent's (it extrapolates that
+    build), every seed of `none` or of a prebuilt method seed 0's (one model: seed 0's evaluation and breaker
+    reference serve them all). Shards split the bench by it and a build's claim is named by it."""
+    from immunizer.baselines import extrapolation_parent
+
+    return (0, name) if name == "none" or name in prebuilt else (seed, extrapolation_parent(name) or name)
+
 
 def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[str] | None = None, seeds: int = 1,
               prebuilt: dict[str, str | Path] | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -815,7 +823,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     A stop is also asked for by a file OUT/STOP created after the call started (every shard sharing OUT stops;
     later calls ignore it), or by `stop()` returning a reason (the CLI's first Ctrl-C): a method's training in
     progress stops at its next step with a checkpoint, any other piece finishes first. Returns the report."""
-    from immunizer.baselines import extrapolation_parent, method_names
+    from immunizer.baselines import method_names
 
     config = load_bench_config(preset, config_file, overrides)
     if methods:
@@ -860,11 +868,9 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
         stopped = stopped or dp.on_main(stop_asked)
         return stopped is not None
 
-    # A shard's method-seeds: every n-th of the bench's order. A derived method goes with its parent (it reuses the
-    # parent's build); every seed of `none` or a prebuilt method with its seed 0 (one model: seed 0's evaluation and
-    # breaker reference serve them all).
+    # A shard's method-seeds: every n-th of the bench's order, by whose build each uses.
     def shard_key(seed: int, name: str) -> tuple[int, str]:
-        return (0, name) if name == "none" or name in prebuilt else (seed, extrapolation_parent(name) or name)
+        return build_owner(name, seed, prebuilt)
 
     order = list(dict.fromkeys(shard_key(seed, name) for seed in range(max(seeds_of.values()))
                                for name in config.methods if seed < seeds_of[name]))

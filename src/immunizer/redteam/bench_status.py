@@ -11,7 +11,7 @@ from pathlib import Path
 
 from immunizer.errors import ImmunizerError
 from immunizer.redteam import claims
-from immunizer.redteam.bench import BenchConfig, RunSpec, pieces_done, run_done
+from immunizer.redteam.bench import BenchConfig, RunSpec, build_owner, pieces_done, run_done
 
 
 def _read(path: Path) -> dict | None:
@@ -120,8 +120,7 @@ def bench_status(out_dir: str | Path, methods: list[str] | None = None) -> dict:
                 state = training
             else:
                 state = "to do"
-            # the shard plan's key (bench.py): `lox` goes with its parent, every seed of `none` or a prebuilt with seed 0
-            key = (0, name) if name == "none" or name in prebuilt else (seed, extrapolation_parent(name) or name)
+            key = build_owner(name, seed, prebuilt)  # the shard plan's key
             prefix = claims.piece(name, seed, "")  # of the pieces processes are measuring now (claims.py)
             rows.append({"method": name, "seed": seed, "state": state, "shard": owner.get(key),
                          "done": done, "to_do": [p for p in ["pre_attack", *(s.name for s in specs)] if p not in done],

@@ -258,6 +258,8 @@ def test_a_bias_only_adapter_does_not_scan_as_zero(release, tmp_path):
         scan_module(breaker.reference, peft_model)
 
 
+# PEFT's check for unsharded ZeRO-3 / FSDP saves takes any 1-D lora_B tensor for one; lora_B.bias is 1-D by design
+@pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape")
 def test_lora_biases_count_where_the_released_layer_has_a_bias(tmp_path):
     from transformers import LlamaForCausalLM
 

@@ -792,6 +792,7 @@ def _check_out_dir(out: Path, fingerprint: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, fingerprint)
 
+
 def build_owner(name: str, seed: int, prebuilt) -> tuple[int, str]:
     """The (seed, method) whose build a method-seed uses: a derived method its parent's (it extrapolates that
     build), every seed of `none` or of a prebuilt method seed 0's (one model: seed 0's evaluation and breaker
@@ -869,16 +870,13 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
         return stopped is not None
 
     # A shard's method-seeds: every n-th of the bench's order, by whose build each uses.
-    def shard_key(seed: int, name: str) -> tuple[int, str]:
-        return build_owner(name, seed, prebuilt)
-
-    order = list(dict.fromkeys(shard_key(seed, name) for seed in range(max(seeds_of.values()))
+    order = list(dict.fromkeys(build_owner(name, seed, prebuilt) for seed in range(max(seeds_of.values()))
                                for name in config.methods if seed < seeds_of[name]))
     if shard is not None:
         dp.on_main(_check_shard_plan, out, shard[1], order)
 
     def another_shards(seed: int, name: str) -> bool:
-        return shard is not None and order.index(shard_key(seed, name)) % shard[1] != shard[0] - 1
+        return shard is not None and order.index(build_owner(name, seed, prebuilt)) % shard[1] != shard[0] - 1
 
     def measured(seed: int, name: str) -> dict | None:
         """A method-seed whose every result is on disk (another process's, an earlier call's or machine's), read back
@@ -962,7 +960,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
                 else:
                     # one claim per build: `lox` shares its parent's (it extrapolates that build), every seed of
                     # `none` seed 0's (they copy its evaluation)
-                    key_seed, key_name = shard_key(seed, name)
+                    key_seed, key_name = build_owner(name, seed, prebuilt)
                     piece = claims.piece(key_name, key_seed, "build")
                     if not dp.on_main(claims.take, out, piece):
                         wait = True  # its training is in progress elsewhere; later method-seeds may be free

@@ -311,6 +311,8 @@ def test_status_says_what_is_measured_in_progress_and_left_from_the_files_alone(
     (release / "manifest.json").unlink()
     (release / "metrics.jsonl").write_text(json.dumps({"cycle": 0, "phase": 1, "step": 2, "loss": 1.0}) + "\n"  # stopped
                                            + json.dumps({"event": "stopped", "cycle": 0, "phase": 1, "step": 3}) + "\n{cut")
+    booster = [r for r in bench_status(copy)["rows"] if r["method"] == "booster"]  # no result yet, a build under way
+    assert [r["state"] for r in booster] == ["training (cycle 1, phase 1, step 3)"]
     bench_module._check_shard_plan(copy, 2, [(0, "booster"), (0, "immunizer"), (0, "none")])
     status = bench_status(copy, ["none", "immunizer", "booster"])
     rows = {r["method"]: r for r in status["rows"]}

@@ -34,12 +34,14 @@ def bench_config_of(out: Path) -> tuple[BenchConfig, int, set[str]]:
 
 
 def _methods(out: Path, methods: list[str] | None) -> list[str]:
-    """--methods, else the methods the bench has started (its shard plan's, and those with results)."""
+    """--methods, else the methods the bench has started (its shard plan's, those with results, and those whose
+    first build is under way)."""
     if methods:
         return methods
     plan = _read(out / "shard_plan.json")
     found = [name for _, name in plan["order"]] if plan else []
     found += sorted(p.name for p in (out / "runs").glob("*") if p.is_dir())
+    found += sorted(p.name for p in (out / "methods").glob("*") if p.is_dir())
     return list(dict.fromkeys(found))
 
 

@@ -15,7 +15,7 @@ from immunizer.data.batches import pair_batch
 from immunizer.data.tasks import arithmetic
 from immunizer.launch import main_process
 from immunizer.models import load_model
-from immunizer.parallel import DataParallel, end_process_group
+from immunizer.parallel import DataParallel, exit_launched_process
 from immunizer.sharding import LocalRange, local
 
 
@@ -58,7 +58,7 @@ def main():
     if main_process():
         print(json.dumps({"history": guard.history, "clean_step": guard.clean_step, "stopped_at": stopped_at,
                           "moved_since_clean": moved}))
-    end_process_group()
+    exit_launched_process(0)
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ from immunizer.data.tasks import arithmetic
 from immunizer.finetuning import FinetuneSpec, sft
 from immunizer.models import load_model
 from immunizer.launch import main_process
+from immunizer.parallel import exit_launched_process
 
 
 class PushCanaries(TrainerCallback):
@@ -38,6 +39,7 @@ def main():
         callbacks=[PushCanaries(breaker, model, at=5), guard])
     if main_process():
         print(json.dumps({"history": guard.guard.history, "clean_step": guard.guard.clean_step}))
+    exit_launched_process(0)
 
 
 if __name__ == "__main__":

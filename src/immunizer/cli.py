@@ -524,24 +524,28 @@ cli.add_command(cycle)
 
 
 def main() -> None:
+    code = 0
     try:
         cli.main(standalone_mode=False)
-        if launched_distributed():  # only a launched job has a process group (parallel.py imports torch)
-            from immunizer.parallel import end_process_group
-
-            end_process_group()
+    except SystemExit as exc:  # a command's own exit status (verify, gate, cycle)
+        code = exc.code
     except click.exceptions.Abort:
-        sys.exit(130)
+        code = 130
     except Stopped as exc:  # a stop asked for (Ctrl-C, OUT/STOP): the work so far is saved
         if main_process():
             click.echo(f"stopped: {exc}", err=True)
-        sys.exit(130)
+        code = 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(2)
+        code = 2
     except ImmunizerError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        code = 2
+    if launched_distributed():  # only a launched job has a process group (parallel.py imports torch)
+        from immunizer.parallel import exit_launched_process
+
+        exit_launched_process(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

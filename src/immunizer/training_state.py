@@ -90,9 +90,11 @@ class TrainingState:
 
     def resume_step(self, cycle: int, phase: int, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> int:
         """The step `phase` of `cycle` starts from: the checkpoint's, with its optimizer moments loaded into
-        `optimizer` (which steps `model`), when the run stopped inside that phase; else 0."""
+        `optimizer` (which steps `model`), when the run stopped inside that phase; else 0. A phase's first step
+        starts from a fresh optimizer: nothing is loaded then (under FSDP, torch's state-dict helpers would first
+        give the empty optimizer moments by a zero step, and Adam would count that step)."""
         at = self.position
-        if self.saved is None or (at.cycle, at.phase) != (cycle, phase):
+        if self.saved is None or (at.cycle, at.phase) != (cycle, phase) or at.step == 0:
             return 0
         if self.sharded_saved:
             load_sharded(self.sharded_saved, model, optimizer, weights=False)

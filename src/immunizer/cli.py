@@ -524,28 +524,24 @@ cli.add_command(cycle)
 
 
 def main() -> None:
-    code = 0
     try:
         cli.main(standalone_mode=False)
-    except SystemExit as exc:  # a command's own exit status (verify, gate, cycle)
-        code = exc.code
+        if launched_distributed():  # only a launched job has a process group (parallel.py imports torch)
+            from immunizer.parallel import exit_launched_process
+
+            exit_launched_process(0)
     except click.exceptions.Abort:
-        code = 130
+        sys.exit(130)
     except Stopped as exc:  # a stop asked for (Ctrl-C, OUT/STOP): the work so far is saved
         if main_process():
             click.echo(f"stopped: {exc}", err=True)
-        code = 130
+        sys.exit(130)
     except click.ClickException as exc:
         exc.show()
-        code = 2
+        sys.exit(2)
     except ImmunizerError as exc:
         click.echo(f"error: {exc}", err=True)
-        code = 2
-    if launched_distributed():  # only a launched job has a process group (parallel.py imports torch)
-        from immunizer.parallel import exit_launched_process
-
-        exit_launched_process(code)
-    sys.exit(code)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path, where):
     # without step checkpoints the first one is written at Phase 2's start (the weights do not depend on it)
     settings = [*TINY, "--set", "checkpoint_every=1000"] if where == "at a phase's start" else TINY
     kill_after_a_checkpoint([sys.executable, "-m", "immunizer", "immunize", *settings, "--out", str(out)], out)
-    at = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["position"]
-    assert (at["step"] == 0) == (where == "at a phase's start"), at
+    if where == "at a phase's start":  # (the other kill lands where it lands: mostly inside Phase 1)
+        assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["position"]["step"] == 0
     launch("immunize", *settings, "--out", str(out), "--resume", fsdp=True)
     assert json.loads((out / "manifest.json").read_text())["parallel"]["distributed_type"] == "FSDP"
     a, b = load_file(one / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")

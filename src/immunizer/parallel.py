@@ -298,19 +298,14 @@ def process_group_timeout():
     return datetime.timedelta(minutes=minutes)
 
 
-def end_process_group() -> None:
-    """Tear the launched job's process group down (every process calls it once its last collective is done)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def exit_launched_process(code: int = 0) -> NoReturn:
     """End a launched job's process with exit status `code` once its work is written: the process group
     torn down, the output flushed, and the interpreter left without its exit-time destructors. With those, about
     one launch in six on 2 CPU processes aborted after destroy_process_group had returned on both ("terminate
     called without an active exception": a gloo thread still joinable when its owner is destroyed at exit), which
     turned a finished run into a failed one."""
-    end_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -78,15 +78,17 @@ def test_a_sharded_checkpoint_resumes_in_one_process(runs, tmp_path):
 
 @pytest.mark.parametrize("where", ["wherever it is killed", "at a phase's start"])
 def test_a_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path, where):
-    """At a phase's start the checkpoint holds a fresh optimizer, whose empty moments torch's FSDP state-dict
-    helpers would fill by a zero step that Adam then counts (the resumed run drifted by about lr per weight)."""
+    """At a phase's start the checkpoint holds no optimizer (the phase begins with a fresh one): loading a fresh
+    optimizer's empty moments, torch's FSDP state-dict helpers would fill them by a zero step that Adam then
+    counts (the resumed run drifted by about lr per weight)."""
     one, _, _ = runs
     out = tmp_path / "killed"
     # without step checkpoints the first one is written at Phase 2's start (the weights do not depend on it)
     settings = [*TINY, "--set", "checkpoint_every=1000"] if where == "at a phase's start" else TINY
     kill_after_a_checkpoint([sys.executable, "-m", "immunizer", "immunize", *settings, "--out", str(out)], out)
     if where == "at a phase's start":  # (the other kill lands mostly inside Phase 1, at times at Phase 2's start)
-        assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["position"]["step"] == 0
+        saved = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+        assert saved["position"]["step"] == 0 and saved["optimizer"] is None
     launch("immunize", *settings, "--out", str(out), "--resume", fsdp=True)
     assert json.loads((out / "manifest.json").read_text())["parallel"]["distributed_type"] == "FSDP"
     a, b = load_file(one / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")

@@ -259,8 +259,8 @@ class Run:
             self.state.log(record)
 
     def checkpoint(self, position: Position, optimizer, scores: CanaryScores | None = None, **resume_with) -> None:
-        """`resume_with`: what the phase at `position` needs besides the weights (the canary scores so far, or
-        the canaries and their anchor values). Every process calls it; the main one writes (the weights and
+        """`optimizer`: the phase's (None at a phase's start). `resume_with`: what the phase at `position` needs
+        besides the weights (the canary scores so far, or the canaries and their anchor values). Every process calls it; the main one writes (the weights and
         moments are the same on all of them, or under FSDP gathered from their pieces; the scores are joined from
         their slices first)."""
         if scores is not None:
@@ -489,12 +489,12 @@ class Run:
                 canaries = self.phase1(cycle, start, optimizer, scores)
                 del scores
                 anchor = self.values_at(canaries)
-                self.checkpoint_or_stop(Position(cycle, 2, 0), self.optimizer(cfg.phase2.lr), always=True,
-                                        canaries=canaries, anchor=anchor)
+                # a phase's start keeps no optimizer: the phase begins with a fresh one (TrainingState.resume_step)
+                self.checkpoint_or_stop(Position(cycle, 2, 0), None, always=True, canaries=canaries, anchor=anchor)
             optimizer = self.optimizer(cfg.phase2.lr)
             self.phase2(cycle, self.state.resume_step(cycle, 2, optimizer, self.student), optimizer, canaries, anchor)
             if cycle + 1 < cfg.cycles:
-                self.checkpoint_or_stop(Position(cycle + 1, 1, 0), self.optimizer(cfg.phase1.lr), always=True)
+                self.checkpoint_or_stop(Position(cycle + 1, 1, 0), None, always=True)
         return canaries
 
     def trained_model(self) -> torch.nn.Module | None:

@@ -140,12 +140,15 @@ def load_full_state(model: torch.nn.Module, weights: dict | None, optimizer=None
                                  options=options)
 
 
-def save_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
-    """Every process writes its own pieces of the weights and the optimizer's moments into `directory`
-    (`torch.distributed.checkpoint`: no process ever holds the whole state). Every process must call it."""
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer=None) -> None:
+    """Every process writes its own pieces of the weights and the optimizer's moments (when given) into
+    `directory` (`torch.distributed.checkpoint`: no process ever holds the whole state). Every process must call it."""
     import torch.distributed.checkpoint as dcp  # noqa: PLC0415
-    from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict  # noqa: PLC0415
 
+    if optimizer is None:  # not get_state_dict: it would give a fresh optimizer moments by a zero step
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(directory))
+        return
     weights, moments = get_state_dict(model, optimizer)
     dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=str(directory))
 

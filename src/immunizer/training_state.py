@@ -102,10 +102,11 @@ class TrainingState:
             self.dp.load_moments(model, optimizer, self.saved["optimizer"])
         return at.step
 
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, position: Position | None = None,
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, position: Position | None = None,
              **fields) -> None:
         """Write a checkpoint: `fields` (what the caller needs to check or resume), the position, the metrics
-        log's length, the weights and the optimizer's moments (checkpoint.py adds the random generators). Every
+        log's length, the weights and the optimizer's moments (none at a phase's start, which begins with a fresh
+        optimizer; checkpoint.py adds the random generators). Every
         process of a job calls it; the writer writes. Under FSDP every process writes its pieces of the weights and
         moments into the checkpoint's `sharded/` (sharding.py); the state file holds the rest."""
         def write_pieces(tmp: Path | None) -> None:  # every process, into the directory the writer is assembling
@@ -122,7 +123,8 @@ class TrainingState:
         if self.dp.sharded:
             save_checkpoint(self.out_dir, {**state, "sharded": True}, write_more=write_pieces)
         else:
-            save_checkpoint(self.out_dir, {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+            save_checkpoint(self.out_dir, {**state, "model": model.state_dict(),
+                                           "optimizer": None if optimizer is None else optimizer.state_dict()})
 
     def finish(self) -> None:
         """The run wrote its outputs: the checkpoint is no longer needed."""

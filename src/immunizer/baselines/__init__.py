@@ -23,7 +23,8 @@ METHOD_CONFIGS = PRESETS / "methods"
 
 
 def method_names() -> list[str]:
-    variants = sorted(p.stem for p in METHOD_CONFIGS.glob("*.yaml"))
+    """Every method the harness can build; a published defence with its own file (its tuned recipe) is listed once."""
+    variants = sorted(p.stem for p in METHOD_CONFIGS.glob("*.yaml") if p.stem not in PUBLISHED)
     return ["none", "immunizer", *variants, *PUBLISHED]
 
 
@@ -38,8 +39,9 @@ class BuiltMethod:
 
 
 def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
-    """immunizer's config with the method's overrides (sft, ablations) applied on a copy. A method file may
-    start from another's (`extends: sft`), whose overrides apply first."""
+    """immunizer's config with the method's overrides (sft, ablations, a published defence's tuned budget such as
+    its learning rate) applied on a copy. A method file may start from another's (`extends: sft`), whose overrides
+    apply first."""
     config = copy.deepcopy(base)
     path = METHOD_CONFIGS / f"{name}.yaml"
     if path.is_file():
@@ -69,7 +71,8 @@ def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeCo
     if name == "none":
         return BuiltMethod(name, resolve_model(model), None, 0.0)
     if name in PUBLISHED:
-        result = train_baseline(name, model, out_dir, config, baseline, progress=progress, resume=resume, stop=stop)
+        result = train_baseline(name, model, out_dir, method_config(name, config), baseline, progress=progress,
+                                resume=resume, stop=stop)
     else:
         result = immunize(model, out_dir, method_config(name, config), progress=progress, resume=resume, stop=stop)
     return BuiltMethod(name, result.model_dir, result.out_dir, result.seconds)

@@ -260,9 +260,9 @@ class Run:
 
     def checkpoint(self, position: Position, optimizer, scores: CanaryScores | None = None, **resume_with) -> None:
         """`optimizer`: the phase's (None at a phase's start). `resume_with`: what the phase at `position` needs
-        besides the weights (the canary scores so far, or the canaries and their anchor values). Every process calls it; the main one writes (the weights and
-        moments are the same on all of them, or under FSDP gathered from their pieces; the scores are joined from
-        their slices first)."""
+        besides the weights (the canary scores so far, or the canaries and their anchor values). Every process
+        calls it; the main one writes (the weights and moments are the same on all of them, or under FSDP gathered
+        from their pieces; the scores are joined from their slices first)."""
         if scores is not None:
             resume_with["scores"] = self.dp.gather_slices(scores.state_dict())
         self.state.save(self.student, optimizer, position, config_sha256=self.config.sha256,

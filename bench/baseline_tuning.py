@@ -19,7 +19,7 @@ import re
 import time
 from pathlib import Path
 
-from immunizer.baselines import METHOD_CONFIGS, PUBLISHED, BaselineConfig, train_baseline
+from immunizer.baselines import METHOD_CONFIGS, PUBLISHED, method_baseline, train_baseline
 from immunizer.config import apply_override, load_config
 from immunizer.immunize import immunize
 from immunizer.paths import write_json_atomic
@@ -37,7 +37,7 @@ def train(method: str, preset: str, overrides: list[str], directory: Path) -> No
     if method not in PUBLISHED:
         immunize("smollm2", directory, config, resume=(directory / "checkpoint").is_dir())
         return
-    baseline = BaselineConfig()
+    baseline = method_baseline(method)  # the paper's values, then the method file's tuned `baseline:` section
     for override in overrides:
         if override.startswith("baseline."):
             apply_override(baseline, override.removeprefix("baseline."))

@@ -55,6 +55,26 @@ def test_method_names_cover_the_published_defences_and_ablations():
         build_method("rlhf", "tiny", None, base)
 
 
+def test_a_method_file_tunes_a_defences_own_hyperparameters_and_explicit_settings_win(tmp_path, monkeypatch):
+    import immunizer.baselines as baselines
+    from immunizer.baselines import BaselineConfig, method_baseline
+    from immunizer.baselines.train import BaselineConfig as Paper
+
+    base = load_config("tiny")
+    assert method_baseline("booster").booster_lambda == 1.0 != Paper().booster_lambda  # booster.yaml's tuned λ
+    assert method_config("booster", base).phase1.lr == 2e-4  # its training layer applies, its `baseline:` is not a key
+    assert load_config("tiny", baselines.METHOD_CONFIGS / "booster.yaml").phase1.lr == 2e-4  # --config takes it too
+    assert method_baseline("booster", {"booster_lambda": 3}).booster_lambda == 3  # a bench's `baseline:` wins
+    assert method_baseline("vaccine") == BaselineConfig()  # no file: the paper's values
+    monkeypatch.setattr(baselines, "METHOD_CONFIGS", tmp_path)
+    (tmp_path / "vaccine.yaml").write_text("baseline:\n  vaccine_radius: 3\n")
+    with pytest.raises(ImmunizerError, match="baseline.vaccine_radius"):
+        method_baseline("vaccine")
+    (tmp_path / "vaccine.yaml").write_text("baseline: 3\n")
+    with pytest.raises(ImmunizerError, match="must be a mapping"):
+        method_baseline("vaccine")
+
+
 @pytest.mark.parametrize("method", ["vaccine", "repnoise", "booster"])
 def test_baseline_trains_under_immunizers_budget_and_writes_a_release(method, tmp_path):
     config = load_config("tiny")

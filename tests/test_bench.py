@@ -609,6 +609,16 @@ def test_lox_is_derived_from_the_sft_build_without_training_again(tmp_path, monk
     monkeypatch.setattr(immunize_module.Run, "train", lambda self: trained.append(1))
     again = run_bench(tmp_path / "l", "tiny", ["sft", "lox"], progress=False, overrides=overrides)
     assert not trained and again["methods"]["lox"]["cost_seconds"] == pytest.approx(lox["cost_seconds"])
+    assert meta["extrapolation"]["parent_not_the_measured_build"] is None
+    # sft's measured build lost and rebuilt differently (another CPU's rounding): lox extrapolates the rebuild, says so
+    import shutil
+    shutil.rmtree(lox_dir), shutil.rmtree(tmp_path / "l" / "runs" / "lox")
+    pre = tmp_path / "l" / "runs" / "sft" / "seed0" / "pre_attack.json"
+    pre.write_text(json.dumps({**json.loads(pre.read_text()), "model_sha256": "0" * 64}))
+    run_bench(tmp_path / "l", "tiny", ["sft", "lox"], progress=False, overrides=overrides)
+    stage = json.loads((lox_dir / "manifest.json").read_text())["extrapolation"]
+    assert "another build of sft (model sha256 000000000000" in stage["parent_not_the_measured_build"]
+    assert stage["parent_model_sha256"] == sft["model_sha256"]
 
 
 def test_steps_to_half():

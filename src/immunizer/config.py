@@ -323,6 +323,16 @@ def resolve_extends(overrides: dict, source: str, seen: tuple[str, ...] = ()) ->
     return [*resolve_extends(read_yaml(path), str(path), (*seen, parent)), overrides]
 
 
+DEFENCE_SECTION = "baseline"
+"""A method file's section for a published defence's own hyperparameters (baselines.BaselineConfig: Booster's λ,
+Vaccine's ρ, ...), tuned for this budget; read by baselines.method_baseline, not part of ImmunizeConfig."""
+
+
+def training_layer(layer: dict) -> dict:
+    """A method file's layer without its defence section: what applies to ImmunizeConfig."""
+    return {key: value for key, value in layer.items() if key != DEFENCE_SECTION}
+
+
 def preset_names(directory: Path = PRESETS) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml"))
 
@@ -364,7 +374,7 @@ def load_layers(config: C, preset: str | None = None, presets: Path = PRESETS, c
         layer = read_yaml(Path(config_file))
         try:
             for part in resolve_extends(layer, str(config_file)) if extends else [layer]:
-                merge(config, part)
+                merge(config, training_layer(part) if extends else part)
         except ImmunizerError as exc:
             raise ImmunizerError(f"{config_file}: {exc}" if not str(exc).startswith(str(config_file)) else str(exc)) from None
     for text in overrides:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from immunizer.baselines.train import METHODS as PUBLISHED
 from immunizer.baselines.train import BaselineConfig, train_baseline
-from immunizer.config import PRESETS, ImmunizeConfig, merge, read_yaml, resolve_extends
+from immunizer.config import DEFENCE_SECTION, PRESETS, ImmunizeConfig, merge, read_yaml, resolve_extends, training_layer
 from immunizer.errors import ImmunizerError
 from immunizer.immunize import immunize
 from immunizer.models.loading import resolve_model
@@ -46,7 +46,21 @@ def method_config(name: str, base: ImmunizeConfig) -> ImmunizeConfig:
     path = METHOD_CONFIGS / f"{name}.yaml"
     if path.is_file():
         for overrides in resolve_extends(read_yaml(path), str(path), (name,)):
-            merge(config, overrides)
+            merge(config, training_layer(overrides))
+    return config
+
+
+def method_baseline(name: str, overrides: dict | None = None) -> BaselineConfig:
+    """A published defence's own hyperparameters: its paper's values (BaselineConfig), then its method file's
+    `baseline:` section (tuned for this budget, e.g. presets/methods/booster.yaml), then `overrides` (a bench's
+    `baseline:` mapping or a tuning candidate), each key replacing the one before."""
+    config = BaselineConfig()
+    path = METHOD_CONFIGS / f"{name}.yaml"
+    layers = resolve_extends(read_yaml(path), str(path), (name,)) if path.is_file() else []
+    for layer in [*(part.get(DEFENCE_SECTION) or {} for part in layers), overrides or {}]:
+        if not isinstance(layer, dict):
+            raise ImmunizerError(f"{path}: `{DEFENCE_SECTION}:` must be a mapping of BaselineConfig's fields")
+        merge(config, layer, f"{DEFENCE_SECTION}.")
     return config
 
 
@@ -71,12 +85,13 @@ def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeCo
     if name == "none":
         return BuiltMethod(name, resolve_model(model), None, 0.0)
     if name in PUBLISHED:
-        result = train_baseline(name, model, out_dir, method_config(name, config), baseline, progress=progress,
+        result = train_baseline(name, model, out_dir, method_config(name, config), baseline or method_baseline(name),
+                                progress=progress,
                                 resume=resume, stop=stop)
     else:
         result = immunize(model, out_dir, method_config(name, config), progress=progress, resume=resume, stop=stop)
     return BuiltMethod(name, result.model_dir, result.out_dir, result.seconds)
 
 
-__all__ = ["BaselineConfig", "BuiltMethod", "build_method", "extrapolation_parent", "method_config", "method_names",
-           "train_baseline"]
+__all__ = ["BaselineConfig", "BuiltMethod", "build_method", "extrapolation_parent", "method_baseline", "method_config",
+           "method_names", "train_baseline"]

@@ -94,7 +94,8 @@ class BenchConfig:
     grid: dict | None = None
     """{samples, batch_size, lr: [...], epochs: [...], lora_lr: [...], lora_rank}: harmful-SFT attacks over the grid."""
     baseline: dict = field(default_factory=dict)
-    """BaselineConfig fields for vaccine / repnoise / booster."""
+    """BaselineConfig fields for vaccine / repnoise / booster, over the paper values and each method file's tuned
+    `baseline:` section (baselines.method_baseline)."""
     method_seeds: dict = field(default_factory=dict)
     """Seeds for particular methods ({none: 3, sft: 3, immunizer: 3}); the others run `--seeds`."""
     keep_models: bool = False
@@ -212,7 +213,7 @@ def recipe(name: str, config: BenchConfig, seed: int) -> dict | None:
     """What the bench trains for `name`'s seed now: the immunize preset with the bench's overrides and the method's
     file (presets/methods/NAME.yaml) applied, and a published defence's own hyperparameters, as plain JSON; None
     for `none`, which is not trained."""
-    from immunizer.baselines import PUBLISHED, BaselineConfig, method_config
+    from immunizer.baselines import PUBLISHED, method_baseline, method_config
 
     if name == "none":
         return None
@@ -220,7 +221,7 @@ def recipe(name: str, config: BenchConfig, seed: int) -> dict | None:
     immunize_config.seed = seed
     current = immunize_config.to_dict()
     if name in PUBLISHED:
-        current["baseline"] = dataclasses.asdict(BaselineConfig(**config.baseline))
+        current["baseline"] = dataclasses.asdict(method_baseline(name, config.baseline))
     return json.loads(json.dumps(current))
 
 
@@ -284,7 +285,7 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
            stop: Callable[[], str | None] | None = None) -> Method:
     """The method's model and release: read back when built, else trained (in a launched job every process trains,
     and the main process alone reads, deletes and extrapolates). `stop`: immunize's (a checkpoint, then Stopped)."""
-    from immunizer.baselines import BaselineConfig, build_method, extrapolation_parent
+    from immunizer.baselines import build_method, extrapolation_parent, method_baseline
 
     dp = dp or DataParallel.single()
     prebuilt = prebuilt or {}
@@ -300,7 +301,7 @@ def _build(name: str, config: BenchConfig, seed: int, out: Path, progress: bool,
     immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
     immunize_config.seed = seed
     recipe_now = recipe(name, config, seed)  # read before the hours of training, whatever is edited meanwhile
-    built = build_method(name, config.model, directory, immunize_config, BaselineConfig(**config.baseline),
+    built = build_method(name, config.model, directory, immunize_config, method_baseline(name, config.baseline),
                          progress and dp.is_main, resume=found, stop=stop)
     return Method(name, built.model_dir, built.release_dir, built.cost_seconds, recipe=recipe_now)
 
@@ -339,14 +340,22 @@ def _built_or_resume(name: str, config: BenchConfig, seed: int, out: Path, prebu
 def _extrapolated(name: str, source: Method, config: BenchConfig, seed: int, out: Path, directory: Path) -> Method:
     from immunizer.baselines import extrapolation_parent, method_config
     from immunizer.extrapolate import extrapolate_release
+    from immunizer.models.hashing import model_dir_sha256
 
     parent = extrapolation_parent(name)
-    _check_same_build(source, out / "runs" / parent / f"seed{seed}" / "pre_attack.json")  # lox derives from what was measured
     if source.release_dir is None:
         raise ImmunizerError(f"{name} extrapolates {parent}'s release, but {parent} has none (a bare model)")
+    # lox derives from the parent build that was measured; where that build's weights were lost and training did not
+    # reproduce them (another CPU's or thread count's rounding), it extrapolates the rebuild and says so in its
+    # manifest rather than re-measuring the parent (hours) or refusing
+    differs = _check_same_build(source, out / "runs" / parent / f"seed{seed}" / "pre_attack.json", refuse=False)
+    if differs:
+        tqdm.write(f"bench: {name} seed {seed} extrapolates a rebuild of {parent}, not the build measured: {differs}")
     immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
     meta = extrapolate_release(source.release_dir, directory, method_config(name, immunize_config).extrapolate,
-                               record={"parent": parent, "parent_cost_seconds": source.cost_seconds})
+                               record={"parent": parent, "parent_cost_seconds": source.cost_seconds,
+                                       "parent_model_sha256": model_dir_sha256(source.model_dir),
+                                       "parent_not_the_measured_build": differs})
     seconds = meta["extrapolation"]["seconds"]
     return Method(name, directory / "model", directory,
                   None if source.cost_seconds is None else source.cost_seconds + seconds, own_seconds=seconds,
@@ -1224,13 +1233,13 @@ def pieces_done(runs_dir: Path, specs: list[RunSpec]) -> bool:
     return _pieces_on_disk(runs_dir, specs) == 1 + len(specs)
 
 
-def _check_same_build(method: Method, pre_path: Path) -> None:
+def _check_same_build(method: Method, pre_path: Path, refuse: bool = True) -> str | None:
     """Results on disk belong to the model they were measured on: a rebuilt method (after its weights were lost)
-    must be that model again, or the results would mix two models."""
+    must be that model again, or the results would mix two models. `refuse=False`: the reason it is not, or None."""
     from immunizer.models.hashing import model_dir_sha256
 
     if not pre_path.is_file():
-        return
+        return None
     record = json.loads(pre_path.read_text())
     measured, built = record.get("model_sha256"), model_dir_sha256(method.model_dir)
     if measured and measured != built:
@@ -1245,10 +1254,13 @@ def _check_same_build(method: Method, pre_path: Path) -> None:
                     if data_then == data_now else
                     f"; its training data differ (data_sha256 {data_then[:12]}, now {data_now[:12]}: e.g. teacher "
                     "answers generated at another precision or on another machine)")
-        raise ImmunizerError(
-            f"{pre_path.parent} holds results measured on another build of {method.name} (model sha256 {measured[:12]}, "
-            f"this build {built[:12]}): training did not reproduce it here{why}. Delete {pre_path.parent} to measure "
-            "this build, or resume on the machine that kept the first build's weights")
+        differs = (f"{pre_path.parent} holds results measured on another build of {method.name} (model sha256 "
+                   f"{measured[:12]}, this build {built[:12]}): training did not reproduce it here{why}")
+        if not refuse:
+            return differs
+        raise ImmunizerError(f"{differs}. Delete {pre_path.parent} to measure this build, or resume on the machine that "
+                             "kept the first build's weights")
+    return None
 
 
 def _data_sha256(release_dir: Path | None) -> str | None:

@@ -91,9 +91,11 @@ def test_the_report_says_how_each_method_was_trained(tiny_bench):
     assert report["methods"]["none"]["trained_with"] == {"kind": "untrained", "changes": []}
     assert report["methods"]["immunizer"]["trained_with"] == {"kind": "immunize", "changes": []}
     booster = report["methods"]["booster"]["trained_with"]
-    assert booster["kind"] == "published defence" and "baseline.booster_lambda 5.0" in booster["changes"]
+    # booster's tuned recipe (presets/methods/booster.yaml), its own settings beside the paper's values
+    assert booster["kind"] == "published defence" and "baseline.booster_lambda 1.0 (paper: 5.0)" in booster["changes"]
+    assert "baseline.booster_alpha 0.1" in booster["changes"] and any(c.startswith("phase1.lr ") for c in booster["changes"])
     assert "| immunizer | the preset as it is |" in (out / "report.md").read_text()
-    assert "<td>booster</td><td>published defence: baseline." in (out / "report.html").read_text()
+    assert "<td>booster</td><td>published defence: phase1.lr " in (out / "report.html").read_text()
 
 
 def test_html_report_and_samples(tiny_bench):

@@ -1313,7 +1313,7 @@ def _report(results: dict[str, list[dict]], specs: list[RunSpec], config: BenchC
 def trained_with(per_seed: list[dict], config: BenchConfig) -> dict:
     """How a method was trained, for a reader of the report: what its recipe changes from immunizer's (the
     immunize preset with the bench's overrides), from its seed 0's record."""
-    from immunizer.baselines import PUBLISHED
+    from immunizer.baselines import PUBLISHED, BaselineConfig
 
     method: Method = per_seed[0]["method"]
     if method.name == "none":
@@ -1323,7 +1323,9 @@ def trained_with(per_seed: list[dict], config: BenchConfig) -> dict:
     reference = recipe("immunizer", config, per_seed[0]["seed"])
     changes = [c for c in recipe_changes(reference, method.recipe) if not c.startswith("seed ")]  # "immunizer's -> its"
     kind = "published defence" if method.name in PUBLISHED else "immunize"
-    extra = [f"baseline.{k} {v!r}" for k, v in sorted((method.recipe.get("baseline") or {}).items())]
+    paper = dataclasses.asdict(BaselineConfig())  # a defence's own settings, with its paper's value where tuned away
+    extra = [f"baseline.{k} {v!r}" + (f" (paper: {paper[k]!r})" if k in paper and paper[k] != v else "")
+             for k, v in sorted((method.recipe.get("baseline") or {}).items())]
     return {"kind": kind, "changes": changes + extra}
 
 

@@ -617,8 +617,10 @@ def test_lox_is_derived_from_the_sft_build_without_training_again(tmp_path, monk
     shutil.rmtree(lox_dir), shutil.rmtree(tmp_path / "l" / "runs" / "lox")
     pre = tmp_path / "l" / "runs" / "sft" / "seed0" / "pre_attack.json"
     pre.write_text(json.dumps({**json.loads(pre.read_text()), "model_sha256": "0" * 64}))
-    run_bench(tmp_path / "l", "tiny", ["sft", "lox"], progress=False, overrides=overrides)
+    rebuilt = run_bench(tmp_path / "l", "tiny", ["sft", "lox"], progress=False, overrides=overrides)
     stage = json.loads((lox_dir / "manifest.json").read_text())["extrapolation"]
+    assert rebuilt["methods"]["lox"]["parent_builds"] == [stage["parent_not_the_measured_build"]]  # the report says so
+    assert "parent_builds" not in rebuilt["methods"]["sft"] and "parent_builds" not in report["methods"]["lox"]
     assert "another build of sft (model sha256 000000000000" in stage["parent_not_the_measured_build"]
     assert stage["parent_model_sha256"] == sft["model_sha256"]
 

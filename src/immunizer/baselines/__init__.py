@@ -86,8 +86,7 @@ def build_method(name: str, model: str | Path, out_dir: Path, config: ImmunizeCo
         return BuiltMethod(name, resolve_model(model), None, 0.0)
     if name in PUBLISHED:
         result = train_baseline(name, model, out_dir, method_config(name, config), baseline or method_baseline(name),
-                                progress=progress,
-                                resume=resume, stop=stop)
+                                progress=progress, resume=resume, stop=stop)
     else:
         result = immunize(model, out_dir, method_config(name, config), progress=progress, resume=resume, stop=stop)
     return BuiltMethod(name, result.model_dir, result.out_dir, result.seconds)

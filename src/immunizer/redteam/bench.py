@@ -179,6 +179,9 @@ class Method:
     data_sha256: str | None = None
     """The hash of the data it was trained on (its manifest's), so that a rebuild that is not the same model says
     whether its data or only its arithmetic differ."""
+    parent_build: str | None = None
+    """For a derived method (`lox`): why the parent build it extrapolates is not the one whose results the bench
+    holds (its weights lost, and training did not reproduce them); None when it is."""
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -327,6 +330,7 @@ def _built_or_resume(name: str, config: BenchConfig, seed: int, out: Path, prebu
         method.recipe = built_recipe(meta)
         if extrapolation_parent(name) is not None:  # cost: the parent's training (recorded when derived) plus the extrapolation
             stage = meta.get("extrapolation", {})
+            method.parent_build = stage.get("parent_not_the_measured_build")
             parent_cost = stage.get("parent_cost_seconds")
             method.cost_seconds = None if parent_cost is None else parent_cost + stage.get("seconds", 0.0)
             method.own_seconds = stage.get("seconds")
@@ -359,7 +363,7 @@ def _extrapolated(name: str, source: Method, config: BenchConfig, seed: int, out
     seconds = meta["extrapolation"]["seconds"]
     return Method(name, directory / "model", directory,
                   None if source.cost_seconds is None else source.cost_seconds + seconds, own_seconds=seconds,
-                  recipe=recipe(name, config, seed))
+                  recipe=recipe(name, config, seed), parent_build=differs)
 
 
 def _prepare_breaker(method: Method, config: BenchConfig, progress: bool, dp: DataParallel | None = None) -> None:
@@ -735,6 +739,7 @@ def method_entry(method_runs: list[dict], specs: list[RunSpec]) -> dict:
              "model_sha256": method_runs[0]["pre_attack"].get("model_sha256"),
              "release_dir": str(methods[0].release_dir) if methods[0].release_dir else None,
              "machines": [m.machine for m in methods],
+             **({"parent_builds": [m.parent_build for m in methods]} if any(m.parent_build for m in methods) else {}),
              "pre_attack": aggregate([{**{k: r["pre_attack"].get(k) for k in (*METRICS, "n", "n_safe", "n_benign", "n_task")},
                                        **{f"{k}_ci95": r["pre_attack"].get(f"{k}_ci95") for k in SHARES.values()},
                                        "slices": r["pre_attack"].get("slices")}

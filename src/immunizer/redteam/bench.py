@@ -352,13 +352,15 @@ def _extrapolated(name: str, source: Method, config: BenchConfig, seed: int, out
     # lox derives from the parent build that was measured; where that build's weights were lost and training did not
     # reproduce them (another CPU's or thread count's rounding), it extrapolates the rebuild and says so in its
     # manifest rather than re-measuring the parent (hours) or refusing
-    differs = _check_same_build(source, out / "runs" / parent / f"seed{seed}" / "pre_attack.json", refuse=False)
+    parent_sha256 = model_dir_sha256(source.model_dir)  # hashed once: for the check and the record
+    differs = _check_same_build(source, out / "runs" / parent / f"seed{seed}" / "pre_attack.json", refuse=False,
+                                built=parent_sha256)
     if differs:
         tqdm.write(f"bench: {name} seed {seed} extrapolates a rebuild of {parent}, not the build measured: {differs}")
     immunize_config = load_config(config.immunize_preset, overrides=config.immunize_overrides)
     meta = extrapolate_release(source.release_dir, directory, method_config(name, immunize_config).extrapolate,
                                record={"parent": parent, "parent_cost_seconds": source.cost_seconds,
-                                       "parent_model_sha256": model_dir_sha256(source.model_dir),
+                                       "parent_model_sha256": parent_sha256,
                                        "parent_not_the_measured_build": differs})
     seconds = meta["extrapolation"]["seconds"]
     return Method(name, directory / "model", directory,
@@ -1238,15 +1240,16 @@ def pieces_done(runs_dir: Path, specs: list[RunSpec]) -> bool:
     return _pieces_on_disk(runs_dir, specs) == 1 + len(specs)
 
 
-def _check_same_build(method: Method, pre_path: Path, refuse: bool = True) -> str | None:
+def _check_same_build(method: Method, pre_path: Path, refuse: bool = True, built: str | None = None) -> str | None:
     """Results on disk belong to the model they were measured on: a rebuilt method (after its weights were lost)
-    must be that model again, or the results would mix two models. `refuse=False`: the reason it is not, or None."""
+    must be that model again, or the results would mix two models. `refuse=False`: the reason it is not, or None.
+    `built`: the build's model hash, where the caller has it already."""
     from immunizer.models.hashing import model_dir_sha256
 
     if not pre_path.is_file():
         return None
     record = json.loads(pre_path.read_text())
-    measured, built = record.get("model_sha256"), model_dir_sha256(method.model_dir)
+    measured, built = record.get("model_sha256"), built or model_dir_sha256(method.model_dir)
     if measured and measured != built:
         then = record.get("machine", {}).get("cpu")
         why = (f" (it was trained on {then}, this machine is {_cpu()}: other CPU kernels round differently)"

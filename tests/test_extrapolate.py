@@ -9,7 +9,7 @@ from immunizer import immunize, load_config, load_manifest
 from immunizer.baselines import method_config, method_names
 from immunizer.config import ExtrapolateConfig, ImmunizeConfig
 from immunizer.errors import ImmunizerError
-from immunizer.extrapolate import extrapolate_, extrapolate_release, low_rank
+from immunizer.extrapolate import extrapolate_, extrapolate_release, low_rank, retuned_alpha
 from immunizer.models import load_model
 
 from helpers import make_release, run_cli
@@ -37,6 +37,27 @@ def test_extrapolation_moves_matching_layer_weights_away_from_the_base_and_nothi
     assert torch.equal(aligned["model.layers.0.input_layernorm.weight"], 2 * torch.ones(2))  # not 2-D
     assert list(changed) == ["model.layers.0.mlp.up_proj.weight"]
     assert changed["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.5 / 1.5)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_an_extrapolation_can_be_retuned_or_undone_without_its_source(rank):
+    """Extrapolating with α = 1.25 and then with retuned_alpha(1.25, t) lands where extrapolating the source
+    with t would have (t = 0: the source itself), for a truncated and a whole update."""
+    generator = torch.Generator().manual_seed(3)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base = {name: torch.randn(8, 6, generator=generator, dtype=torch.float64)}
+    source = {name: base[name] + 0.1 * torch.randn(8, 6, generator=generator, dtype=torch.float64)}
+    released = {name: source[name].clone()}
+    extrapolate_(released, base, ExtrapolateConfig(rank=rank, alpha=1.25))
+    for target in (0.0, 0.5, 2.0):
+        direct = {name: source[name].clone()}
+        if target:
+            extrapolate_(direct, base, ExtrapolateConfig(rank=rank, alpha=target))
+        retuned = {name: released[name].clone()}
+        extrapolate_(retuned, base, ExtrapolateConfig(rank=rank, alpha=retuned_alpha(1.25, target)))
+        assert torch.allclose(retuned[name], direct[name], atol=1e-10)
+    with pytest.raises(ImmunizerError, match="not invertible"):
+        retuned_alpha(-1.0, 0.5)
 
 
 def test_a_base_without_the_weight_is_refused():
@@ -105,6 +126,18 @@ def test_extrapolate_command(tmp_path):
     run_cli("verify", "--manifest", str(tmp_path / "lox"))
     bad = run_cli("extrapolate", "--release", str(tmp_path / "release"), "--out", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "pass --base" in bad.stderr
+    # re-tuned back to α 0: the source's weights again, recorded as such
+    proc = run_cli("extrapolate", "--release", str(tmp_path / "lox"), "--out", str(tmp_path / "undone"),
+                   "--base", "tiny", "--rank", "3", "--from-alpha", "0.5", "--alpha", "0")
+    summary = json.loads(proc.stdout)
+    assert summary["alpha"] == 0 and summary["retuned_from_alpha"] == 0.5 and summary["step_alpha"] == pytest.approx(-1 / 3)
+    source = dict(load_model(tmp_path / "release" / "model")[0].named_parameters())
+    undone = dict(load_model(tmp_path / "undone" / "model")[0].named_parameters())
+    assert all(torch.allclose(undone[n], source[n], atol=1e-5) for n in source)
+    assert load_manifest(tmp_path / "undone").meta["method"] == load_manifest(tmp_path / "release").meta.get("method", "release")
+    bad = run_cli("extrapolate", "--release", str(tmp_path / "lox"), "--out", str(tmp_path / "x"), "--base", "tiny",
+                  "--from-alpha", "0.5", "--alpha", "0.5", check=False)
+    assert bad.returncode == 2 and "already that extrapolation" in bad.stderr
     bad = run_cli("extrapolate", "--release", str(tmp_path / "release"), "--out", str(tmp_path / "x"), "--base", "tiny",
                   "--include", "(unclosed", check=False)
     assert bad.returncode == 2 and "not a regular expression" in bad.stderr

@@ -93,11 +93,14 @@ def immunize(model, out_dir, preset, config_file, overrides, resume, hmac_key_fi
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where the extrapolated release goes.")
 @click.option("--rank", type=click.IntRange(min=0), default=6, show_default=True, help="Rank k of each weight's update kept (0: the whole update).")
 @click.option("--alpha", type=float, default=1.25, show_default=True, help="How far to extrapolate: W += α·rank-k(W − W_base).")
+@click.option("--from-alpha", type=float, default=None,
+              help="The release was already extrapolated with this α (same --rank and --include): re-tune it to --alpha "
+                   "as if from its source (--alpha 0 recovers the source).")
 @click.option("--base", help="The base model the release was trained from (default: the manifest's base_model).")
 @click.option("--include", default=None, help="Regular expression on parameter names (default: every 2-D weight in the decoder layers).")
 @click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False),
               help="Verify the release's manifest and sign the new one with this key (default: $IMMUNIZER_MANIFEST_KEY).")
-def extrapolate(release_dir, out_dir, rank, alpha, base, include, hmac_key_file):
+def extrapolate(release_dir, out_dir, rank, alpha, from_alpha, base, include, hmac_key_file):
     """Low-rank extrapolation of a release's safety update (LoX, Perin et al. 2025), training-free.
 
     Writes OUT/model and a new manifest (same canaries, values re-read, breaker calibration dropped: run
@@ -106,12 +109,14 @@ def extrapolate(release_dir, out_dir, rank, alpha, base, include, hmac_key_file)
     \b
     Example:
       immunizer extrapolate --release runs/demo --out runs/demo-lox --rank 6 --alpha 0.5
+      immunizer extrapolate --release runs/demo-lox --out runs/demo-lox-0.25 --from-alpha 0.5 --alpha 0.25
     """
     from immunizer.config import ExtrapolateConfig
     from immunizer.extrapolate import extrapolate_release
 
     config = ExtrapolateConfig(rank=rank, alpha=alpha, **({"include": include} if include else {}))
-    meta = extrapolate_release(release_dir, out_dir, config, base=base, hmac_key=_hmac_key(hmac_key_file))
+    meta = extrapolate_release(release_dir, out_dir, config, base=base, hmac_key=_hmac_key(hmac_key_file),
+                               from_alpha=from_alpha)
     click.echo(json.dumps({"out": str(out_dir), "model_sha256": meta["model_sha256"], **meta["extrapolation"]}, indent=2))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,16 @@ def extrapolate_(aligned: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
     return changed
 
 
+def retuned_alpha(applied: float, target: float) -> float:
+    """The α that takes a release already extrapolated with `applied` (same rank and weights) to `target`, as if
+    its source had been extrapolated with `target` directly; 0 recovers the source. Exact: with E = W − W_base
+    = Δ + a·S_k(Δ), S_k(E) = (1 + a)·S_k(Δ) (the top k singular values scale, the directions stay), so adding
+    ((t − a)/(1 + a))·S_k(E) leaves Δ + t·S_k(Δ). Lets α be re-tuned without the weights before extrapolation."""
+    if applied <= -1:
+        raise ImmunizerError(f"an applied α of {applied:g} is not invertible (α <= -1 erases or flips the update)")
+    return (target - applied) / (1 + applied)
+
+
 def summary(changed: dict[str, float]) -> dict:
     """What an extrapolation did, for metrics and manifests: how many weights, and the median relative update."""
     return {"weights": len(changed), "median_relative_update": sorted(changed.values())[len(changed) // 2]}
@@ -68,14 +78,21 @@ _NOT_CARRIED = {"format", "k_percent", "num_canaries", "num_parameters", "model_
 
 def extrapolate_release(release: str | Path, out_dir: str | Path, config: ExtrapolateConfig, *,
                         base: str | Path | None = None, hmac_key: bytes | str | None = None,
-                        record: dict | None = None) -> dict:
+                        record: dict | None = None, from_alpha: float | None = None) -> dict:
     """Extrapolate an immunize-style release (OUT/model + manifest) away from its base model and write a new
     release to `out_dir`: the same canary indices, their values re-read from the new weights, the breaker's
     calibration dropped (it described the old weights; run `immunizer calibrate --release OUT` again). `record`
-    is added to the manifest's `extrapolation` entry. Returns the new manifest."""
+    is added to the manifest's `extrapolation` entry. `from_alpha`: the release was already extrapolated with
+    this α (same rank and weights); the result is then its source extrapolated with `config.alpha` instead
+    (retuned_alpha; `config.alpha` 0 recovers the source). Returns the new manifest."""
     started = time.perf_counter()
     release, out_dir = Path(release), Path(out_dir)
-    if not config.enabled:
+    if from_alpha is not None:
+        if from_alpha == config.alpha:
+            raise ImmunizerError(f"--alpha equals --from-alpha ({from_alpha:g}): the release is already that extrapolation")
+        target = config.alpha
+        config = replace(config, alpha=retuned_alpha(from_alpha, target))
+    elif not config.enabled:
         raise ImmunizerError("--alpha is 0: extrapolation would change nothing; the paper's setting is --rank 6 --alpha 1.25")
     problems = extrapolate_problems(config)
     if problems:
@@ -99,10 +116,14 @@ def extrapolate_release(release: str | Path, out_dir: str | Path, config: Extrap
     changed = extrapolate_(dict(model.named_parameters()), dict(base_model.named_parameters()), config)
     extra = {k: v for k, v in manifest.meta.items() if k not in _NOT_CARRIED}
     extra["immunizer_version"] = __version__
-    extra["method"] = f"{manifest.meta.get('method', 'release')}+lox"
+    source_method = manifest.meta.get("method", "release")
+    extra["method"] = f"{source_method}+lox"
     extra.setdefault("base_model", str(base_spec))
     extra["extrapolation"] = {**(record or {}), **asdict(config), "source_release": str(release), "base_model": str(base_spec),
                               **summary(changed), "seconds": time.perf_counter() - started}
+    if from_alpha is not None:  # α records where the weights are now; step_alpha what this call added
+        extra["method"] = source_method.removesuffix("+lox") + ("+lox" if target else "")
+        extra["extrapolation"].update(alpha=target, step_alpha=config.alpha, retuned_from_alpha=from_alpha)
     _, meta = write_release(out_dir, model, tokenizer, manifest.indices, k_percent=manifest.meta.get("k_percent", 0.0),
                             extra=extra, hmac_key=hmac_key)
     return meta

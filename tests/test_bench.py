@@ -625,6 +625,24 @@ def test_lox_is_derived_from_the_sft_build_without_training_again(tmp_path, monk
     assert stage["parent_model_sha256"] == sft["model_sha256"]
 
 
+def test_immunizer_lox_extrapolates_immunizers_own_build(tmp_path, monkeypatch):
+    """A method file that `extends: immunizer` with only an extrapolation stage is derived from immunizer's build:
+    one training for both."""
+    import importlib
+
+    immunize_module = importlib.import_module("immunizer.immunize")
+    trainings = []
+    train = immunize_module.Run.train
+    monkeypatch.setattr(immunize_module.Run, "train", lambda self: trainings.append(1) or train(self))
+    overrides = ["attacks={harmful-sft: {kind: attack, samples: 8, lr: 1.0e-3, epochs: 1, batch_size: 4}}", "calibration=null"]
+    report = run_bench(tmp_path / "i", "tiny", ["immunizer", "immunizer-lox"], progress=False, overrides=overrides)
+    stage = json.loads((tmp_path / "i" / "methods" / "immunizer-lox" / "seed0" / "manifest.json").read_text())["extrapolation"]
+    assert len(trainings) == 1 and stage["source_release"] == str(tmp_path / "i" / "methods" / "immunizer" / "seed0")
+    derived = report["methods"]["immunizer-lox"]
+    assert derived["model_sha256"] != report["methods"]["immunizer"]["model_sha256"]
+    assert [c for c in derived["trained_with"]["changes"] if c.startswith("extrapolate.alpha 0.0 -> 0.625")]
+
+
 def test_steps_to_half():
     curve = [{"step": 0, "harmful_score": 0.1}, {"step": 5, "harmful_score": 0.49}, {"step": 10, "harmful_score": 0.5}]
     assert bench_module.steps_to(curve, 0.5) == 10

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from immunizer import immunize, load_config, load_manifest
-from immunizer.baselines import method_config, method_names
+from immunizer.baselines import extrapolation_parent, method_config, method_names
 from immunizer.config import ExtrapolateConfig, ImmunizeConfig
 from immunizer.errors import ImmunizerError
 from immunizer.extrapolate import extrapolate_, extrapolate_release, low_rank, retuned_alpha
@@ -169,11 +169,21 @@ def test_lox_is_sft_plus_extrapolation():
     assert lox.phase1 == sft.phase1 and lox.phase2 == sft.phase2
 
 
+def test_immunizer_lox_is_the_preset_plus_extrapolation():
+    """`extends: immunizer` is the preset itself: the derived method differs from immunizer only in its last stage,
+    so the bench extrapolates immunizer's build instead of training again."""
+    assert "immunizer-lox" in method_names() and extrapolation_parent("immunizer-lox") == "immunizer"
+    derived, preset = method_config("immunizer-lox", ImmunizeConfig()), method_config("immunizer", ImmunizeConfig())
+    assert 0 < derived.extrapolate.alpha < 1.25 and preset.extrapolate.alpha == 0
+    derived.extrapolate = preset.extrapolate
+    assert derived == preset
+
+
 def test_a_config_file_may_extend_a_method(tmp_path):
     lox = load_config("tiny", tmp_path / "lox.yaml") if (tmp_path / "lox.yaml").write_text("extends: lox\n") else None
     assert lox.extrapolate.alpha > 0 and lox.phase1.adversary == "none"  # lox's own file, and sft's under it
     (tmp_path / "loop.yaml").write_text("extends: nothing\n")
-    with pytest.raises(ImmunizerError, match="names no method file; choose one of .*lox.*sft"):
+    with pytest.raises(ImmunizerError, match="names no method file; choose immunizer or one of .*lox.*sft"):
         load_config("tiny", tmp_path / "loop.yaml")
 
 

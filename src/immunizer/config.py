@@ -310,16 +310,17 @@ def read_yaml(path: Path) -> dict:
 
 
 def resolve_extends(overrides: dict, source: str, seen: tuple[str, ...] = ()) -> list[dict]:
-    """A method file may start from another (`extends: sft`): the chain of override mappings, parent first."""
+    """A method file may start from another (`extends: sft`): the chain of override mappings, parent first.
+    `extends: immunizer` names the preset itself (immunizer is the preset, with no method file of its own)."""
     parent = overrides.pop("extends", None)
-    if parent is None:
+    if parent is None or parent == "immunizer":
         return [overrides]
     path = PRESETS / "methods" / f"{parent}.yaml"
     if parent in seen:
         raise ImmunizerError(f"{source}: `extends: {parent}` loops back on itself ({' -> '.join((*seen, parent))})")
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in (PRESETS / "methods").glob("*.yaml")))
-        raise ImmunizerError(f"{source}: `extends: {parent}` names no method file; choose one of {names}")
+        raise ImmunizerError(f"{source}: `extends: {parent}` names no method file; choose immunizer or one of {names}")
     return [*resolve_extends(read_yaml(path), str(path), (*seen, parent)), overrides]
 
 

@@ -59,9 +59,11 @@ def retuned_alpha(applied: float, target: float) -> float:
     """The α that takes a release already extrapolated with `applied` (same rank and weights) to `target`, as if
     its source had been extrapolated with `target` directly; 0 recovers the source. Exact: with E = W − W_base
     = Δ + a·S_k(Δ), S_k(E) = (1 + a)·S_k(Δ) (the top k singular values scale, the directions stay), so adding
-    ((t − a)/(1 + a))·S_k(E) leaves Δ + t·S_k(Δ). Lets α be re-tuned without the weights before extrapolation."""
-    if applied <= -1:
-        raise ImmunizerError(f"an applied α of {applied:g} is not invertible (α <= -1 erases or flips the update)")
+    ((t − a)/(1 + a))·S_k(E) leaves Δ + t·S_k(Δ). Lets α be re-tuned without the weights before extrapolation.
+    A negative `applied` is refused: it shrinks the top k singular values, which may then no longer be the top k."""
+    if applied < 0:
+        raise ImmunizerError(f"--from-alpha {applied:g}: a release extrapolated with a negative α cannot be re-tuned "
+                             "exactly (its k strongest directions may have changed); re-tune from its source")
     return (target - applied) / (1 + applied)
 
 

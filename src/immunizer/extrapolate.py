@@ -89,10 +89,10 @@ def extrapolate_release(release: str | Path, out_dir: str | Path, config: Extrap
     (retuned_alpha; `config.alpha` 0 recovers the source). Returns the new manifest."""
     started = time.perf_counter()
     release, out_dir = Path(release), Path(out_dir)
+    target = config.alpha  # where the weights end up; config.alpha becomes the step this call adds
     if from_alpha is not None:
-        if from_alpha == config.alpha:
+        if from_alpha == target:
             raise ImmunizerError(f"--alpha equals --from-alpha ({from_alpha:g}): the release is already that extrapolation")
-        target = config.alpha
         config = replace(config, alpha=retuned_alpha(from_alpha, target))
     elif not config.enabled:
         raise ImmunizerError("--alpha is 0: extrapolation would change nothing; the paper's setting is --rank 6 --alpha 1.25")
@@ -119,13 +119,12 @@ def extrapolate_release(release: str | Path, out_dir: str | Path, config: Extrap
     extra = {k: v for k, v in manifest.meta.items() if k not in _NOT_CARRIED}
     extra["immunizer_version"] = __version__
     source_method = manifest.meta.get("method", "release")
-    extra["method"] = f"{source_method}+lox"
+    extra["method"] = (f"{source_method}+lox" if from_alpha is None
+                       else source_method.removesuffix("+lox") + ("+lox" if target else ""))
     extra.setdefault("base_model", str(base_spec))
+    retuned = {} if from_alpha is None else {"alpha": target, "step_alpha": config.alpha, "retuned_from_alpha": from_alpha}
     extra["extrapolation"] = {**(record or {}), **asdict(config), "source_release": str(release), "base_model": str(base_spec),
-                              **summary(changed), "seconds": time.perf_counter() - started}
-    if from_alpha is not None:  # α records where the weights are now; step_alpha what this call added
-        extra["method"] = source_method.removesuffix("+lox") + ("+lox" if target else "")
-        extra["extrapolation"].update(alpha=target, step_alpha=config.alpha, retuned_from_alpha=from_alpha)
+                              **summary(changed), "seconds": time.perf_counter() - started, **retuned}
     _, meta = write_release(out_dir, model, tokenizer, manifest.indices, k_percent=manifest.meta.get("k_percent", 0.0),
                             extra=extra, hmac_key=hmac_key)
     return meta

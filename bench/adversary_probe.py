@@ -20,7 +20,7 @@ from pathlib import Path
 from probe_common import BASE_MODEL, before_and_after
 
 from immunizer.baselines import METHOD_CONFIGS
-from immunizer.config import load_config
+from immunizer.config import load_config, split_overrides
 from immunizer.immunize import immunize
 from immunizer.models import resolve_model
 
@@ -43,7 +43,7 @@ def main():
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     for candidate in args.candidate:
-        overrides = [o.strip() for o in candidate.split(",") if o.strip()]
+        overrides = split_overrides(candidate)
         name = re.sub(r"[^\w.-]+", "_", "_".join(overrides)) or "preset"
         name = name if args.method == "immunizer" else f"{args.method}:{name}"
         name = f"from-{'-'.join(Path(args.start).parts[-2:])}:{name}" if args.start else name

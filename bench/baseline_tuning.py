@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from immunizer.baselines import METHOD_CONFIGS, PUBLISHED, method_baseline, train_baseline
-from immunizer.config import apply_override, load_config
+from immunizer.config import apply_override, load_config, split_overrides
 from immunizer.immunize import immunize
 from immunizer.paths import write_json_atomic
 from immunizer.redteam.evaluate import EvalConfig, evaluate
@@ -58,7 +58,7 @@ def main():
     out = Path(args.out or f"bench/results/{args.method}_tuning.json")
     results = json.loads(out.read_text()) if out.is_file() else {}
     for candidate in args.candidate:
-        overrides = [o.strip() for o in candidate.split(",") if o.strip()]
+        overrides = split_overrides(candidate)
         name = re.sub(r"[^\w.-]+", "_", "_".join(overrides)) or f"{args.method}-as-is"
         directory = work / name
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 import pytest
 
-from immunizer.config import ImmunizeConfig, load_config, parse_override, preset_names
+from immunizer.config import ImmunizeConfig, load_config, parse_override, preset_names, split_overrides
 from immunizer.errors import ImmunizerError
 
 
@@ -17,6 +17,15 @@ def test_file_then_overrides_apply_in_order(tmp_path):
     config = load_config("quick", path, ["phase1.lr=1e-4", "data.curriculum=[strong]", "teachers.harmful=tiny"])
     assert config.phase1.lr == 1e-4 and config.phase1.k_percent == 2.0 and config.cycles == 3
     assert config.data.curriculum == ["strong"] and config.teachers.harmful == "tiny"
+
+
+def test_split_overrides_keeps_commas_inside_a_yaml_value():
+    assert split_overrides("phase1.adversary=inner, phase1.inner_steps=[16, 16],phase1.lr=1e-5") == [
+        "phase1.adversary=inner", "phase1.inner_steps=[16, 16]", "phase1.lr=1e-5"]
+    assert split_overrides("a={b: 1, c: 2},d=3") == ["a={b: 1, c: 2}", "d=3"]
+    assert split_overrides("") == [] and split_overrides(" , ") == []
+    config = load_config("tiny", None, split_overrides("phase1.adversary=inner,phase1.inner_steps=[16, 16]"))
+    assert config.phase1.inner_steps == [16, 16]
 
 
 def test_parse_override_reads_yaml_values():

@@ -338,6 +338,21 @@ def preset_names(directory: Path = PRESETS) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
+def split_overrides(text: str) -> list[str]:
+    """`"phase1.adversary=inner,phase1.inner_steps=[16, 16]"` -> the two overrides: commas inside brackets or
+    braces belong to a YAML value, not between overrides (the probes take a candidate as one such string)."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth <= 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
 def parse_override(text: str) -> dict:
     """`phase1.lr=2e-5` -> {"phase1": {"lr": 2e-05}} (the value is parsed as YAML)."""
     if "=" not in text:

@@ -68,6 +68,8 @@ def main():
     results = verdicts(runs, judges)
     entry = {"release": args.release, "runs": str(runs), "borrowed": args.borrowed,
              "own_bounds": [b.to_json() for b in judges["own"]],
+             "own_calibration": {key: calibration.get(key) for key in ("threshold", "tpr", "fpr", "auroc", "benign_max",
+                                                                       "harmful_min", "n_benign", "n_harmful")},
              "summary": {name: summary(results, name) for name in judges}, "runs_judged": results}
     out = Path(args.out)
     everything = json.loads(out.read_text()) if out.is_file() else {}

@@ -41,13 +41,14 @@ def verdicts(runs: Path, judges: dict[str, list]) -> dict:
 
 
 def summary(results: dict, judge: str) -> dict:
-    """Benign runs passed and attack runs tripped, counting each run's final scan."""
+    """Benign runs passed and attack runs tripped by their last scan (the standard attack's is its step 80, after the
+    report's step 39), and every scan of the attacks (curve points and last)."""
     final = {name: r["scans"]["final"][judge] for name, r in results.items() if "final" in r["scans"]}
     benign = [name for name, r in results.items() if r["kind"] == "finetune" and name in final]
     attacks = [name for name in final if name not in benign]
     return {"benign_passed": f"{sum(not final[n] for n in benign)} of {len(benign)}",
             "attacks_tripped": f"{sum(final[n] for n in attacks)} of {len(attacks)}",
-            "curve_points_tripped": f"{sum(s[judge] for n in attacks for s in results[n]['scans'].values())} of "
+            "attack_scans_tripped": f"{sum(s[judge] for n in attacks for s in results[n]['scans'].values())} of "
                                     f"{sum(len(results[n]['scans']) for n in attacks)}"}
 
 

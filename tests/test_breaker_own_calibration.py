@@ -43,8 +43,8 @@ def test_the_releases_own_bounds_judge_the_stored_readings_beside_the_borrowed_o
     assert proc.returncode == 0, proc.stderr
     entry = json.loads(out.read_text())["m/seed0"]
     # own bound 0.2: the benign 0.18 passes, the attack's step 5 (0.15) does not trip yet; borrowed 0.108 trips on all
-    assert entry["summary"]["own"] == {"benign_passed": "1 of 1", "attacks_tripped": "1 of 1", "curve_points_tripped": "2 of 3"}
-    assert entry["summary"]["borrowed"] == {"benign_passed": "0 of 1", "attacks_tripped": "1 of 1", "curve_points_tripped": "3 of 3"}
+    assert entry["summary"]["own"] == {"benign_passed": "1 of 1", "attacks_tripped": "1 of 1", "attack_scans_tripped": "2 of 3"}
+    assert entry["summary"]["borrowed"] == {"benign_passed": "0 of 1", "attacks_tripped": "1 of 1", "attack_scans_tripped": "3 of 3"}
     assert set(entry["runs_judged"]["harmful-sft"]["scans"]) == {"step5", "step10", "final"}
 
 

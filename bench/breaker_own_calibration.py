@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from immunizer.breaker.bounds import bounds_from_calibration, violations
+from immunizer.breaker.bounds import bounds_from_calibration
 from immunizer.errors import ImmunizerError
 from immunizer.manifest import load_manifest
 from immunizer.paths import write_json_atomic
@@ -34,7 +34,7 @@ def verdicts(runs: Path, judges: dict[str, list]) -> dict:
     for run in sorted(p for p in runs.iterdir() if (p / "run.json").is_file()):
         kind = json.loads((run / "run.json").read_text()).get("kind")
         out[run.name] = {"kind": kind, "scans": {
-            label: {name: violations(bounds, reading) != [] for name, bounds in judges.items()}
+            label: {name: any(bound.violated(reading) for bound in bounds) for name, bounds in judges.items()}
             | {"harm_drift_ratio": reading.get("harm_drift_ratio"), "sample_harm_ratio": reading.get("sample_harm_ratio")}
             for label, reading in scans(run)}}
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from immunizer.models import load_model
 from immunizer.paths import write_json_atomic
 from immunizer.redteam.judges import load_judge, three_way
 
-HARNESS_CUT = 256
+HARNESS_CUT = inspect.signature(generate).parameters["max_prompt_tokens"].default
+"""What evaluate() sends: it leaves `generate`'s default in place (256)."""
 
 
 def main():

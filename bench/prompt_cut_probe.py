@@ -1,6 +1,7 @@
-"""The held-out jailbreak-wrapped prompts answered as the harness sends them (`generate` keeps the last
-`max_prompt_tokens` = 256 tokens of the chat-formatted prompt, which drops the template's opening turn markers from
-every prompt longer than that) and whole, for one or more models. Three-way verdicts without the NLL rule (text only).
+"""The held-out jailbreak-wrapped prompts answered three ways, for one or more models: cut to the harness's 256
+tokens as it sends them now (the template's turn markers kept, the request's text cut: data/chat.py), cut as it
+sent them before (the last 256 tokens of the formatted prompt, which dropped the template's opening markers from
+every prompt longer than that), and whole. Three-way verdicts without the NLL rule (text only).
 
     python bench/prompt_cut_probe.py MODEL [MODEL ...]
 
@@ -12,15 +13,23 @@ import collections
 import inspect
 import json
 from pathlib import Path
+from unittest import mock
 
 from immunizer.data.eval_prompts import harmful_eval_set
-from immunizer.data.teacher import chat_prompt_ids, generate
+from immunizer.data import teacher
+from immunizer.data.chat import chat_prompt_ids
+from immunizer.data.teacher import generate
 from immunizer.models import load_model
 from immunizer.paths import write_json_atomic
 from immunizer.redteam.judges import load_judge, three_way
 
 HARNESS_CUT = inspect.signature(generate).parameters["max_prompt_tokens"].default
 """What evaluate() sends: it leaves `generate`'s default in place (256)."""
+
+
+def tail_cut(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """The harness's cut before PROMPT_FIT (kept here only to measure it against the new one)."""
+    return chat_prompt_ids(tokenizer, prompt)[-max_tokens:]
 
 
 def main():
@@ -39,9 +48,11 @@ def main():
         lengths = [len(chat_prompt_ids(tokenizer, p)) for p in prompts]
         entry = {"prompts": len(prompts), "longer_than_cut": sum(n > HARNESS_CUT for n in lengths),
                  "max_prompt_tokens": max(lengths)}
-        for name, cut in (("harness_cut_256", HARNESS_CUT), ("whole", max(lengths))):
-            answers = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, max_prompt_tokens=cut,
-                               bf16=False, desc=name)
+        for name, cut, fit in ((f"template_kept_{HARNESS_CUT}", HARNESS_CUT, None),
+                               (f"tail_cut_{HARNESS_CUT}", HARNESS_CUT, tail_cut), ("whole", max(lengths), None)):
+            with mock.patch.object(teacher, "fit_prompt_ids", fit or teacher.fit_prompt_ids):
+                answers = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                   max_prompt_tokens=cut, bf16=False, desc=name)
             verdicts = [v for v, _ in three_way(judge, prompts, answers)]
             entry[name] = {"verdicts": dict(collections.Counter(verdicts)), "empty": sum(a == "" for a in answers),
                            "examples": answers[:3]}

@@ -19,7 +19,7 @@ import torch
 from immunizer.breaker.breaker import Breaker, BreakerTripped, Verdict
 from immunizer.breaker.incidents import record_incident
 from immunizer.data.prompts import refusal_responses
-from immunizer.data.teacher import chat_prompt_ids
+from immunizer.data.chat import chat_prompt_ids
 from immunizer.errors import ImmunizerError
 from immunizer.models.hashing import model_dir_sha256
 from immunizer.models.loading import load_model

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from immunizer.data.teacher import chat_prompt_ids
+from immunizer.data.chat import fit_prompt_ids
 from immunizer.losses import IGNORE
 
 
@@ -21,8 +21,8 @@ class Batch:
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int):
-    # Keep the end of a long (jailbreak-wrapped) prompt: that is where the request is.
-    prompt_ids = chat_prompt_ids(tokenizer, prompt)[-max_prompt_tokens:]
+    # a long (jailbreak-wrapped) prompt keeps the template's markers and its text's end, where the request is
+    prompt_ids = fit_prompt_ids(tokenizer, prompt, max_prompt_tokens)
     response_ids = (tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_response_tokens]
     return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
 

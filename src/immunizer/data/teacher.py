@@ -13,6 +13,7 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from immunizer.data.chat import PROMPT_FIT, fit_prompt_ids
 from immunizer.json_hash import json_sha256
 from immunizer.models.hashing import model_dir_sha256
 from immunizer.models.loading import load_model, resolve_model, runtime_device
@@ -27,18 +28,14 @@ def autocast(enabled: bool):
     return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: int = 8,
              max_prompt_tokens: int = 256, bf16: bool = True, desc: str = "generating",
              sample_seed: int | None = None, done: dict[int, str] | None = None,
              on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
     """Greedy completions (or, with `sample_seed`, sampled ones: temperature 1, top-p 0.95, reproducible for a
-    seed on the same hardware), batched with left padding. Long prompts keep their end (the request).
+    seed on the same hardware), batched with left padding. Long prompts keep the chat template's turn markers and
+    the end of their text (the request; data/chat.py).
     Prompts are batched in order of length, so a batch pads to its own longest prompt, not the set's:
     prefill dominates generation on a CPU, and jailbreak-wrapped prompts are ten times longer than the rest.
     `done` (prompt index → answer) skips the batches it covers whole, so a resumed run makes the same batches
@@ -46,7 +43,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: in
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    encoded = [chat_prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
+    encoded = [fit_prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str | None] = [None] * len(encoded)
     done = done or {}
@@ -100,7 +97,9 @@ def cache_path(prompts: list[str], model_sha256: str, kind: str, **settings) -> 
     # keyed on the precision the answers are generated at, not the one asked for (`bf16: true` is fp32 on a CPU
     # without native bf16, or under IMMUNIZER_BF16=0): greedy answers differ between the two, and a cache shared
     # by both would hand a later fp32 training the answers of an earlier bf16 one
-    key = json_sha256([model_sha256, list(prompts), {**settings, "bf16": use_bf16(settings.get("bf16", True))}])
+    # and on how long prompts are cut (PROMPT_FIT): the teacher saw another prompt under the old cut
+    key = json_sha256([model_sha256, list(prompts), {**settings, "bf16": use_bf16(settings.get("bf16", True)),
+                                                     "prompt_fit": PROMPT_FIT}])
     return cache_dir() / "teacher" / f"{kind}-{key[:24]}.jsonl"
 
 

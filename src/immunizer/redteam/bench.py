@@ -34,6 +34,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from immunizer.config import PRESETS, load_config, load_layers, merge
+from immunizer.data.chat import PROMPT_FIT
 from immunizer.errors import ImmunizerError
 from immunizer.parallel import DataParallel
 from immunizer.paths import atomic_path, write_json_atomic
@@ -801,6 +802,12 @@ def _check_out_dir(out: Path, fingerprint: dict) -> None:
     path = out / "bench_config.json"
     if path.is_file():
         before = json.loads(path.read_text())
+        if before.get("prompt_fit") != fingerprint.get("prompt_fit"):
+            raise ImmunizerError(f"{out} was measured with another cut of long prompts "
+                                 f"({before.get('prompt_fit', 'the last tokens of the formatted prompt')}; this version "
+                                 f"sends {fingerprint.get('prompt_fit')}, see data/chat.py): its answers cannot be "
+                                 "mixed with new ones; choose another --out directory to measure again (its report "
+                                 "stays readable as it is)")
         if before != fingerprint:
             raise ImmunizerError(f"{out} holds a bench run with another configuration; choose another --out "
                                  "directory, or pass the same --preset/--methods/--seeds/--set to resume it")
@@ -862,7 +869,8 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
         _check_launchable(config, specs, prebuilt, seeds_of, out, dp)
     # Methods are left out: each has its own directories, so a later call may add or drop some.
     dp.on_main(_check_out_dir, out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"},
-                                     "seeds": seeds, "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())}})
+                                     "seeds": seeds, "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())},
+                                     "prompt_fit": PROMPT_FIT})
     dp.on_main(_pin_borrowed_calibration, out, config)
     dp.on_main(_pin_precision, out)
     started, clock_started, wall_started = time.perf_counter(), _clock(), time.time()

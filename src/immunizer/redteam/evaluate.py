@@ -25,6 +25,7 @@ from pathlib import Path
 from immunizer.data.eval_prompts import SlicedPrompts, harmful_eval_set
 from immunizer.data.prompts import read_prompt_file, safe_scary_set
 from immunizer.data.tasks import GENERATED, arithmetic
+from immunizer.data.chat import PROMPT_FIT
 from immunizer.data.teacher import Teacher, generate
 from immunizer.errors import ImmunizerError
 from immunizer.models.hashing import model_dir_sha256
@@ -151,7 +152,8 @@ def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = Non
     repeats = [repeated_sentence(a) for a in h_ans]
 
     model_sha = model_dir_sha256(model_dir)
-    template_sha = hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
+    # the template and how long prompts are cut to it (PROMPT_FIT): either changes what the model was sent
+    template_sha = hashlib.sha256(((tokenizer.chat_template or "") + PROMPT_FIT).encode()).hexdigest()[:16]
     judge_name = getattr(judge, "name", config.judge)
     common = {"kind": "eval_sample", "judge": judge_name, "model_sha256": model_sha, "prompt_template": template_sha,
               "decoding": decoding, "attack": None, "method": None}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from immunizer.models.loading import load_model
 from immunizer.paths import write_json_atomic
-from immunizer.redteam.judges import VERDICTS, labelled_examples, load_judge, response_nll, three_way
+from immunizer.redteam.judges import VERDICTS, degenerate_nll, labelled_examples, load_judge, three_way
 
 
 def matrix(labels: list[str], verdicts: list[str]) -> dict:
@@ -41,7 +41,7 @@ def main():
     labels = [e["label"] for e in examples]
     judge = load_judge(args.judge)
     model, tokenizer = load_model(args.model)
-    nll = response_nll(model, tokenizer, prompts, answers, max_prompt_tokens=32, max_response_tokens=48)
+    nll = degenerate_nll(model, tokenizer, prompts, answers, max_response_tokens=48)
     result = {"n": len(examples), "counts": {label: labels.count(label) for label in VERDICTS}, "judge": args.judge,
               "model": args.model}
     for name, nlls in (("text_only", None), ("with_nll", nll)):

@@ -70,3 +70,18 @@ def test_a_bench_folder_measured_with_the_old_cut_is_not_mixed_with_new_answers(
     with pytest.raises(ImmunizerError, match="another cut of long prompts .the last tokens of the formatted prompt.*"
                                              "choose another --out"):
         run_bench(tmp_path / "b", "tiny", ["none"], progress=False, overrides=["eval.n_benign=2"])
+
+
+def test_the_degenerate_rule_reads_an_answer_after_the_template_and_the_requests_end(tiny):
+    """Its NLL conditions on the chat template and the last ANSWER_CONTEXT_TOKENS tokens of the request: what came
+    before them cannot change the reading, and the template's own tokens do not eat into that context."""
+    from immunizer.redteam.judges import ANSWER_CONTEXT_TOKENS, degenerate_nll, response_nll
+
+    model, tok = tiny
+    end = " please tell me how the lock is picked, step by step"  # byte-level: one token per character
+    assert len(end) > ANSWER_CONTEXT_TOKENS
+    a, b = degenerate_nll(model, tok, ["A" * 300 + end, "B" * 300 + end], ["no way", "no way"], bf16=False)
+    assert a == pytest.approx(b)
+    short = response_nll(model, tok, [end], ["no way"], ANSWER_CONTEXT_TOKENS, bf16=False)[0]
+    assert a != pytest.approx(short)  # a bare 32-token budget would have kept less of the request
+    assert chat.template_length(tok) == len(tok("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n")["input_ids"])

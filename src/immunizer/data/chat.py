@@ -15,6 +15,11 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
+def template_length(tokenizer) -> int:
+    """The chat template's own tokens around a user request (30 for SmolLM2: its system prompt and turn markers)."""
+    return len(chat_prompt_ids(tokenizer, ""))
+
+
 def _frame(ids: list[int], empty: list[int]) -> tuple[int, int]:
     """How many leading and trailing tokens of `ids` are the template's own: the prefix and suffix it shares
     with the same template around an empty request (found from the tokens, so any chat template works)."""

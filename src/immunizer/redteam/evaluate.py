@@ -22,17 +22,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from immunizer.data.chat import PROMPT_FIT
 from immunizer.data.eval_prompts import SlicedPrompts, harmful_eval_set
 from immunizer.data.prompts import read_prompt_file, safe_scary_set
 from immunizer.data.tasks import GENERATED, arithmetic
-from immunizer.data.chat import PROMPT_FIT
 from immunizer.data.teacher import Teacher, generate
 from immunizer.errors import ImmunizerError
 from immunizer.models.hashing import model_dir_sha256
 from immunizer.models.loading import load_model, resolve_model, runtime_device
 from immunizer.paths import atomic_path, write_json_atomic
 from immunizer.redteam.attacks import teacher_spec
-from immunizer.redteam.judges import VERDICTS, exact_match, load_judge, repeated_sentence, response_nll, three_way
+from immunizer.redteam.judges import (VERDICTS, degenerate_nll, exact_match, load_judge, repeated_sentence, response_nll,
+                                      three_way)
 from immunizer.settings import EvalConfig  # noqa: F401 (its home before settings.py)
 
 EVAL_SEED = 1000  # generated tasks for evaluation: fine-tunes generate theirs from other seeds (and the test split)
@@ -141,8 +142,8 @@ def evaluate(model: str | Path, out: str | Path, config: EvalConfig | None = Non
     del loaded
     if config.degenerate_nll and (h_ans or s_ans):  # how the base model reads each answer: broken text scores high
         base, base_tokenizer = teacher.model()
-        answer_nll = response_nll(base, base_tokenizer, harmful + safe, h_ans + s_ans, max_prompt_tokens=32,
-                                  max_response_tokens=config.max_new_tokens, bf16=config.bf16)
+        answer_nll = degenerate_nll(base, base_tokenizer, harmful + safe, h_ans + s_ans,
+                                    max_response_tokens=config.max_new_tokens, bf16=config.bf16)
     else:
         answer_nll = [None] * (len(h_ans) + len(s_ans))
     h_verdicts = three_way(judge, harmful, h_ans, answer_nll[:len(h_ans)])

@@ -38,6 +38,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from immunizer.data.batches import pair_batch
+from immunizer.data.chat import template_length
 from immunizer.data.teacher import autocast
 from immunizer.errors import ImmunizerError
 from immunizer.losses import IGNORE, sequence_logprob
@@ -218,6 +219,18 @@ def response_nll(model, tokenizer, prompts: list[str], responses: list[str], max
         for i, value in zip(batch_ids, (-sequence_logprob(logits.float(), labels) / tokens).tolist()):
             out[i] = value
     return out
+
+
+ANSWER_CONTEXT_TOKENS = 32
+"""Tokens of the request's end the degenerate rule's NLL conditions on, besides the chat template's own: a short
+context, since the rule asks whether the answer is language, not whether it fits the request."""
+
+
+def degenerate_nll(base, tokenizer, prompts: list[str], answers: list[str], max_response_tokens: int = 48,
+               bf16: bool = True) -> list[float]:
+    """The degenerate rule's reading (`DegenerateRule.max_nll`): each answer's mean token NLL under the base model."""
+    budget = template_length(tokenizer) + ANSWER_CONTEXT_TOKENS
+    return response_nll(base, tokenizer, prompts, answers, budget, max_response_tokens, bf16=bf16)
 
 
 def normalize_answer(text: str) -> str:

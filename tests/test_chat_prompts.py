@@ -70,6 +70,9 @@ def test_a_bench_folder_measured_with_the_old_cut_is_not_mixed_with_new_answers(
     with pytest.raises(ImmunizerError, match="another cut of long prompts .the last tokens of the formatted prompt.*"
                                              "choose another --out"):
         run_bench(tmp_path / "b", "tiny", ["none"], progress=False, overrides=["eval.n_benign=2"])
+    # rebuilding its report adds no answer: allowed (e.g. after `immunizer rejudge`)
+    report = run_bench(tmp_path / "b", "tiny", ["none"], progress=False, overrides=["eval.n_benign=2"], time_limit=0)
+    assert report["complete"] and "none" in report["methods"]
 
 
 def test_the_degenerate_rule_reads_an_answer_after_the_template_and_the_requests_end(tiny):

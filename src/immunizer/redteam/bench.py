@@ -798,16 +798,20 @@ def _cpu() -> str:
     return f"{name} ({', '.join(isa)})" if isa else name
 
 
-def _check_out_dir(out: Path, fingerprint: dict) -> None:
+def _check_out_dir(out: Path, fingerprint: dict, measuring: bool = True) -> None:
+    """Refuse a folder whose configuration is another's. A report-only call (`measuring` false: time limit 0) may
+    read a folder measured with another prompt cut, as nothing new is added to it."""
     path = out / "bench_config.json"
     if path.is_file():
         before = json.loads(path.read_text())
+        if not measuring:
+            before, fingerprint = ({k: v for k, v in d.items() if k != "prompt_fit"} for d in (before, fingerprint))
         if before.get("prompt_fit") != fingerprint.get("prompt_fit"):
             raise ImmunizerError(f"{out} was measured with another cut of long prompts "
                                  f"({before.get('prompt_fit', 'the last tokens of the formatted prompt')}; this version "
                                  f"sends {fingerprint.get('prompt_fit')}, see data/chat.py): its answers cannot be "
                                  "mixed with new ones; choose another --out directory to measure again (its report "
-                                 "stays readable as it is)")
+                                 "can still be rebuilt with --time-limit 0)")
         if before != fingerprint:
             raise ImmunizerError(f"{out} holds a bench run with another configuration; choose another --out "
                                  "directory, or pass the same --preset/--methods/--seeds/--set to resume it")
@@ -870,7 +874,7 @@ def run_bench(out_dir: str | Path, preset: str | None = "quick", methods: list[s
     # Methods are left out: each has its own directories, so a later call may add or drop some.
     dp.on_main(_check_out_dir, out, {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"},
                                      "seeds": seeds, "prebuilt": {k: str(v) for k, v in sorted(prebuilt.items())},
-                                     "prompt_fit": PROMPT_FIT})
+                                     "prompt_fit": PROMPT_FIT}, time_limit != 0)
     dp.on_main(_pin_borrowed_calibration, out, config)
     dp.on_main(_pin_precision, out)
     started, clock_started, wall_started = time.perf_counter(), _clock(), time.time()

@@ -43,5 +43,6 @@ def fit_prompt_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
     keep = max_tokens - head - tail
     if keep < 1:
         raise ImmunizerError(f"a prompt budget of {max_tokens} tokens does not hold the chat template's own "
-                         f"{head + tail} tokens; raise data.max_prompt_tokens (or max_prompt_tokens) above {head + tail}")
+                             f"{head + tail} tokens; raise data.max_prompt_tokens (or max_prompt_tokens) above "
+                             f"{head + tail}")
     return ids[:head] + ids[len(ids) - tail - keep:len(ids) - tail] + ids[len(ids) - tail:]

@@ -227,7 +227,7 @@ context, since the rule asks whether the answer is language, not whether it fits
 
 
 def degenerate_nll(base, tokenizer, prompts: list[str], answers: list[str], max_response_tokens: int = 48,
-               bf16: bool = True) -> list[float]:
+                   bf16: bool = True) -> list[float]:
     """The degenerate rule's reading (`DegenerateRule.max_nll`): each answer's mean token NLL under the base model."""
     budget = template_length(tokenizer) + ANSWER_CONTEXT_TOKENS
     return response_nll(base, tokenizer, prompts, answers, budget, max_response_tokens, bf16=bf16)

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import inspect
 import json
 from pathlib import Path
 from unittest import mock
 
-from immunizer.data.eval_prompts import harmful_eval_set
 from immunizer.data import teacher
 from immunizer.data.chat import chat_prompt_ids
-from immunizer.data.teacher import generate
+from immunizer.data.eval_prompts import harmful_eval_set
 from immunizer.models import load_model
 from immunizer.paths import write_json_atomic
 from immunizer.redteam.judges import load_judge, three_way
 
-HARNESS_CUT = inspect.signature(generate).parameters["max_prompt_tokens"].default
+HARNESS_CUT = inspect.signature(teacher.generate).parameters["max_prompt_tokens"].default
 """What evaluate() sends: it leaves `generate`'s default in place (256)."""
 
 
@@ -50,8 +50,8 @@ def main():
                  "max_prompt_tokens": max(lengths)}
         for name, cut, fit in ((f"template_kept_{HARNESS_CUT}", HARNESS_CUT, None),
                                (f"tail_cut_{HARNESS_CUT}", HARNESS_CUT, tail_cut), ("whole", max(lengths), None)):
-            with mock.patch.object(teacher, "fit_prompt_ids", fit or teacher.fit_prompt_ids):
-                answers = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+            with mock.patch.object(teacher, "fit_prompt_ids", fit) if fit else contextlib.nullcontext():
+                answers = teacher.generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                    max_prompt_tokens=cut, bf16=False, desc=name)
             verdicts = [v for v, _ in three_way(judge, prompts, answers)]
             entry[name] = {"verdicts": dict(collections.Counter(verdicts)), "empty": sum(a == "" for a in answers),

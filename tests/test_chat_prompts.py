@@ -29,7 +29,7 @@ def test_a_prompt_within_its_budget_is_sent_whole(tiny):
 
 def test_a_budget_smaller_than_the_template_names_the_setting_to_raise(tiny):
     _, tok = tiny
-    frame = len(chat.chat_prompt_ids(tok, ""))
+    frame = chat.template_length(tok)
     with pytest.raises(ImmunizerError, match=f"template's own {frame} tokens; raise data.max_prompt_tokens"):
         chat.fit_prompt_ids(tok, LONG, frame)
     assert len(chat.fit_prompt_ids(tok, LONG, frame + 1)) == frame + 1

@@ -804,15 +804,14 @@ def _check_out_dir(out: Path, fingerprint: dict, measuring: bool = True) -> None
     path = out / "bench_config.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        if not measuring:
-            before, fingerprint = ({k: v for k, v in d.items() if k != "prompt_fit"} for d in (before, fingerprint))
-        if before.get("prompt_fit") != fingerprint.get("prompt_fit"):
+        if measuring and before.get("prompt_fit") != fingerprint.get("prompt_fit"):
             raise ImmunizerError(f"{out} was measured with another cut of long prompts "
                                  f"({before.get('prompt_fit', 'the last tokens of the formatted prompt')}; this version "
                                  f"sends {fingerprint.get('prompt_fit')}, see data/chat.py): its answers cannot be "
                                  "mixed with new ones; choose another --out directory to measure again (its report "
                                  "can still be rebuilt with --time-limit 0)")
-        if before != fingerprint:
+        rest_before, rest_now = ({k: v for k, v in d.items() if k != "prompt_fit"} for d in (before, fingerprint))
+        if rest_before != rest_now:
             raise ImmunizerError(f"{out} holds a bench run with another configuration; choose another --out "
                                  "directory, or pass the same --preset/--methods/--seeds/--set to resume it")
     else:
